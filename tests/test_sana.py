@@ -1,0 +1,197 @@
+"""Tests for sana.py: parity with the diffusers-produced fixtures (every case directory under fixtures/sana is
+discovered), meta-device manifests of every published transformer in both layouts, strict loading, the
+samplers step by step, the training step, and the committed tiny demo model."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sana
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana")
+
+
+def cases(*required, forbidden=()):
+    """Case directories that contain every path in `required` and none in `forbidden`."""
+    dirs = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "io.safetensors")))
+    dirs = [d for d in dirs if all(os.path.exists(os.path.join(d, r)) for r in required)
+            and not any(os.path.exists(os.path.join(d, f)) for f in forbidden)]
+    return pytest.mark.parametrize("case", dirs, ids=[os.path.basename(d) for d in dirs])
+
+
+def assert_close(name, got, want, atol=1e-4, rtol=1e-4):
+    diff = (got.float() - want.float()).abs()
+    assert torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol), \
+        f"{name}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e} (|ref| max {want.abs().max():.3e})"
+
+
+def debug_activations(model, io, args):
+    """Run the model with forward hooks on the modules the fixture recorded (debug.<module>[.i])."""
+    acts, hooks = {}, []
+    for name, mod in model.named_modules():
+        if f"debug.{name}" in io or f"debug.{name}.0" in io:
+            def hook(m, inp, out, name=name):
+                for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
+                    acts[f"debug.{name}" + (f".{i}" if isinstance(out, tuple) else "")] = o
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        out = model(*args)
+    for h in hooks:
+        h.remove()
+    return out, acts
+
+
+@cases("transformer", "original/checkpoint.pth")
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_transformer_parity(case, layout):
+    io = load_file(os.path.join(case, "io.safetensors"))
+    cfg = sana.config_from_diffusers(json.load(open(os.path.join(case, "transformer", "config.json"))))
+    if layout == "diffusers":
+        model = sana.load_transformer(case)
+    else:  # the .pth carries no config: register the fixture's under a preset name for the loader
+        sana.PRESETS["_fixture"] = cfg
+        try:
+            model = sana.load_transformer(os.path.join(case, "original", "checkpoint.pth"), preset="_fixture")
+        finally:
+            del sana.PRESETS["_fixture"]
+    args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"])
+    out, acts = debug_activations(model, io, args)
+    for name in sorted(k for k in io if k.startswith("debug.") and k in acts):  # first diverging module first
+        assert_close(name, acts[name], io[name])
+    assert_close("output", out, io["output"])
+    with torch.no_grad():
+        assert_close("output_no_mask", model(*args[:3], None), io["output_no_mask"])
+
+
+MANIFESTS = sorted(glob.glob(os.path.join(FIX, "manifests", "*.json")))
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[os.path.basename(p)[:-5] for p in MANIFESTS])
+def test_manifest(path):
+    """Full-size preset on the meta device == the published checkpoint's keys and shapes, in both layouts."""
+    m = json.load(open(path))
+    cfg = sana.PRESETS[m["checkpoint"]]
+    assert sana.config_from_diffusers(m["diffusers_config"]) == sana.replace(cfg, flow_shift=3.0)
+    with torch.device("meta"):
+        model = sana.SanaTransformer(cfg)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == m["diffusers_state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == m["num_params"]
+    original = {k: torch.empty(s, device="meta") for k, s in m["original_state_dict"].items()}
+    assert {k: list(v.shape) for k, v in sana.convert_original(original).items()} == ours
+    sana.load_strict(model, sana.convert_original(original), "manifest")  # the strict loader accepts it
+
+
+def test_strict_loading_names_keys(tmp_path):
+    case = os.path.join(FIX, "transformer_sana10")
+    sd = torch.load(os.path.join(case, "original", "checkpoint.pth"), weights_only=True)["state_dict"]
+    sd.pop("blocks.1.attn.proj.bias")
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "Sana_600M_512px_bad.pth")
+    cfg = sana.config_from_diffusers(json.load(open(os.path.join(case, "transformer", "config.json"))))
+    sana.PRESETS["_fixture"] = cfg
+    try:
+        with pytest.raises(ValueError, match=r"missing keys: transformer_blocks\.1\.attn1\.to_out\.0\.bias.*"
+                                             r"unexpected keys: transformer_blocks\.0\.extra\.weight"):
+            sana.load_transformer(str(tmp_path / "Sana_600M_512px_bad.pth"), preset="_fixture")
+    finally:
+        del sana.PRESETS["_fixture"]
+    with pytest.raises(ValueError, match="AutoencoderDC"):  # a folder of another model
+        sana.load_transformer(os.path.join(FIX, "pipeline_flow_dpm_20step", "vae"))
+    with pytest.raises(FileNotFoundError):
+        sana.load_transformer(str(tmp_path / "nope"))
+
+
+@cases("text_encoder", forbidden=("transformer",))
+def test_text_encoder_parity(case):
+    io = load_file(os.path.join(case, "io.safetensors"))
+    te = sana.load_text_encoder(os.path.join(case, "text_encoder"))
+    with torch.no_grad():
+        h = te(io["input_ids"], io["attention_mask"])
+    assert_close("last_hidden_state", h, io["last_hidden_state"])
+    sel = io["select_index"].tolist()
+    assert sel == [0] + list(range(-len(sel) + 1, 0))
+    assert_close("prompt_embeds", h[:, sel], io["prompt_embeds"])
+    assert torch.equal(io["attention_mask"][:, sel], io["prompt_attention_mask"])
+
+
+SAMPLERS = {"DPMSolverMultistepScheduler": (sana.flow_dpm_schedule, sana.sample_flow_dpm),
+            "FlowMatchEulerDiscreteScheduler": (sana.flow_euler_schedule, sana.sample_flow_euler)}
+
+
+@cases("scheduler", "transformer")
+def test_sampler_parity(case):
+    """20-step Flow-DPM-Solver / 10-step flow Euler with CFG 4.5, every transformer call and every step."""
+    io = load_file(os.path.join(case, "io.safetensors"))
+    sched = json.load(open(os.path.join(case, "scheduler", "scheduler_config.json")))
+    schedule, sampler = SAMPLERS[sched["_class_name"]]
+    shift = sched.get("flow_shift") or sched.get("shift")
+    sigmas, timesteps = schedule(len(io["scheduler_timesteps"]), shift)
+    assert_close("scheduler_sigmas", sigmas, io["scheduler_sigmas"], atol=1e-6)
+    assert torch.equal(timesteps.float(), io["scheduler_timesteps"])
+    model = sana.load_transformer(case)
+    calls = []
+
+    def recording_model(x, t, y, mask):
+        out = model(x, t, y, mask)
+        calls.append((x, t, out))
+        return out
+
+    def check_step(i, x):
+        x_in, t, out = calls[i]
+        assert_close(f"step{i}.input", x_in, io[f"step{i}.input"])
+        assert torch.equal(t.float(), io[f"step{i}.timestep"]), f"step{i}.timestep"
+        assert_close(f"step{i}.output", out, io[f"step{i}.output"])
+        assert_close(f"latents_after_step{i}", x, io[f"latents_after_step{i}"])
+
+    if "te_input_ids" in io:  # the pipeline case starts from token ids: run the text encoder too
+        te = sana.load_text_encoder(os.path.join(case, "text_encoder"))
+        with torch.no_grad():
+            n = io["prompt_embeds"].shape[1]
+            sel = [0] + list(range(-n + 1, 0))
+            assert_close("prompt_embeds", te(io["te_input_ids"], io["te_attention_mask"])[:, sel], io["prompt_embeds"])
+            assert_close("negative_prompt_embeds", te(io["te_neg_input_ids"], io["te_neg_attention_mask"]),
+                         io["negative_prompt_embeds"])
+    cond = (io["prompt_embeds"], io["prompt_attention_mask"])
+    uncond = (io["negative_prompt_embeds"], io["negative_prompt_attention_mask"])
+    with torch.no_grad():
+        x = sampler(sana.cfg_velocity(recording_model, cond, uncond, 4.5), io["latents_init"], sigmas, timesteps,
+                    callback=check_step)
+    assert len(calls) == len(timesteps)
+    assert_close("final_latents", x, io["final_latents"])
+    if "decoded_image" in io:
+        vae = sana.load_vae(os.path.join(case, "vae"))
+        with torch.no_grad():
+            assert_close("decoded_image", vae.decode(x / sana.VAE_SCALE), io["decoded_image"])
+
+
+def test_aspect_ratio_bins():
+    assert sana.aspect_ratio_bin(1024, 1024, 1024) == (1024, 1024)
+    assert sana.aspect_ratio_bin(720, 1280, 1024) == (768, 1344)  # 0.5625 -> "0.57"
+    assert sana.aspect_ratio_bin(100, 10000, 512) == (256, 1024)
+    assert sana.aspect_ratio_bin(4000, 1000, 4096) == (8192, 2048)
+    assert sana.aspect_ratio_bin(3700, 1000, 2048) == (3712, 1024)  # "3.62" exists only in the 2K/4K tables
+    assert sana.aspect_ratio_bin(3700, 1000, 1024) == (1728, 576)
+
+
+def test_training_step_learns():
+    """The flow-matching loss falls when fitting one batch of a tiny model."""
+    torch.manual_seed(0)
+    cfg = sana.SanaConfig(in_channels=4, out_channels=4, hidden_size=32, depth=2, num_heads=2, cross_heads=2,
+                          caption_channels=16, sample_size=4)
+    model = sana.SanaTransformer(cfg)
+    x0, y = torch.randn(8, 4, 4, 4), torch.randn(8, 5, 16)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        g = torch.Generator().manual_seed(step % 4)  # 4 fixed noise draws: a learnable target
+        loss = sana.training_loss(model, x0, y, mask, y[:1] * 0, mask[:1], generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses
