@@ -1,0 +1,147 @@
+"""dcae.py: parity with the official implementations, published key layouts, loading errors, the tiny model."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dcae
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "dcae")
+CASES = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(FIXTURES, "*", "io.safetensors")))
+MANIFESTS = sorted(glob.glob(os.path.join(FIXTURES, "manifests", "dc-ae-*.json")))
+
+
+def load_case(case_dir):
+    """A fixture folder loads as published; tiny mit-han-lab cases carry their resolved efficientvit config
+    (dcae_config.json) because a tiny model has no registry name."""
+    with open(os.path.join(case_dir, "config.json")) as f:
+        name = json.load(f).get("model_name")
+    config = None
+    if name is not None and name not in dcae.PRESETS:
+        with open(os.path.join(case_dir, "dcae_config.json")) as f:
+            config = dcae.config_from_efficientvit(json.load(f))
+    return dcae.from_pretrained(case_dir, config=config)
+
+
+def assert_close_rel(ours, ref, what, tol=1e-4):
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel <= tol, f"{what}: relative error {rel:.2e} > {tol}"
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case_dir", CASES, ids=[os.path.basename(c) for c in CASES])
+def test_parity_with_official_outputs(case_dir):
+    model = load_case(case_dir)
+    io = load_file(os.path.join(case_dir, "io.safetensors"))
+    pairs = [("x", "latent", "recon"), ("x_rect", "latent_x_rect", "recon_x_rect")]
+    with torch.no_grad():
+        for x, latent, recon in pairs:
+            assert_close_rel(model.encode(io[x]), io[latent], latent)
+            assert_close_rel(model.decode(io[latent]), io[recon], recon)
+        assert_close_rel(model.decode(io["z"]), io["dec_z"], "dec_z")
+
+
+def test_fixture_cases_cover_both_layouts():
+    layouts = {"diffusers" if os.path.exists(os.path.join(c, "diffusion_pytorch_model.safetensors")) else "mit-han-lab"
+               for c in CASES}
+    assert layouts == {"diffusers", "mit-han-lab"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[os.path.basename(p)[:-5] for p in MANIFESTS])
+def test_published_checkpoint_layouts(path):
+    with open(path) as f:
+        manifest = json.load(f)
+    cfg = dcae.PRESETS[manifest["checkpoint"]]
+    with torch.device("meta"):
+        model = dcae.DCAE(cfg)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    # the mit-han-lab file converts to exactly our keys and shapes
+    original = manifest["mit_han_lab_format"]["keys"]
+    assert dcae.convert_original_state_dict(original) == ours
+    n_params = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))
+    assert n_params == manifest["mit_han_lab_format"]["num_params"]
+    # our preset is the official architecture
+    official = dcae.config_from_efficientvit(manifest["efficientvit_config"])
+    assert dcae.replace(official, scaling_factor=cfg.scaling_factor) == cfg
+    if "diffusers_format" in manifest:  # the diffusers file has exactly our keys, and its config is our preset
+        assert list(manifest["diffusers_format"]["keys"].items()) == list(ours.items())
+        assert dcae.config_from_diffusers(manifest["diffusers_format"]["config_json_init_kwargs"]) == cfg
+
+
+def test_every_published_checkpoint_has_a_preset_and_manifest():
+    names = {json.load(open(p))["checkpoint"] for p in MANIFESTS}
+    published = {n for n in dcae.PRESETS if n.startswith("dc-ae-") and n != "dc-ae-lite-f32c32"}
+    assert names == published
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_missing_folder_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dcae.from_pretrained("/no/such/folder")
+
+
+def test_folder_of_another_model_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
+    with pytest.raises(ValueError, match="not a DC-AE checkpoint.*SanaTransformer2DModel"):
+        dcae.from_pretrained(str(tmp_path))
+
+
+def test_key_mismatch_names_the_keys(tmp_path):
+    src = next(c for c in CASES if os.path.exists(os.path.join(c, "diffusion_pytorch_model.safetensors")))
+    sd = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    sd["decoder.extra.weight"] = sd.pop("decoder.norm_out.bias")
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    with pytest.raises(ValueError, match=r"1 missing: decoder\.norm_out\.bias; 1 unexpected: decoder\.extra\.weight"):
+        dcae.from_pretrained(str(tmp_path))
+
+
+def test_image_size_not_a_multiple_of_the_compression():
+    model = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"])
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        model.encode(torch.zeros(1, 3, 64, 40))
+
+
+def test_cli_reports_errors_in_one_sentence(capsys):
+    with pytest.raises(SystemExit) as e:
+        dcae.main(["--image", "/no/such.png"])
+    assert str(e.value) == "error: image '/no/such.png' does not exist"
+
+
+# ---- training and the tiny default -----------------------------------------------------------------------
+
+
+def test_phases_train_only_their_layers():
+    torch.manual_seed(0)
+    model = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"])
+    x, _ = dcae.shapes_batch(2, seed=0, size=32)
+    for phase in (2, 3):
+        params = dcae.trainable_parameters(model, phase)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dcae.train_step(model, x, torch.optim.SGD(params, lr=0.1))
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        ids = {id(p) for p in params}
+        assert changed and all(id(dict(model.named_parameters())[n]) in ids for n in changed)
+        assert len(params) < len(list(model.parameters()))
+
+
+def test_tiny_default_reaches_28db():
+    model = dcae.load_tiny()
+    assert os.path.getsize(dcae.TINY_WEIGHTS) < 5e6
+    assert model.cfg.compression >= 16
+    assert dcae.evaluate_tiny(model, n=32) >= 28.0
+
+
+def test_cli_reconstructs_an_image(tmp_path, capsys):
+    x, _ = dcae.shapes_batch(1, seed=7)
+    dcae.save_image(x, str(tmp_path / "in.png"))
+    dcae.main(["--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "rec.png")])
+    out = capsys.readouterr().out
+    assert (tmp_path / "rec.png").exists() and "PSNR" in out
+    assert float(out.split("PSNR")[1].split()[0]) > 25
