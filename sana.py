@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 try:  # Triton kernel on CUDA, PyTorch reference elsewhere
@@ -296,9 +297,9 @@ class CrossAttention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, D))
 
 
-class GLUMBConv(nn.Module):
-    """Mix-FFN (paper sec. 2.2): 1x1 conv -> SiLU -> 3x3 depthwise conv -> GLU -> 1x1 conv. The depthwise conv
-    gives the token mixing with neighbours that replaces positional embeddings (NoPE)."""
+class MixFFN(nn.Module):
+    """Mix-FFN ("GLUMBConv" in the official code, paper sec. 2.2): 1x1 conv -> SiLU -> 3x3 depthwise conv -> GLU
+    -> 1x1 conv. The depthwise conv mixes neighbouring tokens, which is what lets SANA drop positional embeddings."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -320,7 +321,7 @@ class SanaBlock(nn.Module):
         self.norm1, self.norm2 = ModulatedNorm(), ModulatedNorm()
         self.attn1 = LinearSelfAttention(D, cfg.num_heads, cfg.qk_norm)
         self.attn2 = CrossAttention(D, cfg.cross_heads, cfg.qk_norm)
-        self.ff = GLUMBConv(D, int(D * cfg.mlp_ratio))
+        self.ff = MixFFN(D, int(D * cfg.mlp_ratio))
 
     def forward(self, x, y, bias, t6, hw):  # x: (B, N, D), y: (B, L, D), t6: (B, 6D), hw = (h, w)
         B, N, D = x.shape
@@ -760,3 +761,669 @@ def cfg_velocity(model, cond, uncond, scale):
         v_u, v_c = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device), y, mask).float().chunk(2)
         return v_u + scale * (v_c - v_u)
     return velocity
+
+
+# -----------------------------------------------------------------------------
+# 8. pipeline: prompt -> text states -> sampler with CFG -> DC-AE decode
+
+
+@dataclass
+class Sana:
+    transformer: SanaTransformer
+    text_encoder: Gemma2
+    tokenizer: object  # tokenizers.Tokenizer
+    vae: nn.Module  # DC-AE (section 9)
+    vae_scale: float = VAE_SCALE
+    chi: str = CHI  # None: no complex human instruction (the tiny demo)
+    max_len: int = MAX_TEXT_LEN
+
+    @property
+    def compression(self):  # pixels per latent cell side
+        return self.vae.cfg.compression * self.transformer.cfg.patch_size
+
+    @torch.no_grad()
+    def generate(self, prompts, height, width, steps=20, cfg_scale=4.5, generator=None, sampler="dpm",
+                 negative_prompt="", resolution_binning=True):
+        """prompts: list of str -> uint8 images (B, H, W, 3). The initial noise comes from `generator`."""
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty")
+        f, cfg = self.compression, self.transformer.cfg
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f} for this model, "
+                             f"got {height}x{width}")
+        base = cfg.sample_size * f
+        out_hw = (height, width)
+        if resolution_binning and base in (512, 1024, 2048, 4096):  # generate at the closest trained shape
+            height, width = aspect_ratio_bin(height, width, base)
+        device = self.transformer.proj_out.weight.device
+        dtype = self.transformer.proj_out.weight.dtype
+        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
+        # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
+        uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
+                                chi=None)
+        cond, uncond = [(y.to(dtype), m) for y, m in (cond, uncond)]
+        x = torch.randn(len(prompts), cfg.in_channels, height // f, width // f, generator=generator,
+                        device=generator.device if generator else "cpu").to(device)  # fp32 latents
+        schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
+                           "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
+        sigmas, timesteps = schedule(steps, cfg.flow_shift)
+        model = lambda x, t, y, m: self.transformer(x.to(dtype), t, y, m)  # noqa: E731
+        x = solve(cfg_velocity(model, cond, uncond, cfg_scale), x, sigmas, timesteps)
+        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
+            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
+            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
+            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
+            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def load_pipeline(folder, preset=None, device="cpu", dtype=torch.float32):
+    """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise ValueError(f"{folder} is not a SANA diffusers folder: it has no {sub}/ subfolder")
+    transformer = load_transformer(folder, preset or preset_from_name(folder), dtype, device)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):  # the flow shift the checkpoint ships with
+        s = read_json(sched)
+        transformer.cfg = replace(transformer.cfg, flow_shift=s.get("flow_shift") or s.get("shift") or 3.0)
+    return Sana(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), dtype, device),
+                load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
+                load_vae(os.path.join(folder, "vae"), dtype, device))
+
+
+def load_vae(folder, dtype=torch.float32, device="cpu"):
+    """A diffusers AutoencoderDC folder (the vae/ of the SANA pipelines)."""
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("_class_name") != "AutoencoderDC":
+        raise ValueError(f"{folder} holds a {c.get('_class_name')}, not an AutoencoderDC")
+    model = DCAE(dcae_config_from_diffusers(c))
+    load_state_dict_strict(model, load_safetensors_dir(folder), f"VAE weights {folder}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# 9. copied from dcae.py, skip on first read: the DC-AE autoencoder (decoder for sampling, encoder for the
+#    training latents), its diffusers config reader, and the synthetic shapes data of the tiny demo
+
+# Copied from dcae.py: DCAEConfig
+@dataclass
+class DCAEConfig:
+    latent_channels: int = 32
+    widths: tuple = (128, 256, 512, 512, 1024, 1024)
+    encoder_depths: tuple = (2, 2, 2, 3, 3, 3)
+    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
+    encoder_blocks: tuple = ("ResBlock",) * 3 + ("EViTS5",) * 3
+    decoder_blocks: tuple = ("ResBlock",) * 3 + ("EViTS5",) * 3
+    decoder_norms: tuple = ("rms",) * 6  # "rms" (RMSNorm2d) or "bn" (BatchNorm2d, eval-mode running stats)
+    decoder_acts: tuple = ("silu",) * 6  # "silu" or "relu"
+    decoder_head_act: str = "relu"  # activation before the last conv (relu in 1.0, silu in lite / 1.5)
+    downsample: str = "conv"  # "conv" (stride-2 3x3) or "pixel_unshuffle" (3x3 conv then space-to-channel)
+    upsample: str = "interpolate"  # "interpolate" (nearest x2 then 3x3) or "pixel_shuffle"
+    encoder_out_shortcut: bool = True  # channel-averaging shortcut around the encoder head
+    decoder_in_shortcut: bool = True  # channel-duplicating shortcut around the decoder stem
+    in_channels: int = 3
+    head_dim: int = 32  # LiteMLA head dimension
+    scaling_factor: float = 1.0  # diffusion models use latent * scaling_factor; the AE itself never does
+
+    @property
+    def compression(self):
+        return 2 ** (len(self.widths) - 1)
+
+
+# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
+def dcae_config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+# Copied from dcae.py: RMSNorm2d
+class RMSNorm2d(nn.Module):
+    """RMSNorm over channels at every pixel, with weight AND bias, accumulated in fp32 (eps 1e-5)."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+# Copied from dcae.py: make_norm
+def make_norm(kind, channels):
+    return RMSNorm2d(channels) if kind == "rms" else nn.BatchNorm2d(channels)
+
+
+# Copied from dcae.py: make_act
+def make_act(kind):
+    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+
+
+# Copied from dcae.py: ResBlock
+class ResBlock(nn.Module):
+    """x + norm(conv2(act(conv1(x)))): no pre-norm, conv2 without bias, nothing after the sum."""
+
+    def __init__(self, channels, norm="rms", act="silu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.nonlinearity = make_act(act)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = make_norm(norm, channels)
+
+    def forward(self, x):
+        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+
+
+# Copied from dcae.py: MultiScaleQKV
+class MultiScaleQKV(nn.Module):
+    """Aggregates q, k, v over a scale x scale neighbourhood: depthwise conv, then a grouped 1x1 conv
+    that mixes the d channels of each (head, q|k|v) group."""
+
+    def __init__(self, channels, scale, head_dim):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, scale, padding=scale // 2, groups=channels, bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=channels // head_dim, bias=False)
+
+    def forward(self, x):
+        return self.proj_out(self.proj_in(x))
+
+
+# Copied from dcae.py: LiteMLA
+class LiteMLA(nn.Module):
+    """Lightweight multi-scale linear attention (EfficientViT): ReLU linear attention with head dim d = 32.
+
+    The 1x1 qkv projection is stored as three Linear weights to_q | to_k | to_v (diffusers' layout), but these
+    are NOT queries, keys and values: they are the first, second and third thirds of the original qkv conv's
+    output channels. Heads are consecutive groups of 3d channels laid out [q | k | v] (paper Fig. 4).
+    """
+
+    def __init__(self, channels, head_dim=32, scales=()):
+        super().__init__()
+        self.d = head_dim
+        inner = channels  # heads = channels / d
+        self.to_q = nn.Linear(channels, inner, bias=False)
+        self.to_k = nn.Linear(channels, inner, bias=False)
+        self.to_v = nn.Linear(channels, inner, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiScaleQKV(3 * inner, s, head_dim) for s in scales)
+        self.to_out = nn.Linear(inner * (1 + len(scales)), channels, bias=False)
+        self.norm_out = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        qkv = torch.cat([self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)], dim=2)
+        qkv = qkv.transpose(1, 2).reshape(B, -1, H, W)  # (B, 3T, H, W): the original qkv conv output
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)
+        qkv = qkv.reshape(B, -1, 3 * self.d, H * W).transpose(2, 3)  # (B, heads, N, 3d)
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each
+        if H * W > self.d:  # linear form, O(N d^2)
+            out = relu_linear_attention(q, k, v)
+        else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
+            q, k = torch.relu(q.float()), torch.relu(k.float())
+            scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
+            out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
+        out = out.transpose(2, 3).reshape(B, -1, H * W).transpose(1, 2)  # (B, N, T')
+        out = self.to_out(out).transpose(1, 2).reshape(B, C, H, W)
+        return self.norm_out(out)
+
+
+# Copied from dcae.py: GLUMBConv
+class GLUMBConv(nn.Module):
+    """Gated MBConv: 1x1 expand to 2 x 4C + SiLU, 3x3 depthwise, value * SiLU(gate), 1x1 project, RMSNorm."""
+
+    def __init__(self, channels, expand=4):
+        super().__init__()
+        hidden = channels * expand
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):
+        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        value, gate = x.chunk(2, dim=1)
+        return self.norm(self.conv_point(value * F.silu(gate)))
+
+
+# Copied from dcae.py: EfficientViTBlock
+class EfficientViTBlock(nn.Module):
+    """Global context by linear attention, then local mixing by GLUMBConv; post-norm inside each branch."""
+
+    def __init__(self, channels, head_dim=32, scales=()):
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, scales)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.conv_out(x)
+
+
+# Copied from dcae.py: make_block
+def make_block(kind, channels, cfg, norm="rms", act="silu"):
+    if kind == "ResBlock":
+        return ResBlock(channels, norm, act)
+    return EfficientViTBlock(channels, cfg.head_dim, scales=(5,) if kind == "EViTS5" else ())
+
+
+# Copied from dcae.py: DownBlock
+class DownBlock(nn.Module):
+    """x2 downsampling: a learned conv plus (residual autoencoding, paper Eq. 2) the parameter-free
+    space-to-channel shortcut, averaged over consecutive channel groups to match the output width."""
+
+    def __init__(self, c_in, c_out, kind, shortcut=True):
+        super().__init__()
+        self.kind, self.shortcut = kind, shortcut
+        if kind == "pixel_unshuffle":
+            self.conv = nn.Conv2d(c_in, c_out // 4, 3, padding=1)
+        else:
+            self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.group = c_in * 4 // c_out
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
+        y = self.conv(x)
+        if self.kind == "pixel_unshuffle":
+            y = F.pixel_unshuffle(y, 2)
+        if self.shortcut:
+            s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
+            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+        return y
+
+
+# Copied from dcae.py: UpBlock
+class UpBlock(nn.Module):
+    """x2 upsampling: a learned conv plus the channel-duplicating + channel-to-space shortcut."""
+
+    def __init__(self, c_in, c_out, kind, shortcut=True):
+        super().__init__()
+        self.kind, self.shortcut = kind, shortcut
+        self.conv = nn.Conv2d(c_in, c_out * 4 if kind == "pixel_shuffle" else c_out, 3, padding=1)
+        self.repeats = c_out * 4 // c_in
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
+        if self.kind == "pixel_shuffle":
+            y = F.pixel_shuffle(self.conv(x), 2)
+        else:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
+            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+        return y
+
+
+# Copied from dcae.py: Encoder
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, D, S = cfg.widths, cfg.encoder_depths, len(cfg.widths)
+        # Stem: a plain conv at full resolution, or (stage 0 empty) a downsampling conv straight to W[1].
+        if D[0] > 0:
+            self.conv_in = nn.Conv2d(cfg.in_channels, W[0], 3, padding=1)
+        else:
+            self.conv_in = DownBlock(cfg.in_channels, W[1], cfg.downsample, shortcut=False)
+        stages = []
+        for i in range(S):
+            blocks = [make_block(cfg.encoder_blocks[i], W[i], cfg) for _ in range(D[i])]
+            if i < S - 1 and D[i] > 0:
+                blocks.append(DownBlock(W[i], W[i + 1], cfg.downsample))
+            stages.append(nn.Sequential(*blocks))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(W[-1], cfg.latent_channels, 3, padding=1)
+        self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            x = stage(x)
+        z = self.conv_out(x)
+        if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
+            z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
+        return z
+
+
+# Copied from dcae.py: Decoder
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, D, S = cfg.widths, cfg.decoder_depths, len(cfg.widths)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, W[-1], 3, padding=1)
+        self.in_repeats = W[-1] // cfg.latent_channels if cfg.decoder_in_shortcut else 0
+        stages = []
+        for i in range(S):  # built low index first to match the checkpoint; run from S-1 down to 0
+            blocks = [UpBlock(W[i + 1], W[i], cfg.upsample)] if i < S - 1 and D[i] > 0 else []
+            blocks += [make_block(cfg.decoder_blocks[i], W[i], cfg, cfg.decoder_norms[i], cfg.decoder_acts[i])
+                       for _ in range(D[i])]
+            stages.append(nn.Sequential(*blocks))
+        self.up_blocks = nn.ModuleList(stages)
+        head = W[0] if D[0] > 0 else W[1]
+        self.norm_out = RMSNorm2d(head)
+        self.conv_act = make_act(cfg.decoder_head_act)
+        if D[0] > 0:
+            self.conv_out = nn.Conv2d(head, cfg.in_channels, 3, padding=1)
+        else:
+            self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
+
+    def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        x = self.conv_in(z)
+        if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
+            x = x + z.repeat_interleave(self.in_repeats, dim=1)
+        for stage in reversed(self.up_blocks):
+            x = stage(x)
+        return self.conv_out(self.conv_act(self.norm_out(x)))
+
+
+# Copied from dcae.py: DCAE
+class DCAE(nn.Module):
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _check(self, x):
+        f = self.cfg.compression
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
+                             f"the spatial compression of this DC-AE")
+
+    def encode(self, x):
+        self._check(x)
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """load_state_dict that names every missing and unexpected key (and shape mismatch) in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(wrong)} with wrong shape: {show(wrong)}" if wrong else ""]
+        raise ValueError(f"{source} does not fit this DC-AE config: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True)
+
+
+# Copied from dcae.py: SHAPE_COLORS
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+
+# Copied from dcae.py: OBJECT_COLORS
+OBJECT_COLORS = ("red", "green", "blue", "yellow")
+
+# Copied from dcae.py: BACKGROUND_COLORS
+BACKGROUND_COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")
+
+# Copied from dcae.py: SHAPES
+SHAPES = ("circle", "square", "triangle")
+
+# Copied from dcae.py: COUNT_WORDS
+COUNT_WORDS = ("a", "two", "three")
+
+# Copied from dcae.py: shapes_caption
+def shapes_caption(count, color, shape, background):
+    noun = shape if count == 1 else shape + "s"
+    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
+
+
+# Copied from dcae.py: draw_shapes
+def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
+    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
+    rng = rng or random.Random(0)
+    S = size * supersample
+    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    for _ in range(count):
+        for _attempt in range(100):  # objects never overlap, so they can be counted
+            r = rng.uniform(0.11, 0.17 if count > 1 else 0.22) * S
+            cx, cy = rng.uniform(r + 2, S - r - 2), rng.uniform(r + 2, S - r - 2)
+            if all(abs(cx - bx) > r + br + 0.06 * S or abs(cy - by) > r + br + 0.06 * S for bx, by, br in boxes):
+                break
+        boxes.append((cx, cy, r))
+        fill = SHAPE_COLORS[color]
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            s = r * 0.9
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+# Copied from dcae.py: random_scene
+def random_scene(rng):
+    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
+    color = rng.choice(OBJECT_COLORS)
+    background = rng.choice([b for b in BACKGROUND_COLORS if b != color])
+    return rng.randint(1, 3), color, rng.choice(SHAPES), background
+
+
+# Copied from dcae.py: shapes_batch
+def shapes_batch(n, seed, size=64):
+    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
+        captions.append(shapes_caption(*scene))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+# -----------------------------------------------------------------------------
+# 10. the tiny demo: shapes data (section 9), a word-level tokenizer, training from the seed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
+TINY_TOKENIZER = os.path.join(HERE, "weights", "sana_tiny_tokenizer.json")
+TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by dcae.py --train
+TINY_TEXT_LEN = 10  # "three yellow triangles on a green background" is 8 words + BOS
+
+
+def build_tiny_tokenizer():
+    """Word-level tokenizer over the captions' vocabulary, with Gemma's special ids (pad 0, eos 1, bos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"on", "background"})
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return tok
+
+
+def load_tiny_dcae(device="cpu", dtype=torch.float32):
+    from safetensors import safe_open
+    if not os.path.isfile(TINY_DCAE):
+        raise FileNotFoundError(f"{TINY_DCAE} is missing: run `python dcae.py --train` to create it")
+    with safe_open(TINY_DCAE, "pt") as f:
+        meta = json.loads(f.metadata()["config"])
+    model = DCAE(DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}))
+    load_state_dict_strict(model, {k: v.float() for k, v in load_file(TINY_DCAE).items()}, TINY_DCAE)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def shapes_latents(vae, n, seed, chunk=256):
+    """n shapes images encoded once by the frozen DC-AE: latents (n, c, 4, 4) and captions."""
+    zs, caps = [], []
+    for i in range(0, n, chunk):
+        x, c = shapes_batch(min(chunk, n - i), seed=seed * 1_000_003 + i)
+        with torch.no_grad():
+            zs.append(vae.encode(x))
+        caps += c
+    return torch.cat(zs), caps
+
+
+def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
+    """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
+    latents; deterministic from the seed at a fixed thread count. Writes the weights and the tokenizer."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+    vae = load_tiny_dcae()
+    z, caps = shapes_latents(vae, n_images, seed)
+    vae_scale = (1 / z.std()).item()  # unit-variance latents, as SANA's 0.41407 was chosen for DC-AE f32c32
+    z = z * vae_scale
+    tok = build_tiny_tokenizer()
+    ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
+    null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
+    log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (scale {vae_scale:.4f}) in {time.time() - t0:.0f}s")
+    te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
+    params = list(model.parameters()) + list(te.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
+            group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        idx = torch.randint(len(z), (batch,), generator=g)
+        loss = training_loss(model, z[idx], te(ids[idx], mask[idx]), mask[idx], te(null_ids, null_mask), null_mask,
+                             generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights: what gets saved
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - min(0.999, (step + 1) / (step + 10)))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step:5d} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
+    sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    save_file(sd, out, metadata={"vae_scale": repr(vae_scale), "seed": str(seed), "steps": str(steps)})
+    tok.save(os.path.join(os.path.dirname(out), os.path.basename(TINY_TOKENIZER)))
+    log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    return load_tiny(path=out)
+
+
+def load_tiny(device="cpu", dtype=torch.float32, path=TINY_WEIGHTS):
+    """The committed tiny demo: DiT + Gemma-2-shaped text encoder + word-level tokenizer + tiny DC-AE."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
+    with safe_open(path, "pt") as f:
+        vae_scale = float(f.metadata()["vae_scale"])
+    sd = {k: v.float() for k, v in load_file(path).items()}
+    te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
+    load_strict(model, {k[12:]: v for k, v in sd.items() if k.startswith("transformer.")}, path)
+    load_strict(te, {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}, path)
+    tok = load_tokenizer(os.path.join(os.path.dirname(path), os.path.basename(TINY_TOKENIZER)))
+    return Sana(model.to(device, dtype).eval(), te.to(device, dtype).eval(), tok, load_tiny_dcae(device, dtype),
+                vae_scale=vae_scale, chi=None, max_len=TINY_TEXT_LEN)
+
+
+# -----------------------------------------------------------------------------
+# 11. CLI
+
+
+def pick_device_dtype(device, dtype):
+    device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if dtype:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, not {dtype}")
+        why = "asked"
+    elif device == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        dtype, why = "bfloat16", "SM%d%d" % torch.cuda.get_device_capability()
+    else:
+        dtype, why = "float32", "no bf16 tensor cores" if device != "cpu" else "CPU"
+    print(f"device={device} dtype={dtype} ({why})")
+    return device, getattr(torch, dtype)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SANA text-to-image (tiny built-in demo without --ckpt)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--ckpt", default=None, help="published diffusers pipeline folder; default: built-in tiny demo")
+    p.add_argument("--model", default=None, choices=list(PRESETS), help="default: from --ckpt's config, else tiny")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler")
+    p.add_argument("--height", type=int, default=None, help="pixels; default: the model's training resolution")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="", help="cuda|mps|cpu, empty = autodetect")
+    p.add_argument("--dtype", default="", help="float32|bfloat16|float16, empty = best for the device")
+    p.add_argument("--out", default="sana.png")
+    p.add_argument("--train", action="store_true", help="retrain the tiny demo from --seed and write its weights")
+    args = p.parse_args(argv)
+    try:
+        if args.train:
+            torch.set_num_threads(2)  # the recipe is sized (and deterministic) for 2 CPU threads
+            train_tiny(seed=args.seed)
+            return
+        if args.prompt is None or not args.prompt.strip():
+            raise ValueError("the prompt is empty: pass --prompt \"two red circles on a blue background\"")
+        if args.steps < 1:
+            raise ValueError("--steps must be at least 1")
+        device, dtype = pick_device_dtype(args.device, args.dtype)
+        t0 = time.time()
+        if args.ckpt:
+            if os.path.isfile(args.ckpt):
+                raise ValueError(f"{args.ckpt} is a single file; pass the diffusers pipeline folder (transformer/ "
+                                 f"text_encoder/ tokenizer/ vae/); load an original .pth with load_transformer()")
+            pipe = load_pipeline(args.ckpt, args.model, device, dtype)
+        else:
+            if args.model not in (None, "tiny"):
+                raise ValueError(f"--model {args.model} needs --ckpt with its weights")
+            pipe = load_tiny(device, dtype)
+        size = pipe.transformer.cfg.sample_size * pipe.compression
+        h, w = args.height or size, args.width or size
+        print(f"loaded in {time.time() - t0:.1f}s")
+        t0 = time.time()
+        g = torch.Generator().manual_seed(args.seed)
+        img = pipe.generate([args.prompt], h, w, args.steps, args.cfg, g, args.sampler, args.negative)[0]
+        Image.fromarray(img.numpy()).save(args.out)
+        print(f"wrote {args.out} ({w}x{h}, {args.steps} steps, {time.time() - t0:.1f}s)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

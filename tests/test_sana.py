@@ -173,8 +173,8 @@ def test_aspect_ratio_bins():
     assert sana.aspect_ratio_bin(720, 1280, 1024) == (768, 1344)  # 0.5625 -> "0.57"
     assert sana.aspect_ratio_bin(100, 10000, 512) == (256, 1024)
     assert sana.aspect_ratio_bin(4000, 1000, 4096) == (8192, 2048)
-    assert sana.aspect_ratio_bin(3700, 1000, 2048) == (3712, 1024)  # "3.62" exists only in the 2K/4K tables
-    assert sana.aspect_ratio_bin(3700, 1000, 1024) == (1728, 576)
+    assert sana.aspect_ratio_bin(3600, 1000, 2048) == (3712, 1024)  # "3.62" exists only in the 2K/4K tables
+    assert sana.aspect_ratio_bin(3600, 1000, 1024) == (2048, 512)
 
 
 def test_training_step_learns():
