@@ -195,3 +195,72 @@ def test_training_step_learns():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses
+
+
+class RecordingEncoder(torch.nn.Module):
+    """Wraps a text encoder and keeps the token ids it was called with."""
+
+    def __init__(self, te):
+        super().__init__()
+        self.te, self.calls, self.embed_tokens = te, [], te.embed_tokens
+
+    def forward(self, ids, mask):
+        self.calls.append((ids, mask))
+        return self.te(ids, mask)
+
+
+def test_encode_prompts_chi_selection():
+    """CHI + prompt padded to n_chi + max_len - 2, then BOS + the last max_len - 1 positions (ref sec. 3)."""
+    tok = sana.build_tiny_tokenizer()
+    te = RecordingEncoder(sana.load_text_encoder(os.path.join(FIX, "pipeline_flow_dpm_20step", "text_encoder")))
+    v = tok.get_vocab()
+    emb, mask = sana.encode_prompts(te, tok, ["Two blue squares "], max_len=6, chi="red circle on a ")  # joined with no separator, like the CHI
+    ids, full_mask = te.calls[-1]
+    assert ids.shape == (1, 5 + 6 - 2)  # n_chi = 5 with BOS
+    want = [2, v["red"], v["circle"], v["on"], v["a"], v["two"], v["blue"], v["squares"], 0]  # lower-cased
+    assert ids[0].tolist() == want
+    sel = [0, -5, -4, -3, -2, -1]
+    assert mask[0].tolist() == [1, 1, 1, 1, 1, 0]
+    with torch.no_grad():
+        assert torch.equal(emb, te.te(ids, full_mask)[:, sel])
+    emb, mask = sana.encode_prompts(te, tok, [""], max_len=6, chi=None)  # the unconditional input
+    assert te.calls[-1][0][0].tolist() == [2, 0, 0, 0, 0, 0] and mask[0].tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def make_pipeline_folder(tmp_path):
+    """The tiny diffusers-layout pipeline fixture plus a tokenizer/ (the tiny word-level one) = a pipeline folder."""
+    src = os.path.join(FIX, "pipeline_flow_dpm_20step")
+    for sub in ("transformer", "text_encoder", "vae", "scheduler"):
+        os.symlink(os.path.join(src, sub), tmp_path / sub)
+    os.makedirs(tmp_path / "tokenizer")
+    sana.build_tiny_tokenizer().save(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    return str(tmp_path)
+
+
+def test_cli_with_pipeline_folder(tmp_path, capsys):
+    folder = make_pipeline_folder(tmp_path)
+    out = tmp_path / "img.png"
+    sana.main(["--ckpt", folder, "--prompt", "a red circle", "--height", "16", "--width", "24", "--steps", "3",
+               "--device", "cpu", "--out", str(out)])
+    from PIL import Image
+    assert Image.open(out).size == (24, 16)
+    pipe = sana.load_pipeline(folder)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a, b = pipe.generate(["a red circle"], 16, 16, 3, 4.5, g()), pipe.generate(["a red circle"], 16, 16, 3, 4.5, g())
+    assert torch.equal(a, b)  # the explicit generator makes sampling reproducible
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "prompt is empty"),
+    (["--prompt", "a red circle", "--ckpt", "/does/not/exist"], "not found"),
+    (["--prompt", "a red circle", "--ckpt", os.path.join(FIX, "transformer_sana10")], "no text_encoder/"),
+    (["--prompt", "a red circle", "--ckpt", "PIPE", "--height", "17"], "multiples of 2"),
+    (["--prompt", "a red circle", "--ckpt", "PIPE", "--dtype", "float8"], "--dtype must be"),
+])
+def test_cli_errors(args, message, tmp_path, capsys):
+    args = [make_pipeline_folder(tmp_path) if a == "PIPE" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        sana.main(args + ["--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
