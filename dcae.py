@@ -138,12 +138,12 @@ PRESETS = {
     # scaling factor is not published; calibrate it on your data (1 / std of the latents) before diffusion.
     "dc-ae-f32c128-1.5": _v15((128, 256, 512, 512, 1024, 1024)),
     "dc-ae-f64c128-1.5": _v15((128, 256, 512, 512, 1024, 1024, 1024)),
-    # The tiny default of this project: f16c16 on 64x64 synthetic shapes (sana-style, section 6).
+    # The tiny default of this project: f16c16 on 64x64 synthetic shapes (section 6), in/mix-style resampling.
     "tiny-f16c16-shapes": DCAEConfig(
-        latent_channels=16, widths=(16, 32, 64, 64, 128), encoder_depths=(1, 1, 1, 1, 1),
-        decoder_depths=(1, 1, 2, 2, 2), encoder_blocks=("ResBlock",) * 3 + ("EViTS5",) * 2,
+        latent_channels=16, widths=(16, 32, 64, 64, 128), encoder_depths=(0, 1, 1, 1, 1),
+        decoder_depths=(0, 1, 2, 2, 2), encoder_blocks=("ResBlock",) * 3 + ("EViTS5",) * 2,
         decoder_blocks=("ResBlock",) * 3 + ("EViTS5",) * 2, decoder_norms=("rms",) * 5,
-        decoder_acts=("silu",) * 5,
+        decoder_acts=("silu",) * 5, downsample="pixel_unshuffle", upsample="pixel_shuffle",
     ),
 }
 # Hugging Face repo names resolve with or without the "-diffusers" suffix and org prefix.
@@ -270,21 +270,19 @@ class LiteMLA(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        qkv = torch.cat([self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)], dim=2)
-        qkv = qkv.transpose(1, 2).reshape(B, -1, H, W)  # (B, 3T, H, W): the original qkv conv output
-        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W).transpose(2, 3)  # (B, heads, N, 3d)
-        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
+        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
+        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
+        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H * W).transpose(1, 2)  # (B, N, T')
-        out = self.to_out(out).transpose(1, 2).reshape(B, C, H, W)
-        return self.norm_out(out)
+        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
 class GLUMBConv(nn.Module):
@@ -722,10 +720,10 @@ def train_step(model, x, opt, perceptual=laplacian_pyramid_loss, perceptual_weig
 TINY_RECIPE = ((1, 1500, 64, 2e-3), (2, 100, 128, 2e-4), (3, 100, 64, 2e-4))
 
 
-def train_tiny(seed=0, batch=32, recipe=TINY_RECIPE, gan=False, out=TINY_WEIGHTS, log=print):
+def train_tiny(seed=0, batch=32, recipe=TINY_RECIPE, gan=False, out=TINY_WEIGHTS, log=print, threads=2):
     """Trains the tiny default DC-AE on synthetic shapes, deterministically from the seed."""
     torch.manual_seed(seed)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     cfg = PRESETS["tiny-f16c16-shapes"]
     model = DCAE(cfg)
     disc = PatchDiscriminator() if gan else None

@@ -56,8 +56,8 @@ def find_markers():
     return found
 
 
-def _segment(path, name, after_line=None):
-    lines = open(path).read().splitlines()
+def _span(path, name, after_line=None):
+    """(first line, last line) of `name` at top level, or of the object right below the marker line."""
     if after_line is not None:  # the object that starts right below the marker
         found = [(s, e) for _, s, e in _segments(path, top_level=False) if s == after_line + 1]
         if not found:
@@ -67,8 +67,20 @@ def _segment(path, name, after_line=None):
         found = [(s, e) for n, s, e in _segments(path) if n == name]
         if not found:
             raise AssertionError(f"{path} has no top-level {name}")
-    s, e = found[0]
+    return found[0]
+
+
+def _segment(path, name, after_line=None):
+    s, e = _span(path, name, after_line)
+    lines = open(path).read().splitlines()
     return textwrap.dedent("\n".join(lines[s - 1:e])).splitlines()
+
+
+def _expected_copy(orig, name, renames):
+    original = "\n".join(_segment(os.path.join(ROOT, orig), name))
+    for a, b in renames:
+        original = re.sub(rf"\b{re.escape(a)}\b", b, original)
+    return original
 
 
 MARKERS = find_markers()
@@ -77,14 +89,13 @@ MARKERS = find_markers()
 @pytest.mark.parametrize("copy,line,orig,name,renames", MARKERS,
                          ids=[f"{c}:{n}" for c, _, _, n, _ in MARKERS] or None)
 def test_copy_matches_original(copy, line, orig, name, renames):
-    original = "\n".join(_segment(os.path.join(ROOT, orig), name))
-    for a, b in renames:
-        original = re.sub(rf"\b{re.escape(a)}\b", b, original)
+    original = _expected_copy(orig, name, renames)
     copied = "\n".join(_segment(os.path.join(ROOT, copy), name, after_line=line))
     if copied != original:
         diff = "\n".join(difflib.unified_diff(original.splitlines(), copied.splitlines(),
                                               f"{orig}: {name} (with renames)", f"{copy}:{line}", lineterm=""))
-        pytest.fail(f"{copy}:{line} drifted from {orig}: {name}\n{diff}")
+        pytest.fail(f"{copy}:{line} drifted from {orig}: {name} (`python tests/test_copies.py --fix` "
+                    f"overwrites copies with their originals)\n{diff}")
 
 
 def test_checker_catches_drift(tmp_path, monkeypatch):
@@ -98,3 +109,27 @@ def test_checker_catches_drift(tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="drifted"):
         test_copy_matches_original(*markers["b.py"])
     test_copy_matches_original(*markers["c.py"])
+
+
+def fix_copies():
+    """Overwrite every drifted copy with its original (renames applied, indentation kept)."""
+    for copy, line, orig, name, renames in sorted(find_markers(), key=lambda m: (m[0], -m[1])):  # bottom up
+        path = os.path.join(ROOT, copy)
+        s, e = _span(path, name, after_line=line)
+        lines = open(path).read().splitlines(keepends=True)
+        indent = lines[s - 1][: len(lines[s - 1]) - len(lines[s - 1].lstrip())]
+        new = [(indent + t if t else t) + "\n" for t in _expected_copy(orig, name, renames).splitlines()]
+        if new != lines[s - 1:e]:
+            print(f"fixed {copy}:{line} <- {orig}: {name}")
+            lines[s - 1:e] = new
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--fix"]:
+        fix_copies()
+    else:
+        sys.exit("usage: python tests/test_copies.py --fix   (to check, run pytest)")
