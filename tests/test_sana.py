@@ -105,6 +105,30 @@ def test_strict_loading_names_keys(tmp_path):
         sana.load_transformer(str(tmp_path / "nope"))
 
 
+def test_sharded_and_variant_folders(tmp_path):
+    """Shards listed by *.index.json, and a folder holding only a bf16 variant, load like the single file."""
+    case = os.path.join(FIX, "transformer_sana10")
+    sd = load_file(os.path.join(case, "transformer", "diffusion_pytorch_model.safetensors"))
+    keys = sorted(sd)
+    from safetensors.torch import save_file
+    for folder, files in [("sharded", {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:20],
+                                       "diffusion_pytorch_model-00002-of-00002.safetensors": keys[20:]}),
+                          ("variant", {"diffusion_pytorch_model.bf16.safetensors": keys})]:
+        d = tmp_path / folder
+        os.makedirs(d)
+        with open(os.path.join(case, "transformer", "config.json")) as f:
+            (d / "config.json").write_text(f.read())
+        dtype = torch.bfloat16 if folder == "variant" else torch.float32
+        for name, ks in files.items():
+            save_file({k: sd[k].to(dtype) for k in ks}, str(d / name))
+        if folder == "sharded":
+            index = {"weight_map": {k: n for n, ks in files.items() for k in ks}}
+            (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        model = sana.load_transformer(str(d))
+        got = model.state_dict()
+        assert all(torch.equal(got[k], sd[k].to(dtype).float()) for k in keys)
+
+
 @cases("text_encoder", forbidden=("transformer",))
 def test_text_encoder_parity(case):
     io = load_file(os.path.join(case, "io.safetensors"))
