@@ -113,7 +113,8 @@ class Gemma2Config:  # defaults: gemma-2-2b-it, the text encoder of every publis
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
 
-# The "complex human instruction" (CHI) prepended to every prompt by the 1024px+/1.5 models (sec. 3 of the ref)
+# The "complex human instruction" (CHI, paper sec. 2.3) prepended to every prompt: the diffusers pipelines' default
+# and the official 1024px+ / SANA 1.5 configs. Gemma reads the prompt as the end of an instruction.
 CHI = "\n".join([
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
     'image generation. Evaluate the level of detail in the user prompt:',
@@ -495,7 +496,7 @@ def tokenize(tok, texts, length, bos_id=2, pad_id=0):
 
 @torch.no_grad()
 def encode_prompts(text_encoder, tok, prompts, max_len=MAX_TEXT_LEN, chi=CHI):
-    """Prompts -> (B, max_len, D) embeddings and (B, max_len) mask, as the SANA pipelines do (ref sec. 3).
+    """Prompts -> (B, max_len, D) embeddings and (B, max_len) mask, as the SANA pipelines do.
     With the CHI: tokenize CHI + prompt to n_chi + max_len - 2 tokens, then keep BOS and the last max_len - 1
     positions (the end of the instruction, the prompt, the padding). Without it: plain max_len padding."""
     prompts = [p.lower().strip() for p in prompts]  # diffusers' text preprocessing (clean_caption=False)
@@ -573,7 +574,8 @@ def config_from_diffusers(c):
                       interpolation_scale=c.get("interpolation_scale"))
 
 
-ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order (ref sec. 4)
+ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
+    # the mapping of diffusers' scripts/convert_sana_to_diffusers.py
     (r"^y_embedder\.y_embedding$", None),  # learned null caption for training-time CFG dropout; unused here
     (r"^pos_embed$", None),  # sincos buffer: recomputed for the actual grid
     (r"^x_embedder\.", "patch_embed."),
@@ -711,7 +713,7 @@ def shift_sigma(sigma, s):
 
 def flow_dpm_schedule(steps, shift):
     """diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True): sigmas uniform in (0, 0.999], shifted,
-    then 0 appended; the model gets floor(1000 sigma) as an int64 (ref sec. 5, pitfall 9)."""
+    then 0 appended; the model gets floor(1000 sigma) as an int64."""
     sigma = shift_sigma(1 - torch.linspace(1, 1 / 1000, steps + 1, dtype=torch.float64), shift).flip(0)[:-1]
     timesteps = (sigma * 1000).long()  # truncated: the first is 999, not 1000
     return torch.cat([sigma, sigma.new_zeros(1)]).float(), timesteps
