@@ -93,7 +93,7 @@ def config_from_json(path):
     if c.get("n_kv_heads", c["n_heads"]) != c["n_heads"]:
         raise ValueError("config.json has n_kv_heads != n_heads; LLaDA checkpoints use plain multi-head attention")
     return LLaDAConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                       mlp_hidden_size=c["mlp_hidden_size"], vocab_size=c["embedding_size"] or c["vocab_size"],
+                       mlp_hidden_size=c["mlp_hidden_size"], vocab_size=c.get("embedding_size") or c["vocab_size"],
                        rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
                        max_sequence_length=c["max_sequence_length"], mask_token_id=c["mask_token_id"],
                        eos_token_id=c["eos_token_id"])
@@ -216,26 +216,32 @@ def init_weights(model, std=0.02):
 # Checkpoint loading
 
 
-def read_state_dict(folder):
-    """The published layout: model.safetensors.index.json + shards, or a single model.safetensors (or a .bin)."""
+def read_state_dict(folder, device, dtype):
+    """The published layout: model.safetensors.index.json + shards, or a single model.safetensors (or a .bin).
+    Each shard is cast and moved as soon as it is read, so peak host memory stays near one shard over the result."""
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(os.path.join(folder, shard)))
-        return sd
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return load_file(os.path.join(folder, "model.safetensors"))
-    if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-        return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json) or pytorch_model.bin")
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json) or pytorch_model.bin")
+    sd = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shard {path} listed in model.safetensors.index.json is missing")
+        part = load_file(path) if name.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+        sd.update({k: v.to(device=device, dtype=dtype) for k, v in part.items()})
+    return sd
 
 
-def load_state_dict_strict(model, sd, device, dtype):
-    """Check key names and shapes against the model, then move the weights in (the model may live on `meta`)."""
+def load_state_dict_strict(model, sd):
+    """Check key names and shapes against the model, then put the tensors in (the model may live on `meta`)."""
     want = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
@@ -245,7 +251,7 @@ def load_state_dict_strict(model, sd, device, dtype):
     for k, v in sd.items():
         if v.shape != want[k]:
             raise ValueError(f"checkpoint key {k} has shape {tuple(v.shape)}, the config implies {tuple(want[k])}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+    model.load_state_dict(sd, assign=True)
     return model.eval()
 
 
@@ -258,7 +264,7 @@ def load_llada(folder, device="cpu", dtype=torch.float32):
     cfg = config_from_json(os.path.join(folder, "config.json"))
     with torch.device("meta"):
         model = LLaDA(cfg)
-    model = load_state_dict_strict(model, read_state_dict(folder), device, dtype)
+    model = load_state_dict_strict(model, read_state_dict(folder, device, dtype))
     tok_path = os.path.join(folder, "tokenizer.json")
     return model, (load_tokenizer(tok_path) if os.path.exists(tok_path) else None)
 
@@ -273,7 +279,8 @@ def load_tiny(device="cpu", dtype=torch.float32, path=TINY_WEIGHTS, tokenizer_pa
         cfg = LLaDAConfig(**json.loads(f.metadata()["config"]))
     with torch.device("meta"):
         model = LLaDA(cfg)
-    return load_state_dict_strict(model, load_file(path), device, dtype), load_tokenizer(tokenizer_path)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in load_file(path).items()}
+    return load_state_dict_strict(model, sd), load_tokenizer(tokenizer_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -529,6 +536,9 @@ def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="
         s, e = P + b * block_length, P + (b + 1) * block_length  # current block [s, e)
         quotas = quota_schedule(block_length, steps // num_blocks)
         i, kv = 0, None
+        # Until the block has no MASK, checked before every forward (the @f6b35ec convention). The quota bound only
+        # matters if the model commits the MASK id itself (random weights can): the block then stays unfinished.
+        # With a threshold such a model would loop forever, as upstream does; trained models never predict MASK.
         while (x[:, s:e] == mask_id).any() and (parallel or i < len(quotas)):
             if cache == "none" or i == 0:  # full forward (for a cache: the refresh, fused with this step)
                 lo = 0

@@ -176,9 +176,9 @@ def test_cli_tiny_answers(capsys):
                                      dict(gen_length=128, block_length=32, cache="dual", threshold=0.9)])
 def test_tiny_heldout_accuracy(sampler):
     model, tok = fd.load_tiny()
-    problems = fd.heldout_problems(200)[:40]  # a subset of the 200 held-out problems reported in the README
+    problems = fd.heldout_problems(200)[:100]  # half of the 200 held-out problems reported in the README
     assert not any(not fd.is_heldout(p.split()[1]) for p, _ in problems)
     acc, nfe, _ = fd.tiny_accuracy(model, tok, problems, **sampler)
     assert acc >= 0.9
     if "threshold" in sampler:  # parallel decoding really is parallel: far fewer forwards than tokens
-        assert nfe < 40 * 128 / 8
+        assert nfe < len(problems) * 128 / 8
