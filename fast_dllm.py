@@ -301,11 +301,13 @@ def chat_template(user_text):
 def encode_prompt(tokenizer, text, tiny):
     if not text.strip():
         raise ValueError("the prompt is empty")
+    digits = text.strip()[len("sort "):]
+    if tiny and not (text.strip().startswith("sort ") and digits.isdigit()
+                     and TINY_MIN_DIGITS <= len(digits) <= TINY_MAX_DIGITS):
+        raise ValueError(f"the tiny model only sorts {TINY_MIN_DIGITS} to {TINY_MAX_DIGITS} digits, "
+                         f"e.g. --prompt 'sort 8315' (got {text.strip()!r})")
     templated = text.strip() + "=" if tiny else chat_template(text)  # the tiny task's "template" is the '=' sign
-    enc = tokenizer.encode(templated, add_special_tokens=False)
-    if tiny and len(enc.ids) != len(templated):
-        raise ValueError(f"the tiny model only knows the characters {TINY_CHARS!r}; try a prompt like 'sort 8315'")
-    return torch.tensor([enc.ids])
+    return torch.tensor([tokenizer.encode(templated, add_special_tokens=False).ids])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def test_chat_template():
 def test_cli_bad_input(capsys):
     for argv, msg in [(["--prompt", "  "], "prompt is empty"),
                       (["--prompt", "sort 31", "--gen-length", "40"], "not a multiple of --block-length"),
+                      (["--prompt", "hello"], "only sorts 3 to 6 digits"),
                       (["--prompt", "hello", "--ckpt", "/nonexistent/llada"], "does not exist")]:
         with pytest.raises(SystemExit) as e:
             fd.main(argv)
