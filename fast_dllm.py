@@ -150,9 +150,11 @@ class LLaDABlock(nn.Module):
 
     def forward(self, h, cos, sin, start, past=None):
         # h: (B, q, D) hidden states of the tokens at absolute positions [start, start + q).
-        # past: this layer's cached (k, v), (B, nh, K, hd) with RoPE applied, or None. The new keys/values are written
-        #   over positions [start, start + q) of the cache: with a cache of length start that appends (PrefixCache),
-        #   with a cache of the whole sequence it replaces the current block's rows (DualCache).
+        # past: this layer's cached (k, v), (B, nh, K, hd), or None. The new keys/values are written over positions
+        #   [start, start + q) of the cache: with a cache of length start that appends (PrefixCache), with a cache of
+        #   the whole sequence it replaces the current block's rows (DualCache). Keys are cached after RoPE at their
+        #   absolute positions; the official code caches them before RoPE and re-rotates them on every call, which
+        #   gives the same numbers.
         B, q, D = h.shape
         a = self.attn_norm(h)
         split = lambda t: t.view(B, q, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, q, hd)
@@ -205,7 +207,7 @@ class LLaDA(nn.Module):
 
 def init_weights(model, std=0.02):
     """Random init for training from scratch (the tiny default): N(0, std) linears/embedding, unit norm scales."""
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 2:
             nn.init.normal_(p, std=std)
         else:
