@@ -1302,12 +1302,11 @@ def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
     t0 = time.time()
     vae = load_tiny_dcae()
     z, caps = shapes_latents(vae, n_images, seed)
-    vae_scale = (1 / z.std()).item()  # unit-variance latents, as SANA's 0.41407 was chosen for DC-AE f32c32
-    z = z * vae_scale
+    z = z * vae.cfg.scaling_factor  # ~unit-variance latents, as SANA's 0.41407 for DC-AE f32c32
     tok = build_tiny_tokenizer()
     ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
     null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
-    log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (scale {vae_scale:.4f}) in {time.time() - t0:.0f}s")
+    log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (std {z.std():.2f}) in {time.time() - t0:.0f}s")
     te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
     params = list(model.parameters()) + list(te.parameters())
     ema = [p.detach().clone() for p in params]
@@ -1334,7 +1333,7 @@ def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
     sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
     sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    save_file(sd, out, metadata={"vae_scale": repr(vae_scale), "seed": str(seed), "steps": str(steps)})
+    save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
     tok.save(os.path.join(os.path.dirname(out), os.path.basename(TINY_TOKENIZER)))
     log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     return load_tiny(path=out)
@@ -1342,18 +1341,16 @@ def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
 
 def load_tiny(device="cpu", dtype=torch.float32, path=TINY_WEIGHTS):
     """The committed tiny demo: DiT + Gemma-2-shaped text encoder + word-level tokenizer + tiny DC-AE."""
-    from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
-    with safe_open(path, "pt") as f:
-        vae_scale = float(f.metadata()["vae_scale"])
     sd = {k: v.float() for k, v in load_file(path).items()}
     te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
     load_strict(model, {k[12:]: v for k, v in sd.items() if k.startswith("transformer.")}, path)
     load_strict(te, {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}, path)
     tok = load_tokenizer(os.path.join(os.path.dirname(path), os.path.basename(TINY_TOKENIZER)))
-    return Sana(model.to(device, dtype).eval(), te.to(device, dtype).eval(), tok, load_tiny_dcae(device, dtype),
-                vae_scale=vae_scale, chi=None, max_len=TINY_TEXT_LEN)
+    vae = load_tiny_dcae(device, dtype)
+    return Sana(model.to(device, dtype).eval(), te.to(device, dtype).eval(), tok, vae,
+                vae_scale=vae.cfg.scaling_factor, chi=None, max_len=TINY_TEXT_LEN)
 
 
 # -----------------------------------------------------------------------------
