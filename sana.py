@@ -167,15 +167,11 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift  # adaLN: per-sample affine of a parameter-free LayerNorm
-
-
 class ModulatedNorm(nn.Module):
-    """LayerNorm without affine (eps 1e-6) followed by the adaLN shift/scale."""
+    """LayerNorm without affine (eps 1e-6) followed by the adaLN shift/scale: a per-sample affine."""
 
     def forward(self, x, shift, scale):  # x: (B, N, D), shift/scale: (B, 1, D)
-        return modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale).to(x.dtype)
+        return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale).to(x.dtype)  # LN(x)(1+scale)+shift
 
 
 def sincos_2d(dim, h, w, base, interpolation_scale):
@@ -327,10 +323,10 @@ class SanaBlock(nn.Module):
     def forward(self, x, y, bias, t6, hw):  # x: (B, N, D), y: (B, L, D), t6: (B, 6D), hw = (h, w)
         B, N, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, 1)
-        x = x + gate1 * self.attn1(self.norm1(x, shift1, scale1))  # (B, N, D)
+        x = torch.addcmul(x, gate1, self.attn1(self.norm1(x, shift1, scale1)))  # x + gate1 attn  (B, N, D)
         x = x + self.attn2(x, y, bias)  # cross-attention: no norm, no modulation, no gate
-        h = self.norm2(x, shift2, scale2).transpose(1, 2).reshape(B, D, *hw)  # (B, D, h, w) for the convs
-        return x + gate2 * self.ff(h).flatten(2).transpose(1, 2)  # (B, N, D)
+        h = self.norm2(x, shift2, scale2).view(B, *hw, D).permute(0, 3, 1, 2)  # (B, D, h, w), channels-last
+        return torch.addcmul(x, gate2, self.ff(h).flatten(2).transpose(1, 2))  # (B, N, D)
 
 
 # -----------------------------------------------------------------------------
@@ -359,10 +355,13 @@ class SanaTransformer(nn.Module):
         h, w = H // p, W // p
         x = self.patch_embed(x)  # (B, N, D)
         t6, t_emb = self.time_embed(t.expand(B))  # (B, 6D), (B, D)
-        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
         bias = None
         if mask is not None:  # additive -10000 (not -inf): a fully padded row still gets a softmax
+            if mask.any(dim=1).all():  # padding after the batch's last token gets exactly 0 weight: skip it
+                L = int(mask.nonzero()[:, 1].max()) + 1  # (most of the 300 text tokens are padding)
+                y, mask = y[:, :L], mask[:, :L]
             bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
         for block in self.transformer_blocks:
             x = block(x, y, bias, t6, (h, w))
         # final layer: modulated by the D-dim t embedding (not the 6D vector)

@@ -60,7 +60,10 @@ def test_transformer_parity(case, layout):
     args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"])
     out, acts = debug_activations(model, io, args)
     for name in sorted(k for k in io if k.startswith("debug.") and k in acts):  # first diverging module first
-        assert_close(name, acts[name], io[name])
+        want = io[name]
+        if name.startswith("debug.caption"):  # the model skips text padding after the batch's last token
+            want = want[:, :acts[name].shape[1]]
+        assert_close(name, acts[name], want)
     assert_close("output", out, io["output"])
     with torch.no_grad():
         assert_close("output_no_mask", model(*args[:3], None), io["output_no_mask"])
@@ -318,6 +321,17 @@ def test_tiny_prompt_fidelity():
     """A subset of the README's score (24 prompts x 4 seeds): 12 prompts, 1 seed."""
     score, _, _ = tiny_fidelity(eval_prompts()[:12], seeds=[0])
     assert score >= 0.75, score
+
+
+@needs_tiny
+def test_cli_tiny_default(tmp_path):
+    """`python sana.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
+    from PIL import Image
+    import shapes_score
+    out = tmp_path / "sana.png"
+    sana.main(["--prompt", "a red circle on a blue background", "--out", str(out), "--device", "cpu"])
+    scene = shapes_score.read_scene(Image.open(out))
+    assert Image.open(out).size == (64, 64) and scene["color"] == "red" and scene["background"] == "blue"
 
 
 @needs_tiny
