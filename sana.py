@@ -90,7 +90,7 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
     "SANA1.5_4.8B_1024px": SanaConfig(**{**_1600M, "depth": 60}, sample_size=32, qk_norm=True),
     # the built-in demo: 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
     "tiny": SanaConfig(in_channels=16, out_channels=16, hidden_size=128, depth=4, num_heads=4, cross_heads=4,
-                       caption_channels=64, sample_size=4, flow_shift=1.0),
+                       caption_channels=64, sample_size=4, flow_shift=3.0),
 }
 
 
@@ -685,16 +685,21 @@ def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
 # 6. training step: rectified flow (paper sec. 2.4), x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0
 
 
-def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, cfg_dropout=0.1):
+def shift_sigma(sigma, s):
+    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
+
+
+def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, cfg_dropout=0.1, shift=1.0):
     """One flow-matching loss. x0: (B, C, H, W) scaled latents; y: (B, L, Dy) text states, mask: (B, L).
-    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting); with probability
-    cfg_dropout a caption is replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
+    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting), optionally moved
+    towards noise by the time shift, where the layout of the image is decided; with probability cfg_dropout a
+    caption is replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
     B = x0.shape[0]
     g = dict(generator=generator, device=x0.device)
     drop = torch.rand(B, **g) < cfg_dropout
     y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
     mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
-    sigma = torch.sigmoid(torch.randn(B, **g))  # (B,)
+    sigma = shift_sigma(torch.sigmoid(torch.randn(B, **g)), shift)  # (B,)
     eps = torch.randn(x0.shape, **g)
     s = sigma[:, None, None, None]
     x_t = (1 - s) * x0 + s * eps
@@ -704,10 +709,6 @@ def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, cfg_dro
 
 # -----------------------------------------------------------------------------
 # 7. samplers on the flow ODE dx/dsigma = v, from sigma ~ 1 (noise) to 0 (data)
-
-
-def shift_sigma(sigma, s):
-    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
 
 
 def flow_dpm_schedule(steps, shift):
@@ -1294,7 +1295,7 @@ def shapes_latents(vae, n, seed, chunk=256):
     return torch.cat(zs), caps
 
 
-def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
+def train_tiny(seed=0, steps=5000, batch=64, lr=1e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
     """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
     latents; deterministic from the seed at a fixed thread count. Writes the weights and the tokenizer."""
     torch.manual_seed(seed)
@@ -1316,7 +1317,7 @@ def train_tiny(seed=0, steps=3000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         idx = torch.randint(len(z), (batch,), generator=g)
         loss = training_loss(model, z[idx], te(ids[idx], mask[idx]), mask[idx], te(null_ids, null_mask), null_mask,
-                             generator=g)
+                             generator=g, shift=model.cfg.flow_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
