@@ -111,7 +111,8 @@ def test_image_size_not_a_multiple_of_the_compression():
 def test_cli_reports_errors_in_one_sentence(capsys):
     with pytest.raises(SystemExit) as e:
         dcae.main(["--image", "/no/such.png"])
-    assert str(e.value) == "error: image '/no/such.png' does not exist"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: image '/no/such.png' does not exist\n"
 
 
 # ---- training and the tiny default -----------------------------------------------------------------------
@@ -145,3 +146,23 @@ def test_cli_reconstructs_an_image(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "rec.png").exists() and "PSNR" in out
     assert float(out.split("PSNR")[1].split()[0]) > 25
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    recipe = ((1, 3, 4, 32, 1e-3), (3, 2, 4, 32, 1e-4))
+    runs, threads = [], torch.get_num_threads()
+    for i in range(2):
+        dcae.train_tiny(seed=5, recipe=recipe, out=str(tmp_path / f"{i}.safetensors"), log=lambda *a: None)
+        runs.append(load_file(str(tmp_path / f"{i}.safetensors")))
+    torch.set_num_threads(threads)  # train_tiny trains on one thread
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_gan_phase_updates_the_discriminator():
+    torch.manual_seed(0)
+    model, disc = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"]), dcae.PatchDiscriminator()
+    x, _ = dcae.shapes_batch(2, seed=0, size=32)
+    before = [p.detach().clone() for p in disc.parameters()]
+    opt = torch.optim.SGD(dcae.trainable_parameters(model, 3), lr=0.1)
+    dcae.train_step(model, x, opt, disc=disc, disc_opt=torch.optim.SGD(disc.parameters(), lr=0.1))
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))

@@ -1,12 +1,6 @@
-"""Triton kernels against their PyTorch references, on the CPU through Triton's interpreter.
-
-TRITON_INTERPRET must be set before Triton is imported, so these tests run in a subprocess-free way by
-setting it at import time of this module; if Triton was already imported without it (another test module
-imported a kernel first), the kernel tests are skipped with that reason rather than silently passing.
-"""
+"""Triton kernels against their PyTorch references, on the CPU through Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
