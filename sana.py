@@ -979,7 +979,7 @@ class LiteMLA(nn.Module):
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
-        qkv = (w_qkv @ x.flatten(2)).view(B, -1, H, W)  # (B, 3T, H, W); a 1x1 conv as one matmul
+        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
         qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
         q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
@@ -989,8 +989,8 @@ class LiteMLA(nn.Module):
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H * W)  # (B, T', N)
-        return self.norm_out((self.to_out.weight @ out).view(B, C, H, W))
+        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
 # Copied from dcae.py: GLUMBConv
