@@ -4,12 +4,14 @@ samplers step by step, the training step, and the committed tiny demo model."""
 import glob
 import json
 import os
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import sana
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python tests/test_sana.py`
+import sana  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana")
 
