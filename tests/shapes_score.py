@@ -5,8 +5,10 @@
     fidelity(images, captions)  -> fraction of images whose colour, shape and count are all right
 
 Pixels are snapped to the nearest palette colour; the most common one is the background, the most common
-other one the object colour. Objects are the 4-connected components of that colour (specks dropped); each is
-classified by how much of its bounding box it fills: a square ~1, a circle pi/4 ~0.79, a triangle ~0.5.
+other one the object colour. Objects are the 4-connected components of that colour (specks dropped). The data draws
+triangles apex up, so their centroid sits 1/6 of their height below the centre of their bounding box, while
+circles and squares are symmetric; a square fills its bounding box (~1), a circle pi/4 (~0.79). Both cues
+survive blur, as a human reading a slightly blurred image would (tests/test_shapes.py checks that).
 """
 import os
 import sys
@@ -63,10 +65,12 @@ def read_scene(image):
     objects = [c for c in _components(labels == fg) if len(c) >= min_area]
     shapes = []
     for comp in objects:
-        h = comp[:, 0].max() - comp[:, 0].min() + 1
+        top, bottom = comp[:, 0].min(), comp[:, 0].max()
+        h = bottom - top + 1
         w = comp[:, 1].max() - comp[:, 1].min() + 1
         fill = len(comp) / (h * w)
-        shapes.append("square" if fill > 0.89 else "circle" if fill > 0.66 else "triangle")
+        drop = (comp[:, 0].mean() - (top + bottom) / 2) / h  # apex-up triangles are bottom-heavy (1/6 of h)
+        shapes.append("triangle" if drop > 0.05 else "square" if fill > 0.87 else "circle")
     shape = max(set(shapes), key=shapes.count) if shapes else None
     return dict(background=_NAMES[bg], color=_NAMES[fg] if objects else None, shape=shape, count=len(objects))
 
