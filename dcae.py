@@ -28,12 +28,11 @@ Run:
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch

@@ -9,38 +9,14 @@ GFLOP/s (FLOPs counted by torch.utils.flop_counter) against this machine's fp32 
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dcae  # noqa: E402
-
-
-def timed(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_peak(sizes=(1024, 2048, 3072), reps=5):
-    """The best fp32 GEMM throughput this machine reaches with the current thread count, in GFLOP/s."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
+from benchutil import matmul_peak, timeit, timeit_pair  # noqa: E402
 
 
 def main():
@@ -71,17 +47,18 @@ def main():
 
     with torch.no_grad():
         z = ours.encode(x)
-        t_enc = timed(lambda: ours.encode(x), args.reps)
-        t_dec = timed(lambda: ours.decode(z), args.reps)
-        print(f"ours:      encode {t_enc:.3f} s  decode {t_dec:.3f} s  total {t_enc + t_dec:.3f} s")
-        if AutoencoderDC is not None:
+        if AutoencoderDC is None:
+            t_enc, t_dec = timeit(lambda: ours.encode(x), args.reps), timeit(lambda: ours.decode(z), args.reps)
+            print(f"ours:      encode {t_enc:.3f} s  decode {t_dec:.3f} s  total {t_enc + t_dec:.3f} s")
+        else:
             manifest = os.path.join(os.path.dirname(__file__), "fixtures", "dcae", "manifests", f"{args.model}.json")
             kwargs = json.load(open(manifest))["diffusers_format"]["config_json_init_kwargs"]
             ref = AutoencoderDC(**kwargs).eval()
             ref.load_state_dict(ours.state_dict())
             err = (ref.decode(z).sample - ours.decode(z)).abs().max().item()
-            r_enc = timed(lambda: ref.encode(x).latent, args.reps)
-            r_dec = timed(lambda: ref.decode(z).sample, args.reps)
+            t_enc, r_enc = timeit_pair(lambda: ours.encode(x), lambda: ref.encode(x).latent, args.reps)
+            t_dec, r_dec = timeit_pair(lambda: ours.decode(z), lambda: ref.decode(z).sample, args.reps)
+            print(f"ours:      encode {t_enc:.3f} s  decode {t_dec:.3f} s  total {t_enc + t_dec:.3f} s")
             print(f"diffusers: encode {r_enc:.3f} s  decode {r_dec:.3f} s  total {r_enc + r_dec:.3f} s "
                   f"(max |diff| of decodes {err:.1e})")
             print(f"speed ratio diffusers / ours: encode x{r_enc / t_enc:.2f}, decode x{r_dec / t_dec:.2f}, "

@@ -59,7 +59,7 @@ def main():
                 s["tokens"] += sum(t != eos for t in gen)
         base_tps = stats["LLaDA baseline"]["tokens"] / stats["LLaDA baseline"]["time"]
         print(f"\ngen_length {gen_length}")
-        print(f"| method | accuracy % | avg forwards | tokens/s | speedup |\n|---|---|---|---|---|")
+        print("| method | accuracy % | avg forwards | tokens/s | speedup |\n|---|---|---|---|---|")
         for name, s in stats.items():
             tps = s["tokens"] / s["time"]
             print(f"| {name} | {100 * s['correct'] / args.n:.1f} | {s['nfe'] / args.n:.1f} | {tps:.1f} | "

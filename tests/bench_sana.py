@@ -12,49 +12,13 @@
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sana  # noqa: E402
-
-
-def timeit(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def timeit_pair(fa, fb, reps):
-    """Median times of two functions measured alternately, so that drifts of the machine hit both alike."""
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        for f, ts in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def matmul_peak(reps=5):
-    """Best fp32 GFLOP/s of square matmuls (1024-4096), best of `reps`: this machine's practical peak."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+from benchutil import matmul_peak, timeit, timeit_pair  # noqa: E402
 
 
 def main():
