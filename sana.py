@@ -685,6 +685,23 @@ def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
 # 6. training step: rectified flow (paper sec. 2.4), x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0
 
 
+def initialize_weights(model):
+    """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
+    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs. The
+    convolutions of Mix-FFN keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(model.cfg.hidden_size, -1))
+    t = model.time_embed
+    for lin in (t.emb["timestep_embedder"].linear_1, t.emb["timestep_embedder"].linear_2, t.linear,
+                model.caption_projection.linear_1, model.caption_projection.linear_2):
+        nn.init.normal_(lin.weight, std=0.02)
+    return model
+
+
 def shift_sigma(sigma, s):
     return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
 
@@ -1307,7 +1324,7 @@ def train_tiny(seed=0, steps=5000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
     ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
     null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
     log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (std {z.std():.2f}) in {time.time() - t0:.0f}s")
-    te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
+    te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]))
     params = list(model.parameters()) + list(te.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

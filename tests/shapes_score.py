@@ -8,8 +8,8 @@ Pixels are snapped to the nearest palette colour; the most common one is the bac
 other one the object colour. Objects are the 4-connected components of that colour (specks dropped). The data draws
 triangles apex up, so their centroid sits 1/6 of their height below the centre of their bounding box, while
 circles and squares are symmetric; a square fills its bounding box (~1), a circle pi/4 (~0.79). Both cues
-survive blur, as a human reading a slightly blurred image would (tests/test_shapes.py checks that).
-"""
+survive blur, as a human reading a slightly blurred image would (tests/test_shapes.py checks that). A scene
+whose objects disagree reads as "mixed": "three squares" holds only if all three are squares."""
 import os
 import sys
 
@@ -71,7 +71,7 @@ def read_scene(image):
         fill = len(comp) / (h * w)
         drop = (comp[:, 0].mean() - (top + bottom) / 2) / h  # apex-up triangles are bottom-heavy (1/6 of h)
         shapes.append("triangle" if drop > 0.05 else "square" if fill > 0.87 else "circle")
-    shape = max(set(shapes), key=shapes.count) if shapes else None
+    shape = shapes[0] if len(set(shapes)) == 1 else "mixed" if shapes else None  # "three squares" = all three
     return dict(background=_NAMES[bg], color=_NAMES[fg] if objects else None, shape=shape, count=len(objects))
 
 

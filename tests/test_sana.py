@@ -238,6 +238,19 @@ class RecordingEncoder(torch.nn.Module):
         return self.te(ids, mask)
 
 
+def test_initialize_weights_follows_the_official_recipe():
+    torch.manual_seed(0)
+    model = sana.initialize_weights(sana.SanaTransformer(sana.PRESETS["tiny"]))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    w = model.transformer_blocks[0].attn1.to_q.weight  # xavier-uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= (6 / sum(w.shape)) ** 0.5 and w.std() > 0.5 * (2 / sum(w.shape)) ** 0.5
+    for lin in (model.time_embed.linear, model.caption_projection.linear_2):
+        assert abs(lin.weight.std().item() - 0.02) < 0.002
+    conv = model.patch_embed.proj.weight.flatten(1)  # like a Linear of fan_in C p^2
+    assert conv.abs().max() <= (6 / sum(conv.shape)) ** 0.5
+
+
 def test_encode_prompts_chi_selection():
     """CHI + prompt padded to n_chi + max_len - 2, then BOS + the last max_len - 1 positions (ref sec. 3)."""
     tok = sana.build_tiny_tokenizer()
@@ -320,9 +333,9 @@ needs_tiny = pytest.mark.skipif(not os.path.isfile(sana.TINY_WEIGHTS), reason="w
 
 @needs_tiny
 def test_tiny_prompt_fidelity():
-    """A subset of the README's score (24 prompts x 4 seeds: 0.48): 12 prompts, 1 seed (measured 0.58).
+    """A subset of the README's score (24 prompts x 4 seeds: 0.42): 12 prompts, 1 seed (measured 0.58).
     The issue's bar is 0.8; the committed model does not reach it (colour and background are always right;
-    the tiny DiT rounds the corners of squares and over-counts), so this guards the level reached, with
+    shapes and counts are not, see fidelity_from_noise_level), so this guards the level reached, with
     colours checked exactly."""
     import shapes_score
     score, images, captions = tiny_fidelity(eval_prompts()[:12], seeds=[0])
@@ -352,9 +365,33 @@ def test_tiny_training_is_deterministic(tmp_path):
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def fidelity_from_noise_level(n=96, seed=7, levels=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), steps=20, cfg=4.5):
+    """Where the tiny model loses fidelity: real scenes are encoded, noised to sigma0 (x = (1 - sigma0) z +
+    sigma0 eps), then denoised with 20 Euler steps + CFG and decoded. sigma0 = 0 is the autoencoder alone (the
+    ceiling), sigma0 = 1 full generation; the drop between two levels is what the DiT gets wrong there."""
+    import shapes_score
+    pipe = sana.load_tiny()
+    x, captions = sana.shapes_batch(n, seed=seed)
+    with torch.no_grad():
+        z0 = pipe.vae.encode(x) * pipe.vae_scale
+        cond = sana.encode_prompts(pipe.text_encoder, pipe.tokenizer, captions, pipe.max_len, None)
+        uncond = sana.encode_prompts(pipe.text_encoder, pipe.tokenizer, [""] * n, pipe.max_len, None)
+        velocity = sana.cfg_velocity(pipe.transformer, cond, uncond, cfg)
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+        out = {}
+        for s0 in levels:
+            sigmas = torch.linspace(s0, 0, steps + 1)
+            z = sana.sample_flow_euler(velocity, (1 - s0) * z0 + s0 * eps, sigmas, 1000 * sigmas[:-1])
+            img = ((pipe.vae.decode(z / pipe.vae_scale).clamp(-1, 1) + 1) * 127.5).round().byte()
+            out[s0] = shapes_score.fidelity(list(img.permute(0, 2, 3, 1).numpy()), captions)
+    return out
+
+
 if __name__ == "__main__":  # the full score for the README: python tests/test_sana.py
     import time
     t0 = time.time()
     score, images, captions = tiny_fidelity(eval_prompts(), seeds=[0, 1, 2, 3])
     print(f"tiny SANA prompt fidelity: {score:.3f} over {len(images)} images (24 prompts x 4 seeds, 20 Flow-DPM "
           f"steps, CFG 4.5) in {time.time() - t0:.1f}s")
+    print("fidelity when denoising encoded real scenes from noise level sigma0 (0 = the DC-AE alone):",
+          ", ".join(f"{s0:.1f}: {f:.3f}" for s0, f in fidelity_from_noise_level().items()))

@@ -56,3 +56,16 @@ def test_scorer_rejects_wrong_captions():
     blank = np.full((64, 64, 3), 245, dtype=np.uint8)  # an empty white image has no objects
     assert score(blank, "a red circle on a white background") == dict(color=False, shape=False, count=False,
                                                                        background=True)
+
+
+def test_scorer_needs_every_object_to_match():
+    """One square and one circle is not "two squares" (nor "two circles"), whatever the order they are found in."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (64, 64), dcae.SHAPE_COLORS["white"])
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([6, 6, 24, 24], fill=dcae.SHAPE_COLORS["red"])
+    draw.ellipse([36, 36, 56, 56], fill=dcae.SHAPE_COLORS["red"])
+    for image in (img, img.transpose(Image.Transpose.ROTATE_180)):
+        assert read_scene(image) == dict(background="white", color="red", shape="mixed", count=2)
+        assert not score(image, "two red squares on a white background")["shape"]
+        assert not score(image, "two red circles on a white background")["shape"]
