@@ -8,7 +8,7 @@ arXiv 2410.10733. A deterministic convolutional autoencoder that compresses imag
      parameter-free shortcut, space-to-channel + channel averaging going down, channel duplication +
      channel-to-space going up. The network only has to learn what the shortcut cannot carry.
   2. Decoupled high-resolution adaptation (Sec. 3.3): train at low resolution, adapt only the layers around
-     the latent at high resolution, then refine only the decoder head with a GAN loss (see `train_phase`).
+     the latent at high resolution, then refine only the decoder head with a GAN loss (see section 6).
 
 Inside, top to bottom:
   1. Configs: `DCAEConfig`, presets named after every published checkpoint, with its latent scaling factor
