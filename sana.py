@@ -13,7 +13,7 @@ Shapes: B batch, N image tokens (h*w), L text tokens, D width, H heads, d head d
 Deviations from the official code: (1) the model follows diffusers' numerics (float timesteps for Euler, eps
 1e-15 in the linear attention) because the parity fixtures were produced with diffusers; (2) CFG dropout in
 training swaps in the encoded empty prompt (what inference uses as the unconditional input) instead of the
-original's learned null-caption buffer; (3) AdamW instead of CAME, no EMA, no multi-scale bucketing.
+original's learned null-caption buffer; (3) AdamW instead of CAME, no multi-scale bucketing.
 """
 import argparse
 import glob
@@ -685,10 +685,11 @@ def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
 # 6. training step: rectified flow (paper sec. 2.4), x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0
 
 
-def initialize_weights(model):
+def initialize_weights(model, y_norm_scale=0.01):
     """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
-    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs. The
-    convolutions of Mix-FFN keep PyTorch's default."""
+    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs, and the
+    y_norm weight at y_norm_scale_factor = 0.01 (text tokens enter the cross-attention small and grow as
+    the model learns to read them). The convolutions of Mix-FFN keep PyTorch's default."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -699,6 +700,7 @@ def initialize_weights(model):
     for lin in (t.emb["timestep_embedder"].linear_1, t.emb["timestep_embedder"].linear_2, t.linear,
                 model.caption_projection.linear_1, model.caption_projection.linear_2):
         nn.init.normal_(lin.weight, std=0.02)
+    nn.init.constant_(model.caption_norm.weight, y_norm_scale)
     return model
 
 
@@ -795,7 +797,7 @@ class Sana:
     vae_scale: float = VAE_SCALE
     chi: str = CHI  # None: no complex human instruction (the tiny demo)
     max_len: int = MAX_TEXT_LEN
-    cfg_scale: float = 4.5  # default guidance: the diffusers pipelines' (the tiny demo: 3.0)
+    cfg_scale: float = 4.5  # default guidance: the diffusers pipelines' (the tiny demo: 2.0)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1314,7 +1316,7 @@ def shapes_latents(vae, n, seed, chunk=256):
     return torch.cat(zs), caps
 
 
-def train_tiny(seed=0, steps=6000, batch=64, lr=1e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
+def train_tiny(seed=0, steps=3600, batch=128, lr=1.4e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
     """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
     latents; deterministic from the seed at a fixed thread count. Writes the weights and the tokenizer."""
     torch.manual_seed(seed)
@@ -1326,7 +1328,9 @@ def train_tiny(seed=0, steps=6000, batch=64, lr=1e-3, n_images=12288, out=TINY_W
     ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
     null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
     log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (std {z.std():.2f}) in {time.time() - t0:.0f}s")
-    te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]))
+    # y_norm starts at 1, not 0.01: the official value scales the text encoder's gradients by 0.01 too, which
+    # a frozen pretrained Gemma does not mind but the tiny one, trained from scratch with the DiT, does
+    te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]), y_norm_scale=1.0)
     params = list(model.parameters()) + list(te.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -1370,7 +1374,7 @@ def load_tiny(device="cpu", dtype=torch.float32, path=TINY_WEIGHTS):
     tok = load_tokenizer(os.path.join(os.path.dirname(path), os.path.basename(TINY_TOKENIZER)))
     vae = load_tiny_dcae(device, dtype)
     return Sana(model.to(device, dtype).eval(), te.to(device, dtype).eval(), tok, vae,
-                vae_scale=vae.cfg.scaling_factor, chi=None, max_len=TINY_TEXT_LEN, cfg_scale=3.0)
+                vae_scale=vae.cfg.scaling_factor, chi=None, max_len=TINY_TEXT_LEN, cfg_scale=2.0)
 
 
 # -----------------------------------------------------------------------------
@@ -1398,7 +1402,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, choices=list(PRESETS), help="default: from --ckpt's config, else tiny")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; default: the "
-                   "model's (4.5 for the published models, 3.0 for the tiny demo)")
+                   "model's (4.5 for the published models, 2.0 for the tiny demo)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler")
     p.add_argument("--height", type=int, default=None, help="pixels; default: the model's training resolution")
     p.add_argument("--width", type=int, default=None)

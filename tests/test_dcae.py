@@ -158,6 +158,16 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_phases_train_the_paper_parts():
+    """Phase 1 trains everything, phase 2 both sides of the latent, phase 3 only the decoder's head."""
+    model = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"])
+    enc, dec = {id(p) for p in model.encoder.parameters()}, {id(p) for p in model.decoder.parameters()}
+    ids = {phase: {id(p) for p in dcae.trainable_parameters(model, phase)} for phase in (1, 2, 3)}
+    assert ids[1] == enc | dec and ids[2] & enc and ids[2] & dec and ids[2] < ids[1]
+    head = {id(p) for m in (model.decoder.norm_out, model.decoder.conv_out) for p in m.parameters()}
+    assert ids[3] == head
+
+
 def test_gan_phase_updates_the_discriminator():
     torch.manual_seed(0)
     model, disc = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"]), dcae.PatchDiscriminator()
