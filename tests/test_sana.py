@@ -334,13 +334,13 @@ needs_tiny = pytest.mark.skipif(not os.path.isfile(sana.TINY_WEIGHTS), reason="w
 
 @needs_tiny
 def test_tiny_prompt_fidelity():
-    """A subset of the README's score (24 prompts x 4 seeds: 0.70): 12 prompts, 1 seed (measured 0.83).
-    The issue's bar is 0.8; the committed model does not reach it (colour and background are always right;
-    shapes and counts are not, see fidelity_from_noise_level), so this guards the level reached, with
-    colours checked exactly."""
+    """The README's score (24 prompts x 4 seeds: 0.70) on its first seed (measured 0.75, 18 of 24 images; the
+    bar leaves two images of slack for other CPUs' numerics). The issue's bar is 0.8; the committed model does
+    not reach it (colour and background are always right; squares mostly are not, see the README), so this
+    guards the level reached, with colours checked exactly."""
     import shapes_score
-    score, images, captions = tiny_fidelity(eval_prompts()[:12], seeds=[0])
-    assert score >= 0.7, score
+    score, images, captions = tiny_fidelity(eval_prompts(), seeds=[0])
+    assert score >= 0.65, score
     assert all(shapes_score.score(img, cap)["color"] for img, cap in zip(images, captions))
 
 
