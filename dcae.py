@@ -8,16 +8,17 @@ arXiv 2410.10733. A deterministic convolutional autoencoder that compresses imag
      parameter-free shortcut, space-to-channel + channel averaging going down, channel duplication +
      channel-to-space going up. The network only has to learn what the shortcut cannot carry.
   2. Decoupled high-resolution adaptation (Sec. 3.3): train at low resolution, adapt only the layers around
-     the latent at high resolution, then refine only the decoder head with a GAN loss (see section 6).
+     the latent at high resolution, then refine only the decoder head with a GAN loss (section 5).
 
 Inside, top to bottom:
-  1. Configs: `DCAEConfig`, presets named after every published checkpoint, with its latent scaling factor
-  2. Modules: RMSNorm2d, ResBlock, LiteMLA (ReLU linear attention), GLUMBConv, EfficientViT block,
-     the residual down/up-sampling blocks
+  1. Config and presets: `DCAEConfig`, one preset per published checkpoint, with its latent scaling factor
+  2. Modules: RMSNorm2d, ResBlock, LiteMLA (ReLU linear attention), GLUMBConv, EfficientViT block, and the
+     residual down/up-sampling blocks (the heart of the method: `DownBlock`, `UpBlock`)
   3. Model: Encoder, Decoder, DCAE
   4. Checkpoint loading: both published layouts (mit-han-lab and diffusers), strict key check
-  5. Synthetic "shapes" data, the training data of every tiny demo in this project
-  6. Training: losses, the three phases, the tiny default recipe
+  5. Training: losses, the paper's three phases, one training step (runs under torchrun too)
+  6. Tiny default: synthetic "shapes" data (the training data of every tiny demo in this project),
+     `train_tiny`, `load_tiny`
   7. CLI
 
 Run:
@@ -25,17 +26,29 @@ Run:
   python dcae.py --image in.png --out rec.png      # reconstruct your image, print its PSNR
   python dcae.py --image in.png --ckpt DIR         # with a published checkpoint folder (either layout)
   python dcae.py --train                           # retrain the tiny default (weights/dcae_tiny.safetensors)
+  torchrun --nproc_per_node 2 dcae.py --train --train-steps 20    # the same on 2 processes (DDP)
+
+Shapes: B batch, C channels (widths[i] at stage i), H/W image height/width, f spatial compression
+        (2^(stages - 1)), c latent channels, h/w = H/f, W/f the latent grid, T heads x head dim d (LiteMLA).
+
+Deviations from the official code: (1) parameter names follow diffusers' AutoencoderDC, and a mit-han-lab
+file is renamed on load (section 4); (2) the training code was never released: the three phases follow the
+paper and the maintainers' description, with a Laplacian-pyramid loss standing in for LPIPS (section 5).
 """
 import argparse
 import json
 import os
+import pickle
 import random
 import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -61,8 +74,9 @@ except ImportError:  # this file was copied alone: use the in-file reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "dcae_tiny.safetensors")
 
+
 # ----------------------------------------------------------------------------------------------------------
-# 1. Configs
+# 1. Config and presets
 # ----------------------------------------------------------------------------------------------------------
 # Block types per stage: "ResBlock", "EViT" (EfficientViT block, no multi-scale aggregation) or "EViTS5"
 # (EfficientViT block with one extra 5x5 aggregation scale). Widths/depths are listed from the highest
@@ -145,52 +159,9 @@ PRESETS = {
         decoder_acts=("silu",) * 5, downsample="pixel_unshuffle", upsample="pixel_shuffle",
     ),
 }
-# Hugging Face repo names resolve with or without the "-diffusers" suffix and org prefix.
+# The Hugging Face repo of DC-AE-Lite is named without the "-sana-1.1" of its registry name.
 PRESETS["dc-ae-lite-f32c32"] = PRESETS["dc-ae-lite-f32c32-sana-1.1"]
 
-
-def config_from_diffusers(cfg):
-    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
-    n = len(cfg["encoder_block_out_channels"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
-
-    def blocks(types, scales):
-        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
-                     for t, s in zip(per_stage(types), scales))
-
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
-        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
-        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
-        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
-        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
-        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
-        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
-        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
-        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
-        scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
-
-
-def config_from_efficientvit(cfg):
-    """A resolved efficientvit `DCAEConfig` (dict, as in the official model zoo) -> DCAEConfig."""
-    enc, dec = cfg["encoder"], cfg["decoder"]
-    n = len(enc["width_list"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    block = {"ResBlock": "ResBlock", "EViT_GLU": "EViT", "EViTGLU": "EViT", "EViTS5_GLU": "EViTS5", "EViTS5GLU": "EViTS5"}
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(enc["width_list"]),
-        encoder_depths=tuple(enc["depth_list"]), decoder_depths=tuple(dec["depth_list"]),
-        encoder_blocks=tuple(block[b] for b in per_stage(enc["block_type"])),
-        decoder_blocks=tuple(block[b] for b in per_stage(dec["block_type"])),
-        decoder_norms=tuple({"trms2d": "rms", "rms2d": "rms", "bn2d": "bn"}[x] for x in per_stage(dec["norm"])),
-        decoder_acts=per_stage(dec["act"]), decoder_head_act=dec["out_act"],
-        downsample={"Conv": "conv", "ConvPixelUnshuffle": "pixel_unshuffle"}[enc["downsample_block_type"]],
-        upsample={"InterpolateConv": "interpolate", "ConvPixelShuffle": "pixel_shuffle"}[dec["upsample_block_type"]],
-        encoder_out_shortcut=enc.get("out_shortcut") is not None, decoder_in_shortcut=dec.get("in_shortcut") is not None,
-        in_channels=cfg.get("in_channels", 3), scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,6 +425,7 @@ class DCAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
@@ -461,6 +433,52 @@ class DCAE(nn.Module):
 # diffusers layout:   config.json = AutoencoderDC kwargs + diffusion_pytorch_model.safetensors (our names).
 # Original -> ours: drop the OpSequential/ResidualBlock levels ("op_list.", "main."), rename the stems and
 # heads, collapse ConvLayer wrappers, and cut the fused 1x1 qkv conv into to_q | to_k | to_v.
+
+
+
+def config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+def config_from_efficientvit(cfg):
+    """A resolved efficientvit `DCAEConfig` (dict, as in the official model zoo) -> DCAEConfig."""
+    enc, dec = cfg["encoder"], cfg["decoder"]
+    n = len(enc["width_list"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    block = {"ResBlock": "ResBlock", "EViT_GLU": "EViT", "EViTGLU": "EViT", "EViTS5_GLU": "EViTS5", "EViTS5GLU": "EViTS5"}
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(enc["width_list"]),
+        encoder_depths=tuple(enc["depth_list"]), decoder_depths=tuple(dec["depth_list"]),
+        encoder_blocks=tuple(block[b] for b in per_stage(enc["block_type"])),
+        decoder_blocks=tuple(block[b] for b in per_stage(dec["block_type"])),
+        decoder_norms=tuple({"trms2d": "rms", "rms2d": "rms", "bn2d": "bn"}[x] for x in per_stage(dec["norm"])),
+        decoder_acts=per_stage(dec["act"]), decoder_head_act=dec["out_act"],
+        downsample={"Conv": "conv", "ConvPixelUnshuffle": "pixel_unshuffle"}[enc["downsample_block_type"]],
+        upsample={"InterpolateConv": "interpolate", "ConvPixelShuffle": "pixel_shuffle"}[dec["upsample_block_type"]],
+        encoder_out_shortcut=enc.get("out_shortcut") is not None, decoder_in_shortcut=dec.get("in_shortcut") is not None,
+        in_channels=cfg.get("in_channels", 3), scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
 
 _RENAMES = [  # applied in order, after "main." and "op_list." are dropped
     ("encoder.project_in.conv.", "encoder.conv_in."), ("decoder.project_in.conv.", "decoder.conv_in."),
@@ -477,167 +495,181 @@ _RENAMES = [  # applied in order, after "main." and "op_list." are dropped
 
 
 def convert_original_state_dict(sd):
-    """mit-han-lab (efficientvit) state dict -> our (diffusers) names. Works on tensors or on shapes."""
+    """mit-han-lab (efficientvit) state dict -> our (diffusers) names."""
     out = {}
     for key, value in sd.items():
         k = key.replace("main.", "").replace("op_list.", "")
         for old, new in _RENAMES:
             k = k.replace(old, new)
         if k.endswith("attn.qkv.conv.weight"):  # (3T, C, 1, 1) -> three (T, C)
-            for name, part in zip("qkv", _split_rows(value, 3)):
-                out[k.replace("qkv.conv.weight", f"to_{name}.weight")] = part
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[k.replace("qkv.conv.weight", f"to_{name}.weight")] = part[:, :, 0, 0]
         elif k.endswith("attn.to_out.weight"):  # (C, T', 1, 1) -> (C, T')
-            out[k] = _squeeze_1x1(value)
+            out[k] = value[:, :, 0, 0]
         else:
             out[k] = value
     return out
 
 
-def _split_rows(value, n):
-    if isinstance(value, torch.Tensor):
-        return [t[:, :, 0, 0] for t in value.chunk(n, dim=0)]
-    return [[value[0] // n, value[1]]] * n  # a shape (manifests)
+def get_preset(name):
+    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
+    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
+    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]
 
 
-def _squeeze_1x1(value):
-    return value[:, :, 0, 0] if isinstance(value, torch.Tensor) else list(value[:2])
+# Every loader takes `device` and `dtype` as keywords and checks them first; the CLI's defaults come from
+# best_dtype (section 7 prints the choice).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _resolve_preset(name):
-    name = name.split("/")[-1].removesuffix("-diffusers")
-    if name not in PRESETS:
-        raise ValueError(f"unknown DC-AE model name {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+def resolve_device(device=None):
+    """'cpu', 'cuda', 'cuda:N' or 'mps' as given (one sentence if this machine has no such device), or the first
+    available of cuda, mps, cpu when None or empty."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no Apple GPU (mps) on this machine")
+    elif kind != "cpu" or index:
+        raise ValueError(f"unknown device {str(device)[:40]!r}; use cpu, cuda, cuda:N or mps")
+    return str(device)
+
+
+def best_dtype(device):
+    """(dtype, why) for a device: bfloat16 on CUDA GPUs with bf16 tensor cores, float16 on older ones, float32
+    elsewhere (CPU bfloat16 is fast only with AVX512-BF16/AMX, and mps is safest in float32)."""
+    if str(device).startswith("cuda"):
+        major = torch.cuda.get_device_capability(device)[0]
+        return (torch.bfloat16, "bf16 tensor cores") if major >= 8 else (torch.float16, "GPU without bf16")
+    return torch.float32, f"the default on {str(device).split(':')[0]}"
+
+
+def resolve_dtype(dtype=None, device="cpu"):
+    """A torch dtype or its name (float32, bfloat16, float16); None or empty: the best for the device."""
+    if dtype is None or dtype == "":
+        return best_dtype(device)[0]
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_json(path):
+    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+
+
+def read_weights(path):
+    """The tensors of one weights file: .safetensors, or a PyTorch file (.pth/.pt/.bin) read with
+    weights_only=True, which never runs code. One sentence naming the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' SafetensorError: a cut header or data section
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
+                             f"interrupted?") from None
+    try:  # a zip-format file can be memory-mapped: a 10 GB checkpoint is not read into memory twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
+                             f"unpickling them could run code (re-save it as safetensors)") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    except Exception as e:  # RuntimeError, EOFError, KeyError, IndexError...: another kind of file, or cut short
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:100]}); was the download "
+                         f"interrupted?") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def load_state_dict_strict(model, sd, source):
-    """load_state_dict that names every missing and unexpected key (and shape mismatch) in one error."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         def show(keys):
-            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                 f"{len(wrong)} with wrong shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source} does not fit this DC-AE config: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=True)
+                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
 
 
-def from_pretrained(path, config=None, device="cpu", dtype=torch.float32):
+def from_pretrained(path, config=None, *, device="cpu", dtype=torch.float32):
     """Load a published DC-AE folder as downloaded, in either layout (detected from its files).
 
-    `config` overrides the architecture (needed only for a mit-han-lab folder whose model name is not a
-    published one). Returns the model in eval mode.
+    `config` (a DCAEConfig or a preset name) overrides the architecture; a mit-han-lab folder whose model name
+    is not a published one needs it. Returns the model in eval mode.
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if isinstance(config, str):
+        config = get_preset(config)
+    if config is not None and not isinstance(config, DCAEConfig):
+        raise ValueError(f"config must be a DCAEConfig or a preset name, not {type(config).__name__}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path!r} has no config.json: not a DC-AE checkpoint folder")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+        raise ValueError(f"{path} is a file; give the checkpoint folder as downloaded (config.json + weights)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a DC-AE checkpoint folder")
+    raw = read_json(os.path.join(path, "config.json"))
     diffusers_file = os.path.join(path, "diffusion_pytorch_model.safetensors")
     original_file = os.path.join(path, "model.safetensors")
     if raw.get("_class_name") == "AutoencoderDC" and os.path.isfile(diffusers_file):
         cfg = config or config_from_diffusers(raw)
-        sd = load_file(diffusers_file)
+        sd = read_weights(diffusers_file)
     elif "model_name" in raw and os.path.isfile(original_file):
-        cfg = config or _resolve_preset(raw["model_name"])
-        sd = convert_original_state_dict(load_file(original_file))
+        cfg = config or get_preset(raw["model_name"])
+        sd = convert_original_state_dict(read_weights(original_file))
     else:
         kind = raw.get("_class_name") or raw.get("model_type") or raw.get("architectures") or "unknown"
-        raise ValueError(f"{path!r} is not a DC-AE checkpoint (config.json describes {kind!r}; expected an "
+        raise ValueError(f"{path} is not a DC-AE checkpoint (config.json describes {kind!r}; expected an "
                          f"AutoencoderDC diffusers folder or a mit-han-lab folder with model.safetensors)")
-    model = DCAE(cfg)
+    with torch.device("meta"):
+        model = DCAE(cfg)
     load_state_dict_strict(model, sd, path)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_tiny(device="cpu", dtype=torch.float32):
-    """The committed tiny default (trained by `python dcae.py --train`)."""
-    if not os.path.isfile(TINY_WEIGHTS):
-        raise FileNotFoundError(f"{TINY_WEIGHTS} is missing: run `python dcae.py --train` to create it")
-    sd = load_file(TINY_WEIGHTS)
-    meta = json.loads(_safetensors_metadata(TINY_WEIGHTS)["config"])
-    cfg = DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
-    model = DCAE(cfg)
-    load_state_dict_strict(model, {k: v.float() for k, v in sd.items()}, TINY_WEIGHTS)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _safetensors_metadata(path):
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return f.metadata()
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Synthetic shapes: 1-3 objects of one shape and colour on a plain background, with a caption.
-#    The training data of every tiny demo in this project; deterministic from the seed.
-# ----------------------------------------------------------------------------------------------------------
-
-SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
-                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-OBJECT_COLORS = ("red", "green", "blue", "yellow")
-BACKGROUND_COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = ("a", "two", "three")
-
-
-def shapes_caption(count, color, shape, background):
-    noun = shape if count == 1 else shape + "s"
-    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
-
-
-def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
-    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
-    rng = rng or random.Random(0)
-    S = size * supersample
-    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
-    draw = ImageDraw.Draw(img)
-    boxes = []
-    for _ in range(count):
-        for _attempt in range(100):  # objects never overlap, so they can be counted
-            r = rng.uniform(0.11, 0.17 if count > 1 else 0.22) * S
-            cx, cy = rng.uniform(r + 2, S - r - 2), rng.uniform(r + 2, S - r - 2)
-            if all(abs(cx - bx) > r + br + 0.06 * S or abs(cy - by) > r + br + 0.06 * S for bx, by, br in boxes):
-                break
-        boxes.append((cx, cy, r))
-        fill = SHAPE_COLORS[color]
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":
-            s = r * 0.9
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    return img.resize((size, size), Image.BOX)
-
-
-def random_scene(rng):
-    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
-    color = rng.choice(OBJECT_COLORS)
-    background = rng.choice([b for b in BACKGROUND_COLORS if b != color])
-    return rng.randint(1, 3), color, rng.choice(SHAPES), background
-
-
-def shapes_batch(n, seed, size=64):
-    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        scene = random_scene(rng)
-        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
-        captions.append(shapes_caption(*scene))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, captions
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Training
+# 5. Training
 # ----------------------------------------------------------------------------------------------------------
 # The AE training code was never released; the paper and the maintainers (efficientvit issue #143) give:
 #   phase 1  low-resolution full training: all weights, L1 + LPIPS
@@ -717,49 +749,159 @@ def train_step(model, x, opt, perceptual=laplacian_pyramid_loss, perceptual_weig
     return loss.item(), rec.detach()
 
 
+
+
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Tiny default: synthetic shapes, train_tiny, load_tiny
+# ----------------------------------------------------------------------------------------------------------
+# 1-3 objects of one shape and colour on a plain background, with a caption: the training data of every tiny
+# demo in this project, deterministic from the seed.
+
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+OBJECT_COLORS = ("red", "green", "blue", "yellow")
+BACKGROUND_COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = ("a", "two", "three")
+
+
+def shapes_caption(count, color, shape, background):
+    noun = shape if count == 1 else shape + "s"
+    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
+
+
+def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
+    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
+    rng = rng or random.Random(0)
+    S = size * supersample
+    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    for _ in range(count):
+        for _attempt in range(100):  # objects never overlap, so they can be counted
+            r = rng.uniform(0.11, 0.17 if count > 1 else 0.22) * S
+            cx, cy = rng.uniform(r + 2, S - r - 2), rng.uniform(r + 2, S - r - 2)
+            if all(abs(cx - bx) > r + br + 0.06 * S or abs(cy - by) > r + br + 0.06 * S for bx, by, br in boxes):
+                break
+        boxes.append((cx, cy, r))
+        fill = SHAPE_COLORS[color]
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            s = r * 0.9
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+def random_scene(rng):
+    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
+    color = rng.choice(OBJECT_COLORS)
+    background = rng.choice([b for b in BACKGROUND_COLORS if b != color])
+    return rng.randint(1, 3), color, rng.choice(SHAPES), background
+
+
+def shapes_batch(n, seed, size=64):
+    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
+        captions.append(shapes_caption(*scene))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+
 # The tiny default recipe: (phase, steps, batch, resolution, lr). Phase 2 adapts to 128 px, phase 3 refines
 # the decoder head; without --gan it does so with the reconstruction loss only, since the GAN trades PSNR for
 # sharpness and the tiny model's bar is PSNR.
 TINY_RECIPE = ((1, 1500, 16, 64, 1.5e-3), (2, 60, 8, 128, 2e-4), (3, 50, 16, 64, 2e-4))
 
 
-def train_tiny(seed=0, recipe=TINY_RECIPE, gan=False, out=TINY_WEIGHTS, log=print):
-    """Trains the tiny default DC-AE on synthetic shapes, deterministically from the seed. One thread: the
-    result then does not depend on the core count, and a busy machine cannot stall OpenMP workers."""
-    torch.manual_seed(seed)
+
+def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_RECIPE, gan=False):
+    """Trains the tiny default DC-AE on synthetic shapes, deterministically from the seed; `steps` caps every
+    phase (a quick check). One thread: the result then does not depend on the core count, and a busy machine
+    cannot stall OpenMP workers. Under torchrun each rank draws its own images."""
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    rank, world = ddp_setup()
+    log = log if rank == 0 else (lambda *a: None)
+    log(f"training on cpu, float32, 1 thread per process, {world} process(es)")
+    torch.manual_seed(seed)
     cfg = PRESETS["tiny-f16c16-shapes"]
     model = DCAE(cfg)
     disc = PatchDiscriminator() if gan else None
     t0 = time.time()
-    for phase, steps, batch, res, lr in recipe:
+    for phase, phase_steps, batch, res, lr in recipe:
+        phase_steps = min(phase_steps, steps or phase_steps)
         params = trainable_parameters(model, phase)
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages the gradients
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=phase_steps, pct_start=0.05)
         use_disc = disc if phase == 3 else None
+        if use_disc is not None and world > 1:
+            use_disc = nn.parallel.DistributedDataParallel(disc)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if use_disc else None
-        for i in range(steps):
-            x, _ = shapes_batch(batch, seed=seed * 1_000_003 + phase * 100_003 + i, size=res)
-            loss, rec = train_step(model, x, opt, disc=use_disc, disc_opt=disc_opt)
+        for i in range(phase_steps):
+            data_seed = (seed * 1_000_003 + phase * 100_003 + i) * world + rank  # one stream per rank
+            x, _ = shapes_batch(batch, seed=data_seed, size=res)
+            loss, rec = train_step(net, x, opt, disc=use_disc, disc_opt=disc_opt)
             sched.step()
-            if i % 100 == 0 or i == steps - 1:
-                log(f"phase {phase} step {i:5d}/{steps} loss {loss:.4f} psnr {psnr(rec, x).mean():.2f} dB "
-                    f"({time.time() - t0:.0f}s)")
+            if i % 100 == 0 or i == phase_steps - 1:
+                log(f"phase {phase} | step {i:5d}/{phase_steps} | loss {loss:.4f} | psnr {psnr(rec, x).mean():.2f} dB "
+                    f"| {time.time() - t0:.0f}s")
     model.eval()
     # Latent scaling factor, as published models carry one: 1 / std of the latents of held-out images.
     with torch.no_grad():
         x, _ = shapes_batch(256, seed=seed + 10_000)
         cfg = replace(cfg, scaling_factor=round(1.0 / model.encode(x).std().item(), 4))
-    meta = {"config": json.dumps(asdict(cfg)), "seed": str(seed), "recipe": json.dumps(recipe)}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    # fp16 storage halves the file and costs nothing measurable (PSNR equal to 1e-3 dB)
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, out, metadata=meta)
-    log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    model.cfg = cfg
+    if rank == 0:
+        meta = {"config": json.dumps(asdict(cfg)), "seed": str(seed), "recipe": json.dumps(recipe)}
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        # fp16 storage halves the file and costs nothing measurable (PSNR equal to 1e-3 dB)
+        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, out, metadata=meta)
+        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    if world > 1:
+        dist.destroy_process_group()
     return model
+
+
+def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
+    """The committed tiny default (trained by `python dcae.py --train`)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+    try:
+        meta = json.loads(read_metadata(path)["config"])
+        cfg = DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
+                         f"DC-AE config)") from None
+    with torch.device("meta"):
+        model = DCAE(cfg)
+    load_state_dict_strict(model, read_weights(path), path)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @torch.no_grad()
@@ -772,19 +914,59 @@ def evaluate_tiny(model, n=64, seed=123_456, size=64):
 # ----------------------------------------------------------------------------------------------------------
 # 7. CLI
 # ----------------------------------------------------------------------------------------------------------
+# Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
+# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
+# Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
+
+
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+def check_out_path(path, extensions):
+    """Refuse an --out that cannot be written, before any work: a folder, a missing or read-only folder, or an
+    extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"--out {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
 
 
 def load_image(path, multiple):
+    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
+    are scaled to 8 bits (Pillow would clip them)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
+        raise FileNotFoundError(f"image {path} does not exist")
     try:
-        img = Image.open(path).convert("RGB")
+        img = Image.open(path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
     except OSError as e:
-        raise ValueError(f"cannot read {path!r} as an image ({e})") from None
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
     w, h = img.size
     W, H = w - w % multiple, h - h % multiple
     if W == 0 or H == 0:
-        raise ValueError(f"image {path!r} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
+        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
     if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
         print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
         left, top = (w - W) // 2, (h - H) // 2
@@ -798,36 +980,50 @@ def save_image(x, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image)")
-    p.add_argument("--ckpt", help="published DC-AE folder (mit-han-lab or diffusers layout); default: tiny model")
-    p.add_argument("--out", default=None, help="where to write the reconstruction (default: <image>_rec.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", action="store_true", help="retrain the tiny default model from the seed")
+    p = argparse.ArgumentParser(description="DC-AE: reconstruct an image (the tiny built-in model without --ckpt)")
+    p.add_argument("--ckpt", help="published DC-AE folder (mit-han-lab or diffusers layout); default: the tiny model")
+    p.add_argument("--model", help=f"preset for a --ckpt folder whose config does not name one: {', '.join(PRESETS)}")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the synthetic image; --train)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--out", help="the reconstruction to write (default: <image>_rec.png, or shapes_rec.png)")
+    p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
+    p.add_argument("--train-out", default=TINY_WEIGHTS, help="where --train writes the weights (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: at most this many steps per phase (a quick check)")
+    p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image, written beside --out)")
     p.add_argument("--gan", action="store_true", help="with --train: add the PatchGAN loss in phase 3")
     args = p.parse_args(argv)
     try:
         if args.train:
-            model = train_tiny(seed=args.seed, gan=args.gan)
-            print(f"held-out PSNR {evaluate_tiny(model):.2f} dB")
+            if args.train_steps is not None and args.train_steps < 1:
+                raise ValueError("--train-steps must be at least 1")
+            check_out_path(args.train_out, (".safetensors",))
+            model = train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps, gan=args.gan)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"held-out PSNR {evaluate_tiny(model):.2f} dB")
             return
         if args.image and not os.path.isfile(args.image):
-            raise FileNotFoundError(f"image {args.image!r} does not exist")
-        dtype = getattr(torch, args.dtype)
-        model = from_pretrained(args.ckpt, device=args.device, dtype=dtype) if args.ckpt else \
-            load_tiny(args.device, dtype)
+            raise FileNotFoundError(f"image {args.image} does not exist")
+        if args.model and not args.ckpt:
+            raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
+        config = get_preset(args.model) if args.model else None
         if args.image:
-            x = load_image(args.image, model.cfg.compression)
             out = args.out or os.path.splitext(os.path.basename(args.image))[0] + "_rec.png"
         else:
-            x, caption = shapes_batch(1, seed=args.seed)
-            save_image(x, "shapes_input.png")
-            print(f"input: synthetic image '{caption[0]}' -> shapes_input.png")
             out = args.out or "shapes_rec.png"
+        check_out_path(out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+        device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
+        model = from_pretrained(args.ckpt, config, device=device, dtype=dtype) if args.ckpt else \
+            load_tiny(device=device, dtype=dtype)
+        if args.image:
+            x = load_image(args.image, model.cfg.compression)
+        else:
+            x, caption = shapes_batch(1, seed=args.seed)
+            source = os.path.splitext(out)[0] + "_input.png"  # beside --out, never over a file in the working folder
+            save_image(x, source)
+            print(f"input: synthetic image '{caption[0]}' -> {source}")
         with torch.no_grad():
-            z = model.encode(x.to(args.device, dtype))
+            z = model.encode(x.to(device, dtype))
             rec = model.decode(z).float().cpu()
         save_image(rec, out)
         print(f"{tuple(x.shape[2:])} -> latent {tuple(z.shape[1:])} -> {out}: PSNR {psnr(rec, x).item():.2f} dB")

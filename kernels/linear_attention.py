@@ -13,8 +13,9 @@ denominator only (1e-15 in DC-AE and diffusers' SANA; 1e-8 in the original SANA 
 
 Inside:
   relu_linear_attention_ref   plain PyTorch, the specification
-  _kv_kernel / _out_kernel    Triton: (1) per (batch, head) reduce phi(K)^T [V | 1] over N in blocks,
-                              (2) per (batch, head, block of queries) apply it and divide
+  _kv_kernel / _out_kernel    Triton: (1) per (batch, head), reduce phi(K)^T V and sum_m phi(k_m) over N in
+                              blocks (two accumulators instead of the padded [V | 1]: no extra column to pad
+                              to a power of two), (2) per (batch, head, block of queries), apply both and divide
   relu_linear_attention       public entry: Triton on CUDA, the reference elsewhere
 
 Run `python kernels/linear_attention.py` to validate the kernel against the reference, then benchmark it

@@ -58,12 +58,11 @@ def test_published_checkpoint_layouts(path):
     with torch.device("meta"):
         model = dcae.DCAE(cfg)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    # the mit-han-lab file converts to exactly our keys and shapes
-    original = manifest["mit_han_lab_format"]["keys"]
-    assert dcae.convert_original_state_dict(original) == ours
-    n_params = sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))
-    assert n_params == manifest["mit_han_lab_format"]["num_params"]
+    # the mit-han-lab file converts to exactly our keys and shapes (meta tensors of the published shapes)
+    original = {k: torch.empty(s, device="meta") for k, s in manifest["mit_han_lab_format"]["keys"].items()}
+    converted = dcae.convert_original_state_dict(original)
+    assert {k: list(v.shape) for k, v in converted.items()} == ours
+    dcae.load_state_dict_strict(model, converted, path)  # and the strict loader takes it
     # our preset is the official architecture
     official = dcae.config_from_efficientvit(manifest["efficientvit_config"])
     assert dcae.replace(official, scaling_factor=cfg.scaling_factor) == cfg
@@ -79,11 +78,6 @@ def test_every_published_checkpoint_has_a_preset_and_manifest():
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
-
-
-def test_missing_folder_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        dcae.from_pretrained("/no/such/folder")
 
 
 def test_folder_of_another_model_is_a_clear_error(tmp_path):
@@ -106,13 +100,6 @@ def test_image_size_not_a_multiple_of_the_compression():
     model = dcae.DCAE(dcae.PRESETS["tiny-f16c16-shapes"])
     with pytest.raises(ValueError, match="not a multiple of 16"):
         model.encode(torch.zeros(1, 3, 64, 40))
-
-
-def test_cli_reports_errors_in_one_sentence(capsys):
-    with pytest.raises(SystemExit) as e:
-        dcae.main(["--image", "/no/such.png"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err == "error: image '/no/such.png' does not exist\n"
 
 
 # ---- training and the tiny default -----------------------------------------------------------------------
@@ -148,13 +135,21 @@ def test_cli_reconstructs_an_image(tmp_path, capsys):
     assert float(out.split("PSNR")[1].split()[0]) > 25
 
 
+def test_cli_synthetic_input_goes_beside_out(tmp_path, monkeypatch, capsys):
+    """Without --image the synthetic input is written beside --out, never into the working folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    dcae.main(["--out", str(tmp_path / "sub" / "rec.png")])
+    assert sorted(os.listdir(tmp_path / "sub")) == ["rec.png", "rec_input.png"]
+    assert os.listdir(tmp_path) == ["sub"] and "rec_input.png" in capsys.readouterr().out
+
+
 def test_training_is_reproducible_from_the_seed(tmp_path):
     recipe = ((1, 3, 4, 32, 1e-3), (3, 2, 4, 32, 1e-4))
-    runs, threads = [], torch.get_num_threads()
+    runs = []
     for i in range(2):
-        dcae.train_tiny(seed=5, recipe=recipe, out=str(tmp_path / f"{i}.safetensors"), log=lambda *a: None)
+        dcae.train_tiny(seed=5, out=str(tmp_path / f"{i}.safetensors"), log=lambda *a: None, recipe=recipe)
         runs.append(load_file(str(tmp_path / f"{i}.safetensors")))
-    torch.set_num_threads(threads)  # train_tiny trains on one thread
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 

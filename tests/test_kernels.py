@@ -1,6 +1,9 @@
 """Triton kernels against their PyTorch references, on the CPU through Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +37,27 @@ def test_reference_is_normalised_relu_kernel_attention():
     torch.testing.assert_close(la.relu_linear_attention_ref(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_public_entry_falls_back_to_reference_on_cpu():
-    q, k, v = (torch.randn(1, 2, 33, 8) for _ in range(3))
-    torch.testing.assert_close(la.relu_linear_attention(q, k, v), la.relu_linear_attention_ref(q, k, v))
+def test_public_entry_falls_back_without_triton(monkeypatch):
+    """With Triton missing (or no GPU) the public entry answers with the reference, and never calls the kernel."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel was called")
+    monkeypatch.setattr(la, "relu_linear_attention_triton", no_kernel)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 33, 8, generator=g) for _ in range(3))
+    want = la.relu_linear_attention_ref(q, k, v)
+    assert torch.equal(la.relu_linear_attention(q, k, v), want)  # no GPU here, or not a CUDA tensor
+    monkeypatch.setattr(la, "triton", None)  # Triton not installed
+    assert torch.equal(la.relu_linear_attention(q, k, v), want)
+
+
+@pytest.mark.parametrize("name", ["dcae", "sana"])
+def test_root_file_copied_alone_uses_its_own_reference(name, tmp_path):
+    """A root file copied without kernels/ imports, and its linear attention is its in-file reference."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, f"{name}.py"), tmp_path)
+    code = (f"import {name} as m, torch; q, k, v = torch.randn(3, 1, 2, 40, 8); "
+            f"assert m.relu_linear_attention is m.relu_linear_attention_ref; "
+            f"print(float((m.relu_linear_attention(q, k, v) - m.relu_linear_attention_ref(q, k, v)).abs().max()))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0 and run.stdout.strip() == "0.0", run.stderr[-1500:]

@@ -6,7 +6,7 @@ import torch
 from PIL import ImageFilter
 
 import dcae
-from tests.shapes_score import fidelity, parse_caption, read_scene, score
+from shapes_score import fidelity, parse_caption, read_scene, score
 
 
 def scenes(n, seed):

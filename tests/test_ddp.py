@@ -1,0 +1,74 @@
+"""Every file's training entry under DistributedDataParallel: two CPU processes (gloo) train a short run; both
+ranks must end with bit-identical weights (DDP averaged their gradients) while having drawn different data, and
+the loss must fall. One more test runs the real command line under torchrun."""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A short run per file: enough steps for the loss to fall, small enough for a few seconds on 2 cores.
+SHORT = {
+    "dcae": dict(steps=30, recipe=((1, 30, 4, 32, 2e-3),)),
+    "sana": dict(steps=30, batch=16, n_images=256),
+    "fast_dllm": dict(steps=30),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def state_dict_of(trained):
+    """The trained weights, whatever train_tiny returns (a model, a pipeline or a (model, tokenizer) pair)."""
+    if isinstance(trained, tuple):
+        trained = trained[0]
+    if isinstance(trained, torch.nn.Module):
+        return trained.state_dict()
+    return {f"{name}.{k}": v for name in ("transformer", "text_encoder")
+            for k, v in getattr(trained, name).state_dict().items()}
+
+
+def worker(rank, world, port, name, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    sys.path.insert(0, ROOT)
+    module = __import__(name)
+    lines = []
+    trained = module.train_tiny(seed=0, out=os.path.join(folder, "weights.safetensors"), log=lines.append,
+                                **SHORT[name])
+    save_file({k: v.contiguous() for k, v in state_dict_of(trained).items()},
+              os.path.join(folder, f"rank{rank}.safetensors"))
+    with open(os.path.join(folder, f"rank{rank}.log"), "w") as f:
+        f.write("\n".join(map(str, lines)))
+
+
+@pytest.mark.parametrize("name", sorted(SHORT))
+def test_two_processes_end_with_identical_weights(name, tmp_path):
+    mp.start_processes(worker, args=(2, free_port(), name, str(tmp_path)), nprocs=2, start_method="spawn")
+    w0, w1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert (tmp_path / "weights.safetensors").exists()  # written by rank 0
+    log0, log1 = ((tmp_path / f"rank{r}.log").read_text() for r in (0, 1))
+    assert log1 == "", "only rank 0 logs"
+    losses = [float(x) for x in re.findall(r"\bloss (\d+\.\d+)", log0)]
+    assert len(losses) >= 2 and losses[-1] < losses[0], log0
+
+
+def test_torchrun_command_line(tmp_path):
+    """`torchrun --nproc_per_node 2 sana.py --train --train-steps N`, the README's command, on the CPU."""
+    out = tmp_path / "tiny.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "sana.py", "--train", "--train-steps", "5", "--train-out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert out.exists()
