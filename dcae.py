@@ -934,20 +934,20 @@ def pick_device_dtype(device, dtype, tiny=False):
     return device, dtype
 
 
-def check_out_path(path, extensions):
-    """Refuse an --out that cannot be written, before any work: a folder, a missing or read-only folder, or an
-    extension we cannot write."""
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
     if os.path.isdir(path):
-        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
     if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"--out {path}: the file name must end in {' or '.join(extensions)}")
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"--out {path}: the folder {folder} does not exist")
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
     try:  # os.access says yes to root even on a read-only file system: try it
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise ValueError(f"--out {path}: cannot write to the folder {folder} ({e.strerror})") from None
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
     return path
 
 
@@ -997,7 +997,7 @@ def main(argv=None):
         if args.train:
             if args.train_steps is not None and args.train_steps < 1:
                 raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",))
+            check_out_path(args.train_out, (".safetensors",), "--train-out")
             model = train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps, gan=args.gan)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"held-out PSNR {evaluate_tiny(model):.2f} dB")
