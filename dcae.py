@@ -38,7 +38,6 @@ paper and the maintainers' description, with a Laplacian-pyramid loss standing i
 import argparse
 import json
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -585,16 +584,21 @@ def read_weights(path):
         except Exception as e:  # safetensors' SafetensorError: a cut header or data section
             raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
                              f"interrupted?") from None
-    try:  # a zip-format file can be memory-mapped: a 10 GB checkpoint is not read into memory twice
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
+    with open(path, "rb") as f:
+        head = f.read(2)  # a legacy pickle starts with its protocol opcode 0x80, a zip with "PK"
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format
+    if not is_zip and head == b"PK":
+        raise ValueError(f"{path} is a zip archive cut short; was the download interrupted?")
+    if not (is_zip or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:  # a zip file is memory-mapped: a 10 GB checkpoint is not read into memory twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...
         if "Weights only load failed" in str(e):
             raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
                              f"unpickling them could run code (re-save it as safetensors)") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
-    except Exception as e:  # RuntimeError, EOFError, KeyError, IndexError...: another kind of file, or cut short
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:100]}); was the download "
-                         f"interrupted?") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:80].strip()}); was the "
+                         f"download interrupted?") from None
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")

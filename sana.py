@@ -1,19 +1,45 @@
-"""SANA 1.0 / 1.5: efficient high-resolution text-to-image with a linear diffusion transformer.
+"""SANA 1.0 / 1.5: efficient high-resolution text-to-image generation with a linear diffusion transformer.
 
-Papers: SANA, arXiv:2410.10629 (v1); SANA 1.5, arXiv:2501.18427 (v1). Official code: github.com/NVlabs/Sana.
-Inside: the Linear DiT (ReLU linear self-attention, softmax cross-attention, Mix-FFN, adaLN-single, the 1.5
-qk-norm), a Gemma-2 text encoder with the "complex human instruction", the flow-matching training step, the
-Flow-DPM-Solver and flow-Euler samplers with classifier-free guidance, and loaders for both published layouts
-(diffusers folders and the original NVlabs .pth). The DC-AE autoencoder is copied from dcae.py (section 9).
-Run:   python sana.py --prompt "two red circles on a blue background"        # built-in tiny demo model
-       python sana.py --prompt "a cyberpunk cat" --ckpt Sana_1600M_1024px_diffusers    # published weights
-       python sana.py --train                                                # retrain the tiny demo (CPU)
-Shapes: B batch, N image tokens (h*w), L text tokens, D width, H heads, d head dim, C latent channels,
-        h/w latent grid (after patchify), sigma the flow time in [0, 1] (t = 1000 sigma for the model).
+Xie et al., "SANA: Efficient High-Resolution Image Synthesis with Linear Diffusion Transformers", ICLR 2025,
+arXiv 2410.10629, and "SANA 1.5: Efficient Scaling of Training-Time and Inference-Time Compute in Linear
+Diffusion Transformer", arXiv 2501.18427. Official code: github.com/NVlabs/Sana. Three choices make 1024-4096 px
+images cheap:
+
+  1. A deep-compression autoencoder (DC-AE f32c32, dcae.py): 32x per side, so a 1024 px image is 32x32 tokens.
+  2. The Linear DiT (paper Sec. 2.2): ReLU linear self-attention, O(N d^2) instead of O(N^2 d), and Mix-FFN, whose
+     3x3 depthwise convolution mixes neighbouring tokens, so that no positional embedding is needed.
+  3. A small decoder-only LLM as the text encoder (Gemma-2, Sec. 2.3), prompted with a "complex human
+     instruction". Training is rectified flow; sampling is the Flow-DPM-Solver with classifier-free guidance.
+
+Inside, top to bottom:
+  1. Config and presets: `SanaConfig`, one preset per published checkpoint
+  2. Modules: RMSNorm, adaLN-single, ReLU linear self-attention, cross-attention, Mix-FFN, the SANA block
+  3. Model: `SanaTransformer`, the Linear DiT (module names = the diffusers checkpoint keys)
+  4. Components, skip on first read: the Gemma-2 text encoder and the complex human instruction; the DC-AE and
+     the synthetic shapes data, copied from dcae.py
+  5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
+  6. Training: the official initialization, the flow-matching loss (runs under torchrun too)
+  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline
+  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `load_tiny`
+  9. CLI
+
+Run:
+  python sana.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
+  python sana.py --prompt "a cyberpunk cat" --ckpt Sana_1600M_1024px_diffusers   # a published pipeline folder
+  python sana.py --prompt "..." --ckpt DIR --height 768 --width 1344 --guidance 4.5 --sampler euler
+  python sana.py --train                            # retrain the tiny default (weights/sana_tiny.safetensors)
+  torchrun --nproc_per_node 2 sana.py --train --train-steps 20     # the same on 2 processes (DDP)
+
+Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels / f, f the DC-AE's compression;
+        in the copied DC-AE, H/W are the image's), p patch size, h/w = H/p, W/p the token grid, N = h*w image
+        tokens, L text tokens, D width, H heads in attention shapes (B, H, N, d), d head dim (32 in every
+        published model), T text-encoder tokens, sigma the flow time in [0, 1] (the model sees t = 1000 sigma).
+
 Deviations from the official code: (1) the model follows diffusers' numerics (float timesteps for Euler, eps
 1e-15 in the linear attention) because the parity fixtures were produced with diffusers; (2) CFG dropout in
 training swaps in the encoded empty prompt (what inference uses as the unconditional input) instead of the
-original's learned null-caption buffer; (3) AdamW instead of CAME, no multi-scale bucketing.
+original's learned null-caption buffer; (3) AdamW instead of CAME, no multi-scale bucketing; (4) the tiny
+default trains its text encoder with the DiT, so its y-norm starts at 1, not 0.01 (section 8).
 """
 import argparse
 import glob
@@ -21,12 +47,17 @@ import json
 import math
 import os
 import random
+import re
 import sys
+import tempfile
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -49,12 +80,17 @@ except ImportError:  # this file was copied alone: use the in-file reference
 
     relu_linear_attention = relu_linear_attention_ref
 
-# -----------------------------------------------------------------------------
-# 1. config and presets          2. building blocks            3. the Linear DiT
-# 4. Gemma-2 text encoder        5. loading published weights  6. training step
-# 7. samplers                    8. pipeline (text -> image)   9. copied from dcae.py (skip on first read)
-# 10. tiny demo: data, training  11. CLI
-# -----------------------------------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
+TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ----------------------------------------------------------------------------------------------------------
+# Every published SANA 1.0 / 1.5 model is one of two widths (600M: D 1152 x 28 blocks; 1600M: D 2240 x 20), trained
+# at one resolution (sample_size is its latent grid); SANA 1.5 adds qk-norm, and its 4.8B is the 1.6B grown to 60
+# blocks.
 
 
 @dataclass
@@ -88,70 +124,15 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
     "Sana_1600M_4Kpx_BF16": SanaConfig(**_1600M, sample_size=128, interpolation_scale=2.0, flow_shift=6.0),
     "SANA1.5_1.6B_1024px": SanaConfig(**_1600M, sample_size=32, qk_norm=True),
     "SANA1.5_4.8B_1024px": SanaConfig(**{**_1600M, "depth": 60}, sample_size=32, qk_norm=True),
-    # the built-in demo: 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
+    # the tiny default (section 8): 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
     "tiny": SanaConfig(in_channels=16, out_channels=16, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
                        caption_channels=64, sample_size=4, flow_shift=3.0),
 }
 
 
-@dataclass
-class Gemma2Config:  # defaults: gemma-2-2b-it, the text encoder of every published SANA
-    vocab_size: int = 256000
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
-    num_layers: int = 26
-    num_heads: int = 8
-    num_kv_heads: int = 4  # grouped-query attention
-    head_dim: int = 256
-    query_pre_attn_scalar: float = 256  # attention scale is its -1/2 power, not head_dim's
-    attn_softcap: float = 50.0  # scores -> 50 tanh(scores / 50)
-    rms_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    sliding_window: int = 4096  # on even layers; inactive at SANA's ~400 tokens
-
-
-TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
-
-# The "complex human instruction" (CHI, paper sec. 2.3) prepended to every prompt: the diffusers pipelines' default
-# and the official 1024px+ / SANA 1.5 configs. Gemma reads the prompt as the end of an instruction.
-CHI = "\n".join([
-    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
-    'image generation. Evaluate the level of detail in the user prompt:',
-    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
-    "relationships to create vivid and concrete scenes.",
-    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
-    "Here are examples of how to transform or refine prompts:",
-    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
-    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
-    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
-    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
-    "skyscrapers.",
-    "Please generate only the enhanced description for the prompt below and avoid including any additional "
-    "commentary or evaluations:",
-    "User Prompt: ",
-])
-MAX_TEXT_LEN = 300  # text tokens the DiT sees (model_max_length)
-VAE_SCALE = 0.41407  # DC-AE f32c32-sana latent scaling: z = scale * encode(x); decode(z / scale)
-
-# Aspect-ratio bins of the diffusers pipelines (height, width), in units of 1/16 of the base side: the 2K and 4K
-# tables hold all 41 entries below; the 512 and 1024 tables lack the 7 in _NOT_IN_SMALL_BINS.
-_AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
-            (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
-            (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
-            (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
-_NOT_IN_SMALL_BINS = {(8, 31), (8, 30), (26, 9), (28, 9), (29, 8), (30, 8), (31, 8)}
-
-
-def aspect_ratio_bin(height, width, base):
-    """Snap (height, width) to the closest trained aspect ratio at base resolution base (512/1024/2048/4096)."""
-    bins = [hw for hw in _AR_BINS if base >= 2048 or hw not in _NOT_IN_SMALL_BINS]
-    best = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))  # first wins on ties
-    return best[0] * base // 16, best[1] * base // 16
-
-
-# -----------------------------------------------------------------------------
-# 2. building blocks
+# ----------------------------------------------------------------------------------------------------------
+# 2. Modules
+# ----------------------------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -221,17 +202,29 @@ class TimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
+class CombinedTimestepEmbedding(nn.Module):
+    """diffusers' PixArtAlphaCombinedTimestepSizeEmbeddings without the size conditions SANA does not use: only
+    the timestep embedder, under the checkpoint's key level "emb"."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+    def forward(self, t):
+        return self.timestep_embedder(t)
+
+
 class AdaLNSingle(nn.Module):
     """adaLN-single (PixArt-alpha): one timestep MLP shared by all blocks. Returns the 6D modulation vector
     (per-block tables are added to it) and the D-dim embedding the final layer uses."""
 
     def __init__(self, dim):
         super().__init__()
-        self.emb = nn.ModuleDict({"timestep_embedder": TimestepEmbedder(dim)})
+        self.emb = CombinedTimestepEmbedding(dim)
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, t):
-        t_emb = self.emb["timestep_embedder"](t)  # (B, D)
+        t_emb = self.emb(t)  # (B, D)
         return self.linear(F.silu(t_emb)), t_emb  # (B, 6D), (B, D)
 
 
@@ -325,12 +318,13 @@ class SanaBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, 1)
         x = torch.addcmul(x, gate1, self.attn1(self.norm1(x, shift1, scale1)))  # x + gate1 attn  (B, N, D)
         x = x + self.attn2(x, y, bias)  # cross-attention: no norm, no modulation, no gate
-        h = self.norm2(x, shift2, scale2).view(B, *hw, D).permute(0, 3, 1, 2)  # (B, D, h, w), channels-last
+        h = self.norm2(x, shift2, scale2).view(B, *hw, D).permute(0, 3, 1, 2)  # (B, D, h, w), in channels-last memory (a view)
         return torch.addcmul(x, gate2, self.ff(h).flatten(2).transpose(1, 2))  # (B, N, D)
 
 
-# -----------------------------------------------------------------------------
-# 3. the Linear DiT (module names = the diffusers checkpoint keys)
+# ----------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------
 
 
 class SanaTransformer(nn.Module):
@@ -371,8 +365,49 @@ class SanaTransformer(nn.Module):
         return x.reshape(B, -1, h * p, w * p)
 
 
-# -----------------------------------------------------------------------------
-# 4. Gemma-2 text encoder (the decoder stack of gemma-2-2b-it; SANA uses its last hidden state)
+# ----------------------------------------------------------------------------------------------------------
+# 4. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# Not SANA's own ideas: the text encoder (the decoder stack of gemma-2-2b-it, whose last hidden state SANA reads,
+# prompted with the complex human instruction), then the DC-AE autoencoder (its decoder for sampling, its encoder
+# for the training latents) and the synthetic shapes data of the tiny default, both copied from dcae.py.
+
+
+@dataclass
+class Gemma2Config:  # defaults: gemma-2-2b-it, the text encoder of every published SANA
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_layers: int = 26
+    num_heads: int = 8
+    num_kv_heads: int = 4  # grouped-query attention
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256  # attention scale is its -1/2 power, not head_dim's
+    attn_softcap: float = 50.0  # scores -> 50 tanh(scores / 50)
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    sliding_window: int = 4096  # on even layers; inactive at SANA's ~400 tokens
+
+
+# The "complex human instruction" (CHI, paper sec. 2.3) prepended to every prompt: the diffusers pipelines' default
+# and the official 1024px+ / SANA 1.5 configs. Gemma reads the prompt as the end of an instruction.
+CHI = "\n".join([
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    'image generation. Evaluate the level of detail in the user prompt:',
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+])
+MAX_TEXT_LEN = 300  # text tokens the DiT sees (model_max_length)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -475,13 +510,6 @@ class Gemma2(nn.Module):
         return self.norm(x)
 
 
-def load_tokenizer(path):
-    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return Tokenizer.from_file(path)
-
-
 def tokenize(tok, texts, length, bos_id=2, pad_id=0):
     """Right-padded, truncated to `length` tokens, BOS first (as Gemma's tokenizer does). Returns ids, mask (B, T)."""
     ids = torch.full((len(texts), length), pad_id, dtype=torch.long)
@@ -513,364 +541,17 @@ def encode_prompts(text_encoder, tok, prompts, max_len=MAX_TEXT_LEN, chi=CHI):
     return emb, mask
 
 
-# -----------------------------------------------------------------------------
-# 5. loading published weights: diffusers folders and the original NVlabs .pth
+def tokens_cut(tok, prompt, max_len=MAX_TEXT_LEN, chi=CHI):
+    """How many tokens of `prompt` encode_prompts drops for lack of room (0: none)."""
+    prompt = prompt.lower().strip()
+    if chi:
+        n_chi = len(tokenize(tok, [chi], 10**6)[1].nonzero())
+        return max(0, int(tokenize(tok, [chi + prompt], 10**6)[1].sum()) - (n_chi + max_len - 2))
+    return max(0, int(tokenize(tok, [prompt], 10**6)[1].sum()) - max_len)
 
 
-def _short(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+VAE_SCALE = 0.41407  # DC-AE f32c32-sana latent scaling: z = scale * encode(x); decode(z / scale)
 
-
-def load_strict(model, sd, what):
-    """Load or raise one ValueError naming missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        msg = [f"missing keys: {_short(missing)}" if missing else "",
-               f"unexpected keys: {_short(unexpected)}" if unexpected else "",
-               f"wrong shapes: {'; '.join(shapes[:4])}" if shapes else ""]
-        raise ValueError(f"{what} does not fit the model: " + "; ".join(m for m in msg if m))
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_safetensors_dir(folder):
-    """All weights of a diffusers/transformers folder: one file, shards listed by an *.index.json, or the
-    fp16/bf16 variant when it is the only one there."""
-    index = sorted(glob.glob(os.path.join(folder, "*.safetensors.index*.json")), key=len)
-    if index:
-        shards = sorted(set(read_json(index[0])["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(os.path.join(folder, s)).items()}
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")), key=len)  # plain name before variants
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
-    return load_file(files[0])
-
-
-def config_from_diffusers(c):
-    """SanaTransformer2DModel config.json -> SanaConfig."""
-    if c.get("guidance_embeds") or c.get("attention_bias") or c.get("norm_elementwise_affine"):
-        raise ValueError("this transformer config uses options no published SANA 1.0/1.5 model uses "
-                         "(guidance_embeds / attention_bias / norm_elementwise_affine)")
-    D = c["num_attention_heads"] * c["attention_head_dim"]
-    if c["num_cross_attention_heads"] * c["cross_attention_head_dim"] != D:
-        raise ValueError("cross-attention width differs from the model width")
-    return SanaConfig(in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
-                      hidden_size=D, depth=c["num_layers"], num_heads=c["num_attention_heads"],
-                      cross_heads=c["num_cross_attention_heads"], caption_channels=c["caption_channels"],
-                      mlp_ratio=c.get("mlp_ratio", 2.5), patch_size=c.get("patch_size", 1),
-                      sample_size=c["sample_size"], qk_norm=c.get("qk_norm") is not None,
-                      interpolation_scale=c.get("interpolation_scale"))
-
-
-ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
-    # the mapping of diffusers' scripts/convert_sana_to_diffusers.py
-    (r"^y_embedder\.y_embedding$", None),  # learned null caption for training-time CFG dropout; unused here
-    (r"^pos_embed$", None),  # sincos buffer: recomputed for the actual grid
-    (r"^x_embedder\.", "patch_embed."),
-    (r"^y_embedder\.y_proj\.fc1\.", "caption_projection.linear_1."),
-    (r"^y_embedder\.y_proj\.fc2\.", "caption_projection.linear_2."),
-    (r"^t_embedder\.mlp\.0\.", "time_embed.emb.timestep_embedder.linear_1."),
-    (r"^t_embedder\.mlp\.2\.", "time_embed.emb.timestep_embedder.linear_2."),
-    (r"^t_block\.1\.", "time_embed.linear."),
-    (r"^attention_y_norm\.", "caption_norm."),
-    (r"^final_layer\.linear\.", "proj_out."),
-    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
-    (r"^blocks\.", "transformer_blocks."),
-    (r"\.attn\.qkv\.", ".attn1.to_qkv."),  # fused q|k|v rows, split below
-    (r"\.attn\.q_norm\.", ".attn1.norm_q."),
-    (r"\.attn\.k_norm\.", ".attn1.norm_k."),
-    (r"\.attn\.proj\.", ".attn1.to_out.0."),
-    (r"\.cross_attn\.q_linear\.", ".attn2.to_q."),
-    (r"\.cross_attn\.kv_linear\.", ".attn2.to_kv."),  # fused k|v rows, split below
-    (r"\.cross_attn\.q_norm\.", ".attn2.norm_q."),
-    (r"\.cross_attn\.k_norm\.", ".attn2.norm_k."),
-    (r"\.cross_attn\.proj\.", ".attn2.to_out.0."),
-    (r"\.mlp\.inverted_conv\.conv\.", ".ff.conv_inverted."),
-    (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
-    (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
-]
-FUSED = {".attn1.to_qkv.": (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v."),
-         ".attn2.to_kv.": (".attn2.to_k.", ".attn2.to_v.")}
-
-
-def convert_original(sd):
-    """NVlabs .pth state dict -> our (= diffusers) keys: renames, drops, and splits of the fused projections."""
-    import re
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in ORIGINAL_RENAMES:
-            if re.search(pattern, key):
-                key = None if repl is None else re.sub(pattern, repl, key)
-                if key is None:
-                    break
-        if key is None:
-            continue
-        fused = next((f for f in FUSED if f in key), None)
-        if fused:  # split along the output rows: q|k|v or k|v
-            for part, chunk in zip(FUSED[fused], value.chunk(len(FUSED[fused]), dim=0)):
-                out[key.replace(fused, part)] = chunk
-        else:
-            out[key] = value
-    return out
-
-
-def preset_from_name(path):
-    """The preset whose name is in the file/folder name (longest match), e.g. SANA1.5_4.8B_1024px.pth."""
-    base = os.path.basename(os.path.normpath(path))
-    names = [n for n in PRESETS if n in base]
-    return max(names, key=len) if names else None
-
-
-def load_transformer(path, preset=None, dtype=torch.float32, device="cpu"):
-    """A diffusers transformer/ folder (or the pipeline folder above it) or an original .pth file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        c = read_json(os.path.join(path, "config.json"))
-        if c.get("_class_name") != "SanaTransformer2DModel":
-            raise ValueError(f"{path} holds a {c.get('_class_name', 'non-diffusers model')}, "
-                             f"not a SanaTransformer2DModel")
-        cfg, sd = config_from_diffusers(c), load_safetensors_dir(path)
-        if preset:
-            cfg = replace(cfg, flow_shift=PRESETS[preset].flow_shift)
-    else:
-        preset = preset or preset_from_name(path)
-        if preset not in PRESETS:
-            raise ValueError(f"cannot tell which model {path} is: pass --model (one of {', '.join(PRESETS)})")
-        cfg = PRESETS[preset]
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        sd = convert_original(obj.get("state_dict", obj))
-    with torch.device("meta"):
-        model = SanaTransformer(cfg)
-    load_strict(model, sd, f"transformer weights {path}")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def gemma_config_from_json(c):
-    if c.get("model_type") != "gemma2":
-        raise ValueError(f"text encoder is a {c.get('model_type')}, not gemma2")
-    return Gemma2Config(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-                        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
-                        num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
-                        head_dim=c["head_dim"], query_pre_attn_scalar=c["query_pre_attn_scalar"],
-                        attn_softcap=c.get("attn_logit_softcapping") or 1e9, rms_eps=c["rms_norm_eps"],
-                        rope_theta=c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta", 1e4),
-                        sliding_window=c.get("sliding_window") or 4096)
-
-
-def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
-    """A transformers Gemma2Model (or Gemma2ForCausalLM) folder: config.json + safetensors."""
-    cfg = gemma_config_from_json(read_json(os.path.join(folder, "config.json")))
-    sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
-    with torch.device("meta"):
-        model = Gemma2(cfg)
-    load_strict(model, sd, f"text encoder weights {folder}")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-# -----------------------------------------------------------------------------
-# 6. training step: rectified flow (paper sec. 2.4), x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0
-
-
-def initialize_weights(model, y_norm_scale=0.01):
-    """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
-    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs, and the
-    y_norm weight at y_norm_scale_factor = 0.01 (text tokens enter the cross-attention small and grow as
-    the model learns to read them). The convolutions of Mix-FFN keep PyTorch's default."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(model.cfg.hidden_size, -1))
-    t = model.time_embed
-    for lin in (t.emb["timestep_embedder"].linear_1, t.emb["timestep_embedder"].linear_2, t.linear,
-                model.caption_projection.linear_1, model.caption_projection.linear_2):
-        nn.init.normal_(lin.weight, std=0.02)
-    nn.init.constant_(model.caption_norm.weight, y_norm_scale)
-    return model
-
-
-def shift_sigma(sigma, s):
-    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
-
-
-def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, cfg_dropout=0.1, shift=1.0):
-    """One flow-matching loss. x0: (B, C, H, W) scaled latents; y: (B, L, Dy) text states, mask: (B, L).
-    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting), optionally moved
-    towards noise by the time shift, where the layout of the image is decided; with probability cfg_dropout a
-    caption is replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
-    B = x0.shape[0]
-    g = dict(generator=generator, device=x0.device)
-    drop = torch.rand(B, **g) < cfg_dropout
-    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
-    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
-    sigma = shift_sigma(torch.sigmoid(torch.randn(B, **g)), shift)  # (B,)
-    eps = torch.randn(x0.shape, **g)
-    s = sigma[:, None, None, None]
-    x_t = (1 - s) * x0 + s * eps
-    v = model(x_t, 1000 * sigma, y, mask)  # the model sees t = 1000 sigma
-    return F.mse_loss(v.float(), (eps - x0).float())
-
-
-# -----------------------------------------------------------------------------
-# 7. samplers on the flow ODE dx/dsigma = v, from sigma ~ 1 (noise) to 0 (data)
-
-
-def flow_dpm_schedule(steps, shift):
-    """diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True): sigmas uniform in (0, 0.999], shifted,
-    then 0 appended; the model gets floor(1000 sigma) as an int64."""
-    sigma = shift_sigma(1 - torch.linspace(1, 1 / 1000, steps + 1, dtype=torch.float64), shift).flip(0)[:-1]
-    timesteps = (sigma * 1000).long()  # truncated: the first is 999, not 1000
-    return torch.cat([sigma, sigma.new_zeros(1)]).float(), timesteps
-
-
-def flow_euler_schedule(steps, shift):
-    """diffusers' FlowMatchEulerDiscreteScheduler(shift): linspace from 1 to the shifted 1/1000 of the training
-    grid, shifted again (a quirk), float timesteps 1000 sigma."""
-    sigma_min = shift_sigma(torch.tensor(1 / 1000, dtype=torch.float32), shift).item()
-    sigma = shift_sigma(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift).float()
-    return torch.cat([sigma, sigma.new_zeros(1)]), sigma * 1000
-
-
-def sample_flow_dpm(velocity, x, sigmas, timesteps, callback=None):
-    """Flow-DPM-Solver: DPM-Solver++(2M) (Lu et al. 2022, data prediction, midpoint) on alpha = 1 - sigma,
-    lambda = log(alpha / sigma), with x0 = x - sigma v. First and last steps are first order."""
-    lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf  # noqa: E731
-    x0_prev = None
-    for i, t in enumerate(timesteps):
-        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        x0 = x - s * velocity(x, t)  # data prediction
-        h = lam(s_next) - lam(s)
-        D = x0
-        if x0_prev is not None and i < len(timesteps) - 1:  # 2nd order: extrapolate with the previous x0
-            r = (lam(s) - lam(sigmas[i - 1].item())) / h
-            D = x0 + 0.5 / r * (x0 - x0_prev)
-        x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D  # exact on the linear part of the ODE
-        x0_prev = x0
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_flow_euler(velocity, x, sigmas, timesteps, callback=None):
-    for i, t in enumerate(timesteps):
-        x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity(x, t)
-        if callback:
-            callback(i, x)
-    return x
-
-
-def cfg_velocity(model, cond, uncond, scale):
-    """v = v_u + w (v_c - v_u) (CFG), one batched call in the order [uncond, cond]. cond/uncond: (y, mask)."""
-    y, mask = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
-
-    def velocity(x, t):
-        v_u, v_c = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device), y, mask).float().chunk(2)
-        return v_u + scale * (v_c - v_u)
-    return velocity
-
-
-# -----------------------------------------------------------------------------
-# 8. pipeline: prompt -> text states -> sampler with CFG -> DC-AE decode
-
-
-@dataclass
-class Sana:
-    transformer: SanaTransformer
-    text_encoder: Gemma2
-    tokenizer: object  # tokenizers.Tokenizer
-    vae: nn.Module  # DC-AE (section 9)
-    vae_scale: float = VAE_SCALE
-    chi: str = CHI  # None: no complex human instruction (the tiny demo)
-    max_len: int = MAX_TEXT_LEN
-    cfg_scale: float = 4.5  # default guidance: the diffusers pipelines' (the tiny demo: 2.0)
-
-    @property
-    def compression(self):  # pixels per latent cell side
-        return self.vae.cfg.compression * self.transformer.cfg.patch_size
-
-    @torch.no_grad()
-    def generate(self, prompts, height, width, steps=20, cfg_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True):
-        """prompts: list of str -> uint8 images (B, H, W, 3). The initial noise comes from `generator`."""
-        if any(not p.strip() for p in prompts):
-            raise ValueError("the prompt is empty")
-        f, cfg = self.compression, self.transformer.cfg
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"height and width must be positive multiples of {f} for this model, "
-                             f"got {height}x{width}")
-        base = cfg.sample_size * f
-        out_hw = (height, width)
-        if resolution_binning and base in (512, 1024, 2048, 4096):  # generate at the closest trained shape
-            height, width = aspect_ratio_bin(height, width, base)
-        device = self.transformer.proj_out.weight.device
-        dtype = self.transformer.proj_out.weight.dtype
-        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
-        # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
-        uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
-                                chi=None)
-        cond, uncond = [(y.to(dtype), m) for y, m in (cond, uncond)]
-        x = torch.randn(len(prompts), cfg.in_channels, height // f, width // f, generator=generator,
-                        device=generator.device if generator else "cpu").to(device)  # fp32 latents
-        schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
-                           "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
-        sigmas, timesteps = schedule(steps, cfg.flow_shift)
-        model = lambda x, t, y, m: self.transformer(x.to(dtype), t, y, m)  # noqa: E731
-        scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        x = solve(cfg_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
-        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
-        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
-            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
-            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
-            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
-            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
-        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def load_pipeline(folder, preset=None, device="cpu", dtype=torch.float32):
-    """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise ValueError(f"{folder} is not a SANA diffusers folder: it has no {sub}/ subfolder")
-    transformer = load_transformer(folder, preset or preset_from_name(folder), dtype, device)
-    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched):  # the flow shift the checkpoint ships with
-        s = read_json(sched)
-        transformer.cfg = replace(transformer.cfg, flow_shift=s.get("flow_shift") or s.get("shift") or 3.0)
-    return Sana(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), dtype, device),
-                load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
-                load_vae(os.path.join(folder, "vae"), dtype, device))
-
-
-def load_vae(folder, dtype=torch.float32, device="cpu"):
-    """A diffusers AutoencoderDC folder (the vae/ of the SANA pipelines)."""
-    c = read_json(os.path.join(folder, "config.json"))
-    if c.get("_class_name") != "AutoencoderDC":
-        raise ValueError(f"{folder} holds a {c.get('_class_name')}, not an AutoencoderDC")
-    model = DCAE(dcae_config_from_diffusers(c))
-    load_state_dict_strict(model, load_safetensors_dir(folder), f"VAE weights {folder}")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-# -----------------------------------------------------------------------------
-# 9. copied from dcae.py, skip on first read: the DC-AE autoencoder (decoder for sampling, encoder for the
-#    training latents), its diffusers config reader, and the synthetic shapes data of the tiny demo
 
 # Copied from dcae.py: DCAEConfig
 @dataclass
@@ -895,31 +576,6 @@ class DCAEConfig:
     @property
     def compression(self):
         return 2 ** (len(self.widths) - 1)
-
-
-# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
-def dcae_config_from_diffusers(cfg):
-    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
-    n = len(cfg["encoder_block_out_channels"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
-
-    def blocks(types, scales):
-        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
-                     for t, s in zip(per_stage(types), scales))
-
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
-        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
-        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
-        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
-        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
-        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
-        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
-        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
-        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
-        scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
 
 
 # Copied from dcae.py: RMSNorm2d
@@ -1187,38 +843,18 @@ class DCAE(nn.Module):
         return self.decode(self.encode(x))
 
 
-# Copied from dcae.py: load_state_dict_strict
-def load_state_dict_strict(model, sd, source):
-    """load_state_dict that names every missing and unexpected key (and shape mismatch) in one error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                 f"{len(wrong)} with wrong shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source} does not fit this DC-AE config: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=True)
-
-
 # Copied from dcae.py: SHAPE_COLORS
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
                 "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-
 # Copied from dcae.py: OBJECT_COLORS
 OBJECT_COLORS = ("red", "green", "blue", "yellow")
-
 # Copied from dcae.py: BACKGROUND_COLORS
 BACKGROUND_COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")
-
 # Copied from dcae.py: SHAPES
 SHAPES = ("circle", "square", "triangle")
-
 # Copied from dcae.py: COUNT_WORDS
 COUNT_WORDS = ("a", "two", "three")
+
 
 # Copied from dcae.py: shapes_caption
 def shapes_caption(count, color, shape, background):
@@ -1273,35 +909,670 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
-# -----------------------------------------------------------------------------
-# 10. the tiny demo: shapes data (section 9), a word-level tokenizer, training from the seed
+# ----------------------------------------------------------------------------------------------------------
+# 5. Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------
+# diffusers: a pipeline folder (transformer/ text_encoder/ tokenizer/ vae/ scheduler/), each part a config.json
+#            plus safetensors (one file, shards with an index, or an fp16/bf16 variant). Our names are its names.
+# NVlabs:    one .pth per transformer, no config (the preset comes from the file name or `preset`), renamed on
+#            load and its fused q|k|v and k|v projections split (the mapping of diffusers' conversion script).
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
-TINY_TOKENIZER = os.path.join(HERE, "weights", "sana_tiny_tokenizer.json")
-TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by dcae.py --train
-TINY_TEXT_LEN = 10  # "three yellow triangles on a green background" is 8 words + BOS
+
+# Copied from dcae.py: get_preset
+def get_preset(name):
+    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
+    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
+    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+# Copied from dcae.py: DTYPES
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Copied from dcae.py: resolve_device
+def resolve_device(device=None):
+    """'cpu', 'cuda', 'cuda:N' or 'mps' as given (one sentence if this machine has no such device), or the first
+    available of cuda, mps, cpu when None or empty."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no Apple GPU (mps) on this machine")
+    elif kind != "cpu" or index:
+        raise ValueError(f"unknown device {str(device)[:40]!r}; use cpu, cuda, cuda:N or mps")
+    return str(device)
+
+
+# Copied from dcae.py: best_dtype
+def best_dtype(device):
+    """(dtype, why) for a device: bfloat16 on CUDA GPUs with bf16 tensor cores, float16 on older ones, float32
+    elsewhere (CPU bfloat16 is fast only with AVX512-BF16/AMX, and mps is safest in float32)."""
+    if str(device).startswith("cuda"):
+        major = torch.cuda.get_device_capability(device)[0]
+        return (torch.bfloat16, "bf16 tensor cores") if major >= 8 else (torch.float16, "GPU without bf16")
+    return torch.float32, f"the default on {str(device).split(':')[0]}"
+
+
+# Copied from dcae.py: resolve_dtype
+def resolve_dtype(dtype=None, device="cpu"):
+    """A torch dtype or its name (float32, bfloat16, float16); None or empty: the best for the device."""
+    if dtype is None or dtype == "":
+        return best_dtype(device)[0]
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# Copied from dcae.py: read_json
+def read_json(path):
+    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+
+
+# Copied from dcae.py: read_weights
+def read_weights(path):
+    """The tensors of one weights file: .safetensors, or a PyTorch file (.pth/.pt/.bin) read with
+    weights_only=True, which never runs code. One sentence naming the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' SafetensorError: a cut header or data section
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
+                             f"interrupted?") from None
+    with open(path, "rb") as f:
+        head = f.read(2)  # a legacy pickle starts with its protocol opcode 0x80, a zip with "PK"
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format
+    if not is_zip and head == b"PK":
+        raise ValueError(f"{path} is a zip archive cut short; was the download interrupted?")
+    if not (is_zip or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:  # a zip file is memory-mapped: a 10 GB checkpoint is not read into memory twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
+                             f"unpickling them could run code (re-save it as safetensors)") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:80].strip()}); was the "
+                         f"download interrupted?") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+# Copied from dcae.py: read_metadata
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def load_safetensors_dir(folder):
+    """All weights of a diffusers/transformers folder: one file, shards listed by an *.index.json, or the
+    fp16/bf16 variant when it is the only one there."""
+    index = sorted(glob.glob(os.path.join(folder, "*.safetensors.index*.json")), key=len)
+    if index:
+        shards = sorted(set(read_json(index[0])["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_weights(os.path.join(folder, s)).items()}
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")), key=len)  # plain name before variants
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    return read_weights(files[0])
+
+
+def config_from_diffusers(c):
+    """SanaTransformer2DModel config.json -> SanaConfig."""
+    if c.get("guidance_embeds") or c.get("attention_bias") or c.get("norm_elementwise_affine"):
+        raise ValueError("this transformer config uses options no published SANA 1.0/1.5 model uses "
+                         "(guidance_embeds / attention_bias / norm_elementwise_affine)")
+    D = c["num_attention_heads"] * c["attention_head_dim"]
+    if c["num_cross_attention_heads"] * c["cross_attention_head_dim"] != D:
+        raise ValueError("cross-attention width differs from the model width")
+    return SanaConfig(in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+                      hidden_size=D, depth=c["num_layers"], num_heads=c["num_attention_heads"],
+                      cross_heads=c["num_cross_attention_heads"], caption_channels=c["caption_channels"],
+                      mlp_ratio=c.get("mlp_ratio", 2.5), patch_size=c.get("patch_size", 1),
+                      sample_size=c["sample_size"], qk_norm=c.get("qk_norm") is not None,
+                      interpolation_scale=c.get("interpolation_scale"))
+
+
+def read_transformer_config(folder):
+    """The SanaConfig of a diffusers transformer/ folder, from its config.json."""
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("_class_name") != "SanaTransformer2DModel":
+        raise ValueError(f"{folder} holds a {c.get('_class_name', 'non-diffusers model')}, "
+                         f"not a SanaTransformer2DModel")
+    return config_from_diffusers(c)
+
+
+ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
+    # the mapping of diffusers' scripts/convert_sana_to_diffusers.py
+    (r"^y_embedder\.y_embedding$", None),  # learned null caption for training-time CFG dropout; unused here
+    (r"^pos_embed$", None),  # sincos buffer: recomputed for the actual grid
+    (r"^x_embedder\.", "patch_embed."),
+    (r"^y_embedder\.y_proj\.fc1\.", "caption_projection.linear_1."),
+    (r"^y_embedder\.y_proj\.fc2\.", "caption_projection.linear_2."),
+    (r"^t_embedder\.mlp\.0\.", "time_embed.emb.timestep_embedder.linear_1."),
+    (r"^t_embedder\.mlp\.2\.", "time_embed.emb.timestep_embedder.linear_2."),
+    (r"^t_block\.1\.", "time_embed.linear."),
+    (r"^attention_y_norm\.", "caption_norm."),
+    (r"^final_layer\.linear\.", "proj_out."),
+    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
+    (r"^blocks\.", "transformer_blocks."),
+    (r"\.attn\.qkv\.", ".attn1.to_qkv."),  # fused q|k|v rows, split below
+    (r"\.attn\.q_norm\.", ".attn1.norm_q."),
+    (r"\.attn\.k_norm\.", ".attn1.norm_k."),
+    (r"\.attn\.proj\.", ".attn1.to_out.0."),
+    (r"\.cross_attn\.q_linear\.", ".attn2.to_q."),
+    (r"\.cross_attn\.kv_linear\.", ".attn2.to_kv."),  # fused k|v rows, split below
+    (r"\.cross_attn\.q_norm\.", ".attn2.norm_q."),
+    (r"\.cross_attn\.k_norm\.", ".attn2.norm_k."),
+    (r"\.cross_attn\.proj\.", ".attn2.to_out.0."),
+    (r"\.mlp\.inverted_conv\.conv\.", ".ff.conv_inverted."),
+    (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
+    (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
+]
+FUSED = {".attn1.to_qkv.": (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v."),
+         ".attn2.to_kv.": (".attn2.to_k.", ".attn2.to_v.")}
+
+
+def convert_original(sd):
+    """NVlabs .pth state dict -> our (= diffusers) keys: renames, drops, and splits of the fused projections."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in ORIGINAL_RENAMES:
+            if re.search(pattern, key):
+                key = None if repl is None else re.sub(pattern, repl, key)
+                if key is None:
+                    break
+        if key is None:
+            continue
+        fused = next((f for f in FUSED if f in key), None)
+        if fused:  # split along the output rows: q|k|v or k|v
+            for part, chunk in zip(FUSED[fused], value.chunk(len(FUSED[fused]), dim=0)):
+                out[key.replace(fused, part)] = chunk
+        else:
+            out[key] = value
+    return out
+
+
+def preset_from_name(path):
+    """The preset whose name is in the file/folder name (longest match), e.g. SANA1.5_4.8B_1024px.pth."""
+    base = os.path.basename(os.path.normpath(path))
+    names = [n for n in PRESETS if n in base]
+    return max(names, key=len) if names else None
+
+
+def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
+    """A diffusers transformer/ folder (or the pipeline folder above it) or an original .pth file. `preset` (a
+    name in PRESETS) gives a .pth its architecture, and a folder its flow shift."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    named = get_preset(preset) if preset else None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        cfg, sd = read_transformer_config(path), load_safetensors_dir(path)
+        if named:
+            cfg = replace(cfg, flow_shift=named.flow_shift)
+    else:
+        cfg = named or PRESETS.get(preset_from_name(path))
+        if cfg is None:
+            raise ValueError(f"cannot tell which model {path} is from its name: pass preset= (one of "
+                             f"{', '.join(PRESETS)})")
+        sd = convert_original(read_weights(path))
+    with torch.device("meta"):
+        model = SanaTransformer(cfg)
+    load_state_dict_strict(model, sd, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def gemma_config_from_json(c):
+    """A transformers Gemma2 config.json -> Gemma2Config."""
+    return Gemma2Config(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+                        num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                        head_dim=c["head_dim"], query_pre_attn_scalar=c["query_pre_attn_scalar"],
+                        attn_softcap=c.get("attn_logit_softcapping") or 1e9, rms_eps=c["rms_norm_eps"],
+                        rope_theta=c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta", 1e4),
+                        sliding_window=c.get("sliding_window") or 4096)
+
+
+def load_text_encoder(folder, *, device="cpu", dtype=torch.float32):
+    """A transformers Gemma2Model (or Gemma2ForCausalLM) folder: config.json + safetensors."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("model_type") != "gemma2":
+        kind = c.get("model_type") or c.get("_class_name") or "model of unknown type"
+        raise ValueError(f"{folder} holds a {kind}, not a Gemma-2 text encoder")
+    cfg = gemma_config_from_json(c)
+    sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = Gemma2(cfg)
+    load_state_dict_strict(model, sd, folder)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(path):
+    """A tokenizer.json (Hugging Face `tokenizers`)."""
+    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
+
+
+# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
+def dcae_config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+def read_vae_config(folder):
+    """The DCAEConfig of a diffusers vae/ folder, from its config.json."""
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("_class_name") != "AutoencoderDC":
+        raise ValueError(f"{folder} holds a {c.get('_class_name') or 'model of unknown type'}, not an AutoencoderDC")
+    return dcae_config_from_diffusers(c)
+
+
+def load_vae(folder, *, device="cpu", dtype=torch.float32):
+    """A diffusers AutoencoderDC folder (the vae/ of the SANA pipelines)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    cfg = read_vae_config(folder)
+    with torch.device("meta"):
+        model = DCAE(cfg)
+    load_state_dict_strict(model, load_safetensors_dir(folder), folder)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def pipeline_configs(folder):
+    """(SanaConfig, DCAEConfig) of a diffusers pipeline folder, from its config files alone: sizes and memory
+    can be checked with them before any weights are read."""
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; give the diffusers pipeline folder as downloaded (transformer/ "
+                         f"text_encoder/ tokenizer/ vae/), or load an original .pth with sana.load_transformer()")
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise ValueError(f"{folder} is not a SANA diffusers folder: it has no {sub}/ subfolder")
+    return read_transformer_config(os.path.join(folder, "transformer")), read_vae_config(os.path.join(folder, "vae"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Training
+# ----------------------------------------------------------------------------------------------------------
+# Rectified flow (paper sec. 2.4): x_sigma = (1 - sigma) x0 + sigma eps, and the model learns the velocity
+# v = eps - x0 at t = 1000 sigma.
+
+
+def initialize_weights(model, y_norm_scale=0.01):
+    """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
+    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs, and the
+    y_norm weight at y_norm_scale_factor = 0.01 (text tokens enter the cross-attention small and grow as
+    the model learns to read them). The convolutions of Mix-FFN keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(model.cfg.hidden_size, -1))
+    t = model.time_embed
+    for lin in (t.emb.timestep_embedder.linear_1, t.emb.timestep_embedder.linear_2, t.linear,
+                model.caption_projection.linear_1, model.caption_projection.linear_2):
+        nn.init.normal_(lin.weight, std=0.02)
+    nn.init.constant_(model.caption_norm.weight, y_norm_scale)
+    return model
+
+
+def shift_sigma(sigma, s):
+    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
+
+
+def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=1.0):
+    """One flow-matching loss. x0: (B, C, H, W) scaled latents; y: (B, L, Dy) text states, mask: (B, L).
+    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting), optionally moved
+    towards noise by the time shift, where the layout of the image is decided; with probability uncond_prob a
+    caption is replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
+    B = x0.shape[0]
+    g = dict(generator=generator, device=x0.device)
+    drop = torch.rand(B, **g) < uncond_prob
+    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
+    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+    sigma = shift_sigma(torch.sigmoid(torch.randn(B, **g)), shift)  # (B,)
+    eps = torch.randn(x0.shape, **g)
+    s = sigma[:, None, None, None]
+    x_t = (1 - s) * x0 + s * eps
+    v = model(x_t, 1000 * sigma, y, mask)  # the model sees t = 1000 sigma
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+class JointLoss(nn.Module):
+    """The text encoder and the DiT trained together, as one module whose forward returns the flow-matching
+    loss: DistributedDataParallel then sees one call per step. x0: (B, C, H, W); ids, mask: (B, T)."""
+
+    def __init__(self, transformer, text_encoder):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    def forward(self, x0, ids, mask, null_ids, null_mask, generator):
+        te = self.text_encoder
+        return training_loss(self.transformer, x0, te(ids, mask), mask, te(null_ids, null_mask), null_mask,
+                             generator=generator, shift=self.transformer.cfg.flow_shift)
+
+
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Sampler
+# ----------------------------------------------------------------------------------------------------------
+# The flow ODE dx/dsigma = v, integrated from sigma ~ 1 (noise) to 0 (data), with classifier-free guidance.
+
+
+def flow_dpm_schedule(steps, shift):
+    """diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True): sigmas uniform in (0, 0.999], shifted,
+    then 0 appended; the model gets floor(1000 sigma) as an int64."""
+    sigma = shift_sigma(1 - torch.linspace(1, 1 / 1000, steps + 1, dtype=torch.float64), shift).flip(0)[:-1]
+    timesteps = (sigma * 1000).long()  # truncated: the first is 999, not 1000
+    return torch.cat([sigma, sigma.new_zeros(1)]).float(), timesteps
+
+
+def flow_euler_schedule(steps, shift):
+    """diffusers' FlowMatchEulerDiscreteScheduler(shift): linspace from 1 to the shifted 1/1000 of the training
+    grid, shifted again (a quirk), float timesteps 1000 sigma."""
+    sigma_min = shift_sigma(torch.tensor(1 / 1000, dtype=torch.float32), shift).item()
+    sigma = shift_sigma(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift).float()
+    return torch.cat([sigma, sigma.new_zeros(1)]), sigma * 1000
+
+
+def sample_flow_dpm(velocity, x, sigmas, timesteps, callback=None):
+    """Flow-DPM-Solver: DPM-Solver++(2M) (Lu et al. 2022, data prediction, midpoint) on alpha = 1 - sigma,
+    lambda = log(alpha / sigma), with x0 = x - sigma v. First and last steps are first order."""
+    lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf  # noqa: E731
+    x0_prev = None
+    for i, t in enumerate(timesteps):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0 = x - s * velocity(x, t)  # data prediction
+        h = lam(s_next) - lam(s)
+        D = x0
+        if x0_prev is not None and i < len(timesteps) - 1:  # 2nd order: extrapolate with the previous x0
+            r = (lam(s) - lam(sigmas[i - 1].item())) / h
+            D = x0 + 0.5 / r * (x0 - x0_prev)
+        x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D  # exact on the linear part of the ODE
+        x0_prev = x0
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample_flow_euler(velocity, x, sigmas, timesteps, callback=None):
+    for i, t in enumerate(timesteps):
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity(x, t)
+        if callback:
+            callback(i, x)
+    return x
+
+
+def guided_velocity(model, cond, uncond, scale):
+    """v = v_u + w (v_c - v_u) (CFG), one batched call in the order [uncond, cond]. cond/uncond: (y, mask)."""
+    y, mask = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
+
+    def velocity(x, t):
+        v_u, v_c = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device), y, mask).float().chunk(2)
+        return v_u + scale * (v_c - v_u)
+    return velocity
+
+
+# Aspect-ratio bins of the diffusers pipelines (height, width), in units of 1/16 of the base side: the 2K and 4K
+# tables hold all 41 entries below; the 512 and 1024 tables lack the 7 in _NOT_IN_SMALL_BINS.
+_AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+            (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
+            (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
+            (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
+_NOT_IN_SMALL_BINS = {(8, 31), (8, 30), (26, 9), (28, 9), (29, 8), (30, 8), (31, 8)}
+
+
+def aspect_ratio_bin(height, width, base):
+    """Snap (height, width) to the closest trained aspect ratio at base resolution base (512/1024/2048/4096)."""
+    bins = [hw for hw in _AR_BINS if base >= 2048 or hw not in _NOT_IN_SMALL_BINS]
+    best = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))  # first wins on ties
+    return best[0] * base // 16, best[1] * base // 16
+
+
+def generation_size(cfg, f, height, width, resolution_binning=True):
+    """The (height, width) in pixels the model generates for a request: with binning, a published model's
+    closest trained aspect ratio at its training resolution (the image is resized to the request after)."""
+    base = cfg.sample_size * f
+    if resolution_binning and base in (512, 1024, 2048, 4096):
+        return aspect_ratio_bin(height, width, base)
+    return height, width
+
+
+def check_size(height, width, f):
+    """The model makes images whose sides are multiples of f, the pixels per latent cell."""
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
+
+
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+    """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
+    activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
+    float32 output image at the size asked."""
+    f = vae_cfg.compression * cfg.patch_size
+    gh, gw = generation_size(cfg, f, height, width)
+    size = torch.finfo(dtype).bits // 8
+    dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+                                for i, (c, kind, depth) in enumerate(stages) if depth > 0)
+    image = batch * 3 * height * width * 4
+    return 10 * max(dit, decode, image)
+
+
+@dataclass
+class Sana:
+    transformer: SanaTransformer
+    text_encoder: Gemma2
+    tokenizer: object  # tokenizers.Tokenizer
+    vae: DCAE
+    vae_scale: float = VAE_SCALE
+    chi: str = CHI  # None: no complex human instruction (the tiny default)
+    max_len: int = MAX_TEXT_LEN
+    guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+
+    @property
+    def compression(self):  # pixels per latent cell side
+        return self.vae.cfg.compression * self.transformer.cfg.patch_size
+
+    @torch.no_grad()
+    def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
+                 negative_prompt="", resolution_binning=True):
+        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`."""
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty")
+        f, cfg = self.compression, self.transformer.cfg
+        check_size(height, width, f)
+        out_hw = (height, width)
+        height, width = generation_size(cfg, f, height, width, resolution_binning)
+        device = self.transformer.proj_out.weight.device
+        dtype = self.transformer.proj_out.weight.dtype
+        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
+        # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
+        uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
+                                chi=None)
+        cond, uncond = [(y.to(dtype), m) for y, m in (cond, uncond)]
+        a = self.vae.cfg.compression  # latent cells per pixel side (f / patch size)
+        x = torch.randn(len(prompts), cfg.in_channels, height // a, width // a, generator=generator,
+                        device=generator.device if generator else "cpu").to(device)  # fp32 latents
+        schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
+                           "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
+        sigmas, timesteps = schedule(steps, cfg.flow_shift)
+        model = lambda x, t, y, m: self.transformer(x.to(dtype), t, y, m)  # noqa: E731
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        x = solve(guided_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
+        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
+            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
+            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
+            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
+            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/, and the
+    flow shift of scheduler/ when there is one."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
+    transformer = load_transformer(folder, preset or preset_from_name(folder), device=device, dtype=dtype)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):  # the flow shift the checkpoint ships with
+        s = read_json(sched)
+        transformer.cfg = replace(transformer.cfg, flow_shift=s.get("flow_shift") or s.get("shift") or 3.0)
+    return Sana(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
+                load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
+                load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Tiny default: shapes latents, train_tiny, load_tiny
+# ----------------------------------------------------------------------------------------------------------
+# A DiT of width 192 x 4 blocks and a 2-layer Gemma-2, trained together from scratch on the synthetic shapes
+# captions (section 4) and the latents of the tiny DC-AE that dcae.py commits.
+
+TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
+TINY_STEPS = 3600  # the recipe's (7 min 58 s on 2 threads)
+TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + BOS
+TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
+                    | {"on", "background"})  # the captions' vocabulary
+TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <colour> background" with the colours '
+                f'{", ".join(OBJECT_COLORS)}, the shapes {", ".join(SHAPES)} and the backgrounds '
+                f'{", ".join(BACKGROUND_COLORS)}, e.g. "two red circles on a blue background"')
 
 
 def build_tiny_tokenizer():
     """Word-level tokenizer over the captions' vocabulary, with Gemma's special ids (pad 0, eos 1, bos 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    words = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"on", "background"})
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(TINY_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return tok
 
 
-def load_tiny_dcae(device="cpu", dtype=torch.float32):
-    from safetensors import safe_open
-    if not os.path.isfile(TINY_DCAE):
-        raise FileNotFoundError(f"{TINY_DCAE} is missing: run `python dcae.py --train` to create it")
-    with safe_open(TINY_DCAE, "pt") as f:
-        meta = json.loads(f.metadata()["config"])
-    model = DCAE(DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}))
-    load_state_dict_strict(model, {k: v.float() for k, v in load_file(TINY_DCAE).items()}, TINY_DCAE)
+def check_tiny_prompt(prompt):
+    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
+    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
+    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
+    if unknown:
+        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
+        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
+    colors, shapes, many = "|".join(OBJECT_COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
+    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
+               rf"on a (?:{'|'.join(BACKGROUND_COLORS)}) background")
+    if not re.fullmatch(caption, " ".join(words)):
+        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
+
+
+def tiny_dcae_config(path=TINY_DCAE):
+    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+    try:
+        meta = json.loads(read_metadata(path)["config"])
+        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
+                         f"DC-AE config)") from None
+
+
+def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
+    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
+    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    model = DCAE(tiny_dcae_config(path))
+    load_state_dict_strict(model, read_weights(path), path)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -1316,9 +1587,29 @@ def shapes_latents(vae, n, seed, chunk=256):
     return torch.cat(zs), caps
 
 
-def train_tiny(seed=0, steps=3600, batch=128, lr=1.4e-3, n_images=12288, out=TINY_WEIGHTS, log=print):
+def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
+    """The tiny default as a `Sana` pipeline: no CHI, 10 text tokens, guidance 2.0 (chosen on a prompt set apart
+    from the README's)."""
+    return Sana(transformer.eval(), text_encoder.eval(), tokenizer, vae, vae_scale=vae.cfg.scaling_factor, chi=None,
+                max_len=TINY_TEXT_LEN, guidance_scale=2.0)
+
+
+def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=128, lr=1.4e-3, n_images=12288):
     """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
-    latents; deterministic from the seed at a fixed thread count. Writes the weights and the tokenizer."""
+    latents, deterministically from the seed on 2 threads (the recipe's: the result depends on the thread count),
+    in bf16 autocast where the CPU computes bf16 natively (1.3x faster), float32 elsewhere. Under torchrun each
+    rank draws its own batches and rank 0 writes the weights and the tokenizer beside them. Returns the pipeline,
+    with the weights as saved, on every rank."""
+    rank, world = ddp_setup()
+    # the recipe's 2 threads, shared among the processes: more threads than cores stall OpenMP (2 processes x 2
+    # threads on 2 cores: 13 s a step instead of 0.6 s)
+    threads = max(1, 2 // world)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    log = log if rank == 0 else (lambda *a: None)
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    precision = "bfloat16 autocast (AVX512-BF16/AMX)" if bf16 else "float32 (this CPU has no native bfloat16)"
+    log(f"training on cpu, {precision}, {threads} thread(s) per process, {world} process(es)")
     torch.manual_seed(seed)
     t0 = time.time()
     vae = load_tiny_dcae()
@@ -1331,17 +1622,23 @@ def train_tiny(seed=0, steps=3600, batch=128, lr=1.4e-3, n_images=12288, out=TIN
     # y_norm starts at 1, not 0.01: the official value scales the text encoder's gradients by 0.01 too, which
     # a frozen pretrained Gemma does not mind but the tiny one, trained from scratch with the DiT, does
     te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]), y_norm_scale=1.0)
+    joint = JointLoss(model, te)
+    net = joint
+    if world > 1:  # averages the gradients
+        net = nn.parallel.DistributedDataParallel(joint)
+        # Mix-FFN's 1x1 convolutions read a channels-last view, so their weight gradients come channels-last and
+        # DDP copies them into its buckets (a few small tensors): its warning about it says nothing to act on
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     params = list(model.parameters()) + list(te.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         idx = torch.randint(len(z), (batch,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 mixed precision, fp32 master weights: 1.3x faster
-            loss = training_loss(model, z[idx], te(ids[idx], mask[idx]), mask[idx], te(null_ids, null_mask),
-                                 null_mask, generator=g, shift=model.cfg.flow_shift)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 master weights
+            loss = net(z[idx], ids[idx], mask[idx], null_ids, null_mask, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1350,99 +1647,171 @@ def train_tiny(seed=0, steps=3600, batch=128, lr=1.4e-3, n_images=12288, out=TIN
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - min(0.999, (step + 1) / (step + 10)))
         if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
-    with torch.no_grad():
+            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
         for e, p in zip(ema, params):
-            p.copy_(e)
-    sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
-    sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
-    tok.save(os.path.join(os.path.dirname(out), os.path.basename(TINY_TOKENIZER)))
-    log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
-    return load_tiny(path=out)
+            p.copy_(e.half())
+    if rank == 0:
+        sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
+        sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
+        tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
+        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    if world > 1:
+        dist.destroy_process_group()
+    return tiny_pipeline(model, te, tok, vae)
 
 
-def load_tiny(device="cpu", dtype=torch.float32, path=TINY_WEIGHTS):
-    """The committed tiny demo: DiT + Gemma-2-shaped text encoder + word-level tokenizer + tiny DC-AE."""
+def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
+    """The committed tiny default (trained by `python sana.py --train`): the DiT, the Gemma-2-shaped text encoder,
+    the word-level tokenizer beside the weights, and the tiny DC-AE."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
-    sd = {k: v.float() for k, v in load_file(path).items()}
-    te, model = Gemma2(TINY_GEMMA), SanaTransformer(PRESETS["tiny"])
-    load_strict(model, {k[12:]: v for k, v in sd.items() if k.startswith("transformer.")}, path)
-    load_strict(te, {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}, path)
-    tok = load_tokenizer(os.path.join(os.path.dirname(path), os.path.basename(TINY_TOKENIZER)))
-    vae = load_tiny_dcae(device, dtype)
-    return Sana(model.to(device, dtype).eval(), te.to(device, dtype).eval(), tok, vae,
-                vae_scale=vae.cfg.scaling_factor, chi=None, max_len=TINY_TEXT_LEN, cfg_scale=2.0)
+    sd = read_weights(path)
+    parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+             for name in ("transformer", "text_encoder")}
+    if not all(parts.values()):
+        raise ValueError(f"{path} is not a tiny SANA written by `python sana.py --train` (it holds no "
+                         f"transformer.* and text_encoder.* weights)")
+    # built on the CPU (3 MB of weights initialize in 30 ms; a first use of the meta device imports PyTorch's
+    # Python decompositions, 2 s)
+    transformer, text_encoder = SanaTransformer(PRESETS["tiny"]), Gemma2(TINY_GEMMA)
+    load_state_dict_strict(transformer, parts["transformer"], path)
+    load_state_dict_strict(text_encoder, parts["text_encoder"], path)
+    tokenizer = load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")
+    return tiny_pipeline(transformer.to(device=device, dtype=dtype), text_encoder.to(device=device, dtype=dtype),
+                         tokenizer, load_tiny_dcae(device=device, dtype=dtype))
 
 
-# -----------------------------------------------------------------------------
-# 11. CLI
+# ----------------------------------------------------------------------------------------------------------
+# 9. CLI
+# ----------------------------------------------------------------------------------------------------------
+# Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
+# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
+# Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
 
 
-def pick_device_dtype(device, dtype):
-    device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if dtype:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, not {dtype}")
-        why = "asked"
-    elif device == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        dtype, why = "bfloat16", "SM%d%d" % torch.cuda.get_device_capability()
-    else:
-        dtype, why = "float32", "no bf16 tensor cores" if device != "cpu" else "CPU"
-    print(f"device={device} dtype={dtype} ({why})")
-    return device, getattr(torch, dtype)
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
+def available_memory(device):
+    """Bytes free for a generation: the GPU's free memory on CUDA, MemAvailable of /proc/meminfo on a Linux CPU,
+    None where this is unknown (mps, other systems)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    if device == "cpu" and os.path.isfile("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SANA text-to-image (tiny built-in demo without --ckpt)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--ckpt", default=None, help="published diffusers pipeline folder; default: built-in tiny demo")
-    p.add_argument("--model", default=None, choices=list(PRESETS), help="default: from --ckpt's config, else tiny")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; default: the "
-                   "model's (4.5 for the published models, 2.0 for the tiny demo)")
-    p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler")
-    p.add_argument("--height", type=int, default=None, help="pixels; default: the model's training resolution")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="", help="cuda|mps|cpu, empty = autodetect")
-    p.add_argument("--dtype", default="", help="float32|bfloat16|float16, empty = best for the device")
-    p.add_argument("--out", default="sana.png")
-    p.add_argument("--train", action="store_true", help="retrain the tiny demo from --seed and write its weights")
+    p = argparse.ArgumentParser(description="SANA text-to-image (the tiny built-in model without --ckpt)",
+                                epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
+    p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
+    p.add_argument("--ckpt", help="published diffusers pipeline folder (transformer/ text_encoder/ tokenizer/ "
+                   "vae/); default: the tiny model")
+    p.add_argument("--model", help=f"preset of a --ckpt folder (its flow shift): {', '.join(PRESETS)}")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "model's: 4.5 for the published models, 2.0 for the tiny one)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training resolution)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the initial noise; --train)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--out", default="sana.png", help="the image to write (default: %(default)s)")
+    p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
+    p.add_argument("--train-out", default=TINY_WEIGHTS, help="where --train writes the weights (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
+                   "(default: %(default)s)")
+    p.add_argument("--negative", default="", help="negative prompt (default: none)")
     args = p.parse_args(argv)
     try:
         if args.train:
-            torch.set_num_threads(2)  # the recipe is sized for 2 CPU threads; results depend on the count
-            torch.use_deterministic_algorithms(True)
-            train_tiny(seed=args.seed)
+            if args.train_steps is not None and args.train_steps < 1:
+                raise ValueError("--train-steps must be at least 1")
+            check_out_path(args.train_out, (".safetensors",), "--train-out")
+            train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS)
             return
+        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
         if args.prompt is None or not args.prompt.strip():
-            raise ValueError("the prompt is empty: pass --prompt \"two red circles on a blue background\"")
+            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
         if args.steps < 1:
             raise ValueError("--steps must be at least 1")
-        device, dtype = pick_device_dtype(args.device, args.dtype)
+        if args.guidance is not None and not math.isfinite(args.guidance):
+            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+        for name, value in (("--height", args.height), ("--width", args.width)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
+        if args.model:
+            get_preset(args.model)
+            if not args.ckpt and args.model != "tiny":
+                raise ValueError("--model names the preset of a --ckpt folder; give --ckpt too")
+        if not args.ckpt:
+            check_tiny_prompt(args.prompt)
+        cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
+        f = vae_cfg.compression * cfg.patch_size
+        h, w = args.height or cfg.sample_size * f, args.width or cfg.sample_size * f
+        check_size(h, w, f)
+        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+        device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
+        need, free = generation_bytes(cfg, vae_cfg, h, w, dtype), available_memory(device)
+        if free is not None and need > free:
+            raise ValueError(f"a {w}x{h} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} GB "
+                             f"is available on {device}: ask for a smaller --height/--width")
         t0 = time.time()
-        if args.ckpt:
-            if os.path.isfile(args.ckpt):
-                raise ValueError(f"{args.ckpt} is a single file; pass the diffusers pipeline folder (transformer/ "
-                                 f"text_encoder/ tokenizer/ vae/); load an original .pth with load_transformer()")
-            pipe = load_pipeline(args.ckpt, args.model, device, dtype)
-        else:
-            if args.model not in (None, "tiny"):
-                raise ValueError(f"--model {args.model} needs --ckpt with its weights")
-            pipe = load_tiny(device, dtype)
-        size = pipe.transformer.cfg.sample_size * pipe.compression
-        h, w = args.height or size, args.width or size
+        pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
+            load_tiny(device=device, dtype=dtype)
         print(f"loaded in {time.time() - t0:.1f}s")
+        cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
+        if cut:
+            print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "
+                  f"its end was cut off")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
-        img = pipe.generate([args.prompt], h, w, args.steps, args.cfg, g, args.sampler, args.negative)[0]
+        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, args.sampler, args.negative)[0]
         Image.fromarray(img.numpy()).save(args.out)
-        print(f"wrote {args.out} ({w}x{h}, {args.steps} steps, {time.time() - t0:.1f}s)")
-    except (ValueError, FileNotFoundError) as e:
+        guidance = pipe.guidance_scale if args.guidance is None else args.guidance
+        print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} steps, guidance {guidance}, "
+              f"{time.time() - t0:.1f}s)")
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

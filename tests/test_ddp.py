@@ -1,6 +1,6 @@
-"""Every file's training entry under DistributedDataParallel: two CPU processes (gloo) train a short run; both
-ranks must end with bit-identical weights (DDP averaged their gradients) while having drawn different data, and
-the loss must fall. One more test runs the real command line under torchrun."""
+"""Every file's training entry under DistributedDataParallel: torchrun starts two CPU processes (gloo) that
+train a short run; both ranks must end with bit-identical weights (DDP averaged their gradients) while having
+drawn different data, and the loss must fall. One more test runs a file's command line under torchrun."""
 import os
 import re
 import socket
@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,23 +37,32 @@ def state_dict_of(trained):
             for k, v in getattr(trained, name).state_dict().items()}
 
 
-def worker(rank, world, port, name, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+def worker(name, folder):
+    """One rank (started by torchrun, which sets RANK and WORLD_SIZE): a short training, then this rank's weights
+    and log go to the folder."""
     sys.path.insert(0, ROOT)
     module = __import__(name)
     lines = []
     trained = module.train_tiny(seed=0, out=os.path.join(folder, "weights.safetensors"), log=lines.append,
                                 **SHORT[name])
+    rank = os.environ["RANK"]
     save_file({k: v.contiguous() for k, v in state_dict_of(trained).items()},
               os.path.join(folder, f"rank{rank}.safetensors"))
     with open(os.path.join(folder, f"rank{rank}.log"), "w") as f:
         f.write("\n".join(map(str, lines)))
 
 
+def torchrun(args, timeout=600):
+    """Two CPU processes under torchrun, killed (and the test failed) if they hang."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *args]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", sorted(SHORT))
 def test_two_processes_end_with_identical_weights(name, tmp_path):
-    mp.start_processes(worker, args=(2, free_port(), name, str(tmp_path)), nprocs=2, start_method="spawn")
+    torchrun([os.path.abspath(__file__), name, str(tmp_path)], timeout=300)
     w0, w1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert (tmp_path / "weights.safetensors").exists()  # written by rank 0
@@ -65,10 +73,11 @@ def test_two_processes_end_with_identical_weights(name, tmp_path):
 
 
 def test_torchrun_command_line(tmp_path):
-    """`torchrun --nproc_per_node 2 sana.py --train --train-steps N`, the README's command, on the CPU."""
+    """`torchrun --nproc_per_node 2 dcae.py --train --train-steps N`, the README's command line, on the CPU."""
     out = tmp_path / "tiny.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "sana.py", "--train", "--train-steps", "5", "--train-out", str(out)]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    torchrun(["dcae.py", "--train", "--train-steps", "3", "--train-out", str(out)])
     assert out.exists()
+
+
+if __name__ == "__main__":  # a rank of test_two_processes_end_with_identical_weights
+    worker(sys.argv[1], sys.argv[2])

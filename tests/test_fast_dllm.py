@@ -1,5 +1,6 @@
-"""Parity tests for fast_dllm.py against the official LLaDA / Fast-dLLM outputs stored in tests/fixtures/fast_dllm/,
-plus loading errors, the CLI, and the accuracy of the committed tiny model."""
+"""Parity tests for fast_dllm.py against the official LLaDA / Fast-dLLM outputs stored in tests/fixtures/fast_dllm/
+(every case folder with a runs.json, every run it lists, with the arguments it lists), plus loading errors, the CLI,
+and the accuracy of the committed tiny model. Bad input is tested in test_bad_input.py."""
 import functools
 import json
 import os
@@ -7,7 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import assert_close
+from safetensors.torch import load_file, save_file
 
 import fast_dllm as fd
 
@@ -16,13 +18,10 @@ CASES = sorted(d for d in os.listdir(FIXTURES) if os.path.exists(os.path.join(FI
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """These models are tiny: one thread avoids OpenMP spin-waits on a busy 2-core CI machine (restored after)."""
-    n = torch.get_num_threads()
+    """These models are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine (conftest restores)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,18 +50,31 @@ def expected_nfe(io, runs, run):
     return int(io[f"ncalls/{run}"])  # == nfe wherever both exist; the original LLaDA sampler has only the call count
 
 
+def sampler_kwargs(kw, model):
+    """A run's recorded arguments -> generate()'s; an argument this test does not know fails it, never ignored."""
+    known = {"gen_length", "block_length", "steps", "threshold", "factor", "temperature", "remasking", "cfg_scale",
+             "mask_id", "attention_mask"}
+    assert set(kw) <= known, f"runs.json has sampler arguments this test does not pass on: {set(kw) - known}"
+    assert kw["mask_id"] == model.cfg.mask_token_id
+    assert kw.get("attention_mask") is None or kw["attention_mask"].startswith("ones_like("), \
+        f"unsupported attention_mask {kw['attention_mask']!r} (generate attends to every position)"
+    return dict(gen_length=kw["gen_length"], block_length=kw["block_length"], steps=kw["steps"],
+                threshold=kw.get("threshold"), factor=kw.get("factor"), temperature=kw["temperature"],
+                remasking=kw["remasking"], guidance=kw.get("cfg_scale", 0.0))
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_plain_and_cached_forward_logits(name):
     model, io, _ = case(name)
     logits, _ = model(io["logits_input_ids"])
-    torch.testing.assert_close(logits, io["logits"], atol=1e-4, rtol=0)
+    assert_close("logits", logits, io["logits"], atol=1e-4, rtol=0)
     s, e = int(io["cache_block_start"]), int(io["cache_block_end"])
     _, kv = model(io["cache_x_prev"])  # the stale cache, built at the start of the block
     prefix_kv = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
     prefix_logits, _ = model(io["cache_x_state"][:, s:], start=s, past=prefix_kv)
-    torch.testing.assert_close(prefix_logits, io["cache_prefix_logits"], atol=1e-4, rtol=0)
+    assert_close("PrefixCache logits", prefix_logits, io["cache_prefix_logits"], atol=1e-4, rtol=0)
     dual_logits, _ = model(io["cache_x_state"][:, s:e], start=s, past=kv)
-    torch.testing.assert_close(dual_logits, io["cache_dual_logits"], atol=1e-4, rtol=0)
+    assert_close("DualCache logits", dual_logits, io["cache_dual_logits"], atol=1e-4, rtol=0)
     # the approximation is real: the cached logits are not the exact ones
     assert not torch.allclose(dual_logits, io["cache_full_logits_state"][:, s:e], atol=1e-4)
 
@@ -71,12 +83,9 @@ def test_plain_and_cached_forward_logits(name):
 def test_sampler_tokens_and_nfe(name, run):
     model, io, runs = case(name)
     r = runs["runs"][run]
-    kw = r["kwargs"]
     if r["torch_manual_seed_before_call"] is not None:  # RNG-exact runs: Gumbel noise / random remasking
         torch.manual_seed(r["torch_manual_seed_before_call"])
-    out, nfe = fd.generate(model, io["prompt_ids"], kw["gen_length"], kw["block_length"], kw["steps"],
-                           CACHE_OF[r["function"]], kw.get("threshold"), kw.get("factor"), kw["temperature"],
-                           kw["remasking"], kw.get("cfg_scale", 0.0))
+    out, nfe = fd.generate(model, io["prompt_ids"], cache=CACHE_OF[r["function"]], **sampler_kwargs(r["kwargs"], model))
     assert torch.equal(out, io[f"out/{run}"])
     assert nfe == expected_nfe(io, runs["runs"], run)
 
@@ -95,12 +104,22 @@ def test_training_losses(name):
     assert loss.item() == pytest.approx(runs["train"]["loss_sft"], rel=1e-5)
 
 
-def test_forward_process_keeps_prompt():
-    x0 = torch.randint(0, 10, (4, 20))
-    noisy, p_mask = fd.forward_process(x0, mask_id=99, prompt_lengths=torch.tensor([3, 5, 0, 20]))
-    for row, n in enumerate([3, 5, 0, 20]):
-        assert torch.equal(noisy[row, :n], x0[row, :n])
-    assert ((noisy == 99) | (noisy == x0)).all() and (p_mask > 0).all() and (p_mask <= 1).all()
+def test_forward_process_masks_at_rate_p_and_keeps_prompt():
+    torch.manual_seed(0)
+    B, L, mask_id = 64, 4000, 99
+    x0 = torch.randint(0, 10, (B, L))
+    lengths = torch.randint(0, L // 2, (B,))
+    noisy, p_mask = fd.forward_process(x0, mask_id, prompt_lengths=lengths)
+    assert torch.equal(p_mask, p_mask[:, :1].expand(B, L)), "one masking rate per sequence"
+    p = p_mask[:, 0]
+    assert (p >= 1e-3).all() and (p <= 1).all() and p.std() > 0.2, "p = (1 - eps) t + eps with t ~ U(0, 1)"
+    is_prompt = torch.arange(L)[None] < lengths[:, None]
+    assert torch.equal(noisy[is_prompt], x0[is_prompt]), "the prompt is never masked"
+    assert ((noisy == mask_id) | (noisy == x0)).all()
+    answer = (~is_prompt).sum(1)
+    frac = ((noisy == mask_id) & ~is_prompt).sum(1) / answer  # masked fraction of each answer
+    sigma = (p * (1 - p) / answer).sqrt()
+    assert ((frac - p).abs() <= 5 * sigma + 1e-3).all(), (frac - p).abs().max()
 
 
 def test_full_size_model_matches_published_manifest():
@@ -111,11 +130,10 @@ def test_full_size_model_matches_published_manifest():
     with torch.device("meta"):
         model = fd.LLaDA(cfg)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest
-    assert sum(p.numel() for p in model.parameters()) == 8_015_581_184
 
 
 def test_loading_errors(tmp_path):
-    src = os.path.join(FIXTURES, "llada_tiny_a")
+    src = os.path.join(FIXTURES, CASES[0])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fd.load_llada(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -131,19 +149,29 @@ def test_loading_errors(tmp_path):
     shutil.copy(os.path.join(src, "config.json"), broken / "config.json")
     sd = load_file(os.path.join(src, "model.safetensors"))
     sd["model.transformer.blocks.9.q_proj.weight"] = sd.pop("model.transformer.blocks.1.up_proj.weight")
-    from safetensors.torch import save_file
     save_file(sd, str(broken / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing keys \[model.transformer.blocks.1.up_proj.weight\], "
-                                         r"unexpected keys \[model.transformer.blocks.9.q_proj.weight\]"):
+    with pytest.raises(ValueError, match=r"1 missing: model.transformer.blocks.1.up_proj.weight; "
+                                         r"1 unexpected: model.transformer.blocks.9.q_proj.weight"):
         fd.load_llada(str(broken))
+
+
+def test_loads_in_the_dtype_asked():
+    """A bf16 sharded checkpoint loads in float32 by default and in bfloat16 when asked, by name too."""
+    sharded = [c for c in CASES if os.path.exists(os.path.join(FIXTURES, c, "model.safetensors.index.json"))]
+    assert sharded, "no sharded case folder"
+    model, _ = fd.load_llada(os.path.join(FIXTURES, sharded[0]), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in case(sharded[0])[0].parameters()} == {torch.float32}
 
 
 def test_sampler_argument_errors():
     model, io, _ = case(CASES[0])
-    with pytest.raises(ValueError, match="multiple of block_length"):
+    with pytest.raises(ValueError, match="must be a multiple of block_length"):
         fd.generate(model, io["prompt_ids"], gen_length=30, block_length=8)
-    with pytest.raises(ValueError, match="divisible by the number of blocks"):
+    with pytest.raises(ValueError, match="must be a positive multiple of the number of blocks"):
         fd.generate(model, io["prompt_ids"], gen_length=32, block_length=8, steps=6)
+    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length"):
+        fd.generate(model, io["prompt_ids"], gen_length=model.cfg.max_sequence_length, block_length=8)
 
 
 def test_chat_template():
@@ -151,16 +179,22 @@ def test_chat_template():
                                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_cli_bad_input(capsys):
-    for argv, msg in [(["--prompt", "  "], "prompt is empty"),
-                      (["--prompt", "sort 31", "--gen-length", "40"], "not a multiple of --block-length"),
-                      (["--prompt", "hello"], "only sorts 3 to 6 digits"),
-                      (["--prompt", "hello", "--ckpt", "/nonexistent/llada"], "does not exist")]:
-        with pytest.raises(SystemExit) as e:
-            fd.main(argv)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and msg in err and err.count("\n") == 1
+def test_cli_with_a_checkpoint_folder(tmp_path, capsys, monkeypatch):
+    """--ckpt runs a published-layout folder; --model names a preset that replaces its config.json."""
+    src = os.path.join(FIXTURES, CASES[0])
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(os.path.join(src, "model.safetensors"), folder / "model.safetensors")
+    shutil.copy(os.path.splitext(fd.TINY_WEIGHTS)[0] + "_tokenizer.json", folder / "tokenizer.json")
+    monkeypatch.setitem(fd.PRESETS, "case-a", fd.config_from_json(os.path.join(src, "config.json")))
+    argv = ["--ckpt", str(folder), "--prompt", "sort 8315", "--gen-length", "16", "--block-length", "8"]
+    fd.main(argv + ["--model", "case-a", "--out", str(tmp_path / "a.txt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("device cpu") and "thread" not in lines[0]  # not the tiny model: threads as they are
+    assert "16 forward passes" in lines[2] and (tmp_path / "a.txt").read_text() == lines[1] + "\n"
+    with pytest.raises(SystemExit):  # without --model the folder's missing config.json is named
+        fd.main(argv)
+    assert "has no config.json" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,7 +204,19 @@ def test_cli_bad_input(capsys):
 def test_cli_tiny_answers(capsys):
     fd.main(["--prompt", "sort 8315"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "1358" and "forward passes" in lines[1] and "tokens/s" in lines[1]
+    assert lines[0].startswith("device cpu") and "1 thread" in lines[0]
+    assert lines[1] == "1358" and "forward passes" in lines[2] and "tokens/s" in lines[2]
+
+
+def test_cli_train_honours_seed(tmp_path, monkeypatch):
+    """`--train --seed 1` trains from seed 1 (what train_tiny(seed=1) gives), writing weights and tokenizer."""
+    monkeypatch.setattr(fd, "tiny_accuracy", lambda *a, **k: (0.0, 0, 0))  # the 200-problem evaluation: not here
+    fd.main(["--train", "--seed", "1", "--train-steps", "2", "--train-out", str(tmp_path / "cli.safetensors")])
+    fd.train_tiny(seed=1, out=str(tmp_path / "py.safetensors"), log=lambda *a: None, steps=2)
+    cli, py = load_file(str(tmp_path / "cli.safetensors")), load_file(str(tmp_path / "py.safetensors"))
+    assert cli.keys() == py.keys() and all(torch.equal(cli[k], py[k]) for k in cli)
+    committed = open(os.path.splitext(fd.TINY_WEIGHTS)[0] + "_tokenizer.json").read()
+    assert (tmp_path / "cli_tokenizer.json").read_text() == committed  # written beside the weights
 
 
 @pytest.mark.parametrize("sampler", [dict(gen_length=32, block_length=32),  # baseline, 1 token per forward
@@ -178,7 +224,7 @@ def test_cli_tiny_answers(capsys):
 def test_tiny_heldout_accuracy(sampler):
     model, tok = fd.load_tiny()
     problems = fd.heldout_problems(200)[:100]  # half of the 200 held-out problems reported in the README
-    assert not any(not fd.is_heldout(p.split()[1]) for p, _ in problems)
+    assert all(fd.is_heldout(p.split()[1]) for p, _ in problems)
     acc, nfe, _ = fd.tiny_accuracy(model, tok, problems, **sampler)
     assert acc >= 0.9
     if "threshold" in sampler:  # parallel decoding really is parallel: far fewer forwards than tokens

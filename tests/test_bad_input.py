@@ -1,0 +1,382 @@
+"""Bad input, as a new user types it. Each row is one command line (or one loader call) and the sentence it must
+print. A command-line row must exit with code 2 after printing exactly one line, `error: <sentence>`, with no
+traceback; a row marked `early` must do so before any model is loaded or trained (the loaders are replaced by
+ones that fail the test). A call row must raise ValueError or FileNotFoundError with the sentence in one line.
+Paths in braces are the broken files made by the `bad` fixture below. A new method file adds its rows here."""
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import dcae
+import fast_dllm
+import sana
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+DCAE_DIFFUSERS = os.path.join(FIX, "dcae", "tiny-f16c16-sana-diffusers")
+LLADA = os.path.join(FIX, "fast_dllm", "llada_tiny_a")  # a LLaDA folder as published (it has no tokenizer.json)
+SANA_PIPE = os.path.join(FIX, "sana", "pipeline_flow_dpm_20step")  # a tiny SANA pipeline folder, without tokenizer/
+SANA_PROMPT = "a red circle on a white background"  # a prompt the tiny SANA draws
+
+# The functions that load or train a model, per file: `early` rows must never reach them.
+LOADERS = {
+    "dcae": ("load_tiny", "from_pretrained", "train_tiny"),
+    "fast_dllm": ("load_tiny", "load_llada", "train_tiny"),
+    "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
+             "train_tiny"),
+}
+
+
+class Pickled:
+    """An object whose unpickling would run code: weights_only=True must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    paths = {}
+
+    def path(name):
+        paths[name] = str(d / name)
+        return d / name
+
+    save_file({"w": torch.zeros(1000)}, str(path("whole.safetensors")))
+    data = (d / "whole.safetensors").read_bytes()
+    path("cut.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    path("cut.json").write_text('{"_class_name": "AutoencoderDC", "latent_')
+    torch.save({"w": torch.zeros(1000)}, str(path("whole.pth")))
+    data = (d / "whole.pth").read_bytes()
+    path("cut.pth").write_bytes(data[: len(data) // 2])
+    torch.save({"w": torch.zeros(3), "obj": Pickled()}, str(path("code.pth")))
+    with open(path("code.bin"), "wb") as f:  # a legacy (non-zip) pickle, as old pytorch_model.bin files are
+        pickle.dump({"obj": Pickled()}, f)
+    path("text.pth").write_text("this is not a checkpoint\n")
+    path("text.png").write_text("this is not an image\n")
+    path("folder").mkdir()
+    # DC-AE folders: a config.json cut short, and whole config + weights cut short
+    for name, config, weights in [("dcae_cut_config", "cut.json", None), ("dcae_cut_weights", None, "cut")]:
+        f = path(name)
+        f.mkdir()
+        src = open(os.path.join(DCAE_DIFFUSERS, "config.json")).read()
+        (f / "config.json").write_text(src if config is None else (d / config).read_text())
+        w = open(os.path.join(DCAE_DIFFUSERS, "diffusion_pytorch_model.safetensors"), "rb").read()
+        (f / "diffusion_pytorch_model.safetensors").write_bytes(w if weights is None else w[: len(w) // 2])
+    # LLaDA folders (with a tokenizer.json, so that the CLI reaches the weights): whole, a config.json cut short,
+    # weights cut short, a pytorch_model.bin holding code, a text file as pytorch_model.bin
+    tokenizer = open(os.path.splitext(fast_dllm.TINY_WEIGHTS)[0] + "_tokenizer.json").read()
+    config = open(os.path.join(LLADA, "config.json")).read()
+    weights = open(os.path.join(LLADA, "model.safetensors"), "rb").read()
+    for name, files in [
+        ("llada", {"config.json": config, "model.safetensors": weights}),
+        ("llada_cut_config", {"config.json": config[: len(config) // 2], "model.safetensors": weights}),
+        ("llada_cut_weights", {"config.json": config, "model.safetensors": weights[: len(weights) // 2]}),
+        ("llada_code_bin", {"config.json": config, "pytorch_model.bin": (d / "code.bin").read_bytes()}),
+        ("llada_text_bin", {"config.json": config, "pytorch_model.bin": (d / "text.pth").read_bytes()}),
+    ]:
+        f = path(name)
+        f.mkdir()
+        for file, content in {"tokenizer.json": tokenizer, **files}.items():
+            (f / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    path("fast_dllm_tiny.safetensors").write_bytes(open(fast_dllm.TINY_WEIGHTS, "rb").read())  # no tokenizer beside
+    # SANA pipeline folders (the tiny one of the fixtures, with the tiny word-level tokenizer): whole, the
+    # transformer's config.json cut short, its weights cut short
+    config = open(os.path.join(SANA_PIPE, "transformer", "config.json")).read()
+    weights = open(os.path.join(SANA_PIPE, "transformer", "diffusion_pytorch_model.safetensors"), "rb").read()
+    for name, cfg, w in [("sana_pipe", config, weights), ("sana_cut_config", config[: len(config) // 2], weights),
+                         ("sana_cut_weights", config, weights[: len(weights) // 2])]:
+        f = path(name)
+        (f / "transformer").mkdir(parents=True)
+        (f / "transformer" / "config.json").write_text(cfg)
+        (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(w)
+        for sub in ("text_encoder", "vae", "scheduler"):
+            os.symlink(os.path.join(SANA_PIPE, sub), f / sub)
+        (f / "tokenizer").mkdir()
+        sana.build_tiny_tokenizer().save(str(f / "tokenizer" / "tokenizer.json"))
+    paths["sana_transformer_only"] = os.path.join(FIX, "sana", "transformer_sana10")
+    paths["dcae_diffusers"] = DCAE_DIFFUSERS
+    paths["unwritable"] = "/proc/out.png"  # not writable even for root
+    return paths
+
+
+def fill(args, bad):
+    return [re.sub(r"\{([\w.]+)\}", lambda m: bad[m[1]], a) for a in args]
+
+
+CLI = [  # (file, argv, sentence, early)
+    # dcae.py
+    ("dcae", ["--device", "banana"], "unknown device 'banana'", True),
+    ("dcae", ["--device", "mps"], "no Apple GPU", True),
+    ("dcae", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("dcae", ["--image", "/no/such.png"], "image /no/such.png does not exist", True),
+    ("dcae", ["--image", "{text.png}"], "cannot read", False),
+    ("dcae", ["--out", "{folder}"], "is a folder; give a file name", True),
+    ("dcae", ["--out", "rec.xyz"], "the file name must end in .png", True),
+    ("dcae", ["--out", "{unwritable}"], "cannot write to the folder /proc", True),
+    ("dcae", ["--out", "/no/such/folder/rec.png"], "the folder /no/such/folder does not exist", True),
+    ("dcae", ["--ckpt", "/no/such/folder"], "checkpoint folder /no/such/folder does not exist", False),
+    ("dcae", ["--ckpt", "{whole.safetensors}"], "is a file; give the checkpoint folder", False),
+    ("dcae", ["--ckpt", "{dcae_cut_config}"], "config.json is not valid JSON", False),
+    ("dcae", ["--ckpt", "{dcae_cut_weights}"], "is not a readable safetensors file", False),
+    ("dcae", ["--ckpt", "{dcae_diffusers}", "--model", "dc-ae-f99"], "unknown preset 'dc-ae-f99'", True),
+    ("dcae", ["--model", "dc-ae-f32c32-sana-1.0"], "give --ckpt too", True),
+    ("dcae", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("dcae", ["--train", "--train-out", "/proc/dcae.safetensors"], "cannot write to the folder /proc", True),
+    # sana.py
+    ("sana", ["--device", "banana"], "unknown device 'banana'", True),
+    ("sana", ["--device", "mps"], "no Apple GPU", True),
+    ("sana", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("sana", ["--prompt", "  "], "the prompt is empty", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be at least 1", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--guidance", "inf"], "--guidance must be a finite number, not inf", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels, not 0", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--width", "-64"], "--width must be a positive number of pixels, not -64", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 3,200.0 GB of memory", True),
+    ("sana", ["--prompt", "a purple hexagon on a white background"], 'the tiny model does not know "purple", "hexagon"',
+     True),
+    ("sana", ["--prompt", "a red circle"], "the tiny model draws only prompts of the form \"a/two/three <colour> "
+                                           "<shape>[s] on a <colour> background\" with the colours red, green", True),
+    ("sana", ["--prompt", "a red circle"], "'a red circle' is not one", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--out", "img.xyz"], "the file name must end in .png", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--out", "{unwritable}"], "cannot write to the folder /proc", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--out", "/no/such/folder/img.png"], "the folder /no/such/folder does not exist",
+     True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{text.pth}"], "is a file; give the diffusers pipeline folder", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "/no/such/folder"], "checkpoint folder /no/such/folder does not exist",
+     True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_transformer_only}"], "has no text_encoder/ subfolder", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_cut_config}"], "config.json is not valid JSON", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_cut_weights}"], "is not a readable safetensors file", False),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--height", "17"], "positive multiples of 2", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--model", "Sana_9B"], "unknown preset 'Sana_9B'", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--model", "Sana_600M_512px"], "give --ckpt too", True),
+    ("sana", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("sana", ["--train", "--train-out", "/proc/sana.safetensors"], "cannot write to the folder /proc", True),
+    # fast_dllm.py
+    ("fast_dllm", ["--device", "banana"], "unknown device 'banana'", True),
+    ("fast_dllm", ["--device", "mps"], "no Apple GPU", True),
+    ("fast_dllm", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("fast_dllm", ["--steps", "0"], "steps 0 must be a positive multiple of the number of blocks 1", True),
+    ("fast_dllm", ["--steps", "-5"], "steps -5 must be a positive multiple", True),
+    ("fast_dllm", ["--gen-length", "0"], "gen_length 0 must be at least 1", True),
+    ("fast_dllm", ["--block-length", "0"], "block_length 0 must be at least 1", True),
+    ("fast_dllm", ["--gen-length", "40"], "gen_length 40 must be a multiple of block_length 32", True),
+    ("fast_dllm", ["--threshold", "1.5"], "threshold 1.5 must be in (0, 1]", True),
+    ("fast_dllm", ["--threshold", "-1"], "threshold -1.0 must be in (0, 1]", True),
+    ("fast_dllm", ["--threshold", "nan"], "threshold nan must be in (0, 1]", True),
+    ("fast_dllm", ["--threshold", "0.9", "--factor", "1"], "give either a threshold or a factor", True),
+    ("fast_dllm", ["--factor", "0"], "factor 0.0 must be a positive number", True),
+    ("fast_dllm", ["--factor", "-2"], "factor -2.0 must be a positive number", True),
+    ("fast_dllm", ["--factor", "nan"], "factor nan must be a positive number", True),
+    ("fast_dllm", ["--temperature", "-1"], "temperature -1.0 must be 0 (greedy) or a positive number", True),
+    ("fast_dllm", ["--temperature", "nan"], "temperature nan must be 0 (greedy)", True),
+    ("fast_dllm", ["--guidance", "nan"], "guidance nan must be 0 (off) or a positive number", True),
+    ("fast_dllm", ["--guidance", "1", "--cache", "dual"], "only implemented for the baseline sampler", True),
+    ("fast_dllm", ["--prompt", "  "], "the prompt is empty", True),
+    ("fast_dllm", ["--prompt", "hello"], "the tiny model only sorts 3 to 6 digits 0-9", True),
+    ("fast_dllm", ["--prompt", "sort 31"], "the tiny model only sorts 3 to 6 digits 0-9", True),
+    ("fast_dllm", ["--prompt", "sort \uff18\uff13\uff11\uff15"], "only sorts 3 to 6 digits 0-9", True),  # full-width
+    ("fast_dllm", ["--prompt", "sort \u0668\u0663\u0661\u0665"], "only sorts 3 to 6 digits 0-9", True),  # Arabic-Indic
+    ("fast_dllm", ["--out", "{folder}"], "is a folder; give a file name", True),
+    ("fast_dllm", ["--out", "answer.png"], "the file name must end in .txt", True),
+    ("fast_dllm", ["--out", "/proc/answer.txt"], "cannot write to the folder /proc", True),
+    ("fast_dllm", ["--out", "/no/such/folder/answer.txt"], "the folder /no/such/folder does not exist", True),
+    ("fast_dllm", ["--model", "LLaDA-8B-Instruct"], "give --ckpt too", True),
+    ("fast_dllm", ["--ckpt", "{llada}"], "give --prompt", True),
+    ("fast_dllm", ["--ckpt", "{llada}", "--prompt", "hi", "--model", "LLaDA-9B"], "unknown preset 'LLaDA-9B'", True),
+    ("fast_dllm", ["--ckpt", LLADA, "--prompt", "hi"], "has no tokenizer.json", True),
+    ("fast_dllm", ["--ckpt", "/no/such/folder", "--prompt", "hi"], "checkpoint folder /no/such/folder does not exist",
+     False),
+    ("fast_dllm", ["--ckpt", "{text.pth}", "--prompt", "hi"], "is a file; give the checkpoint folder", False),
+    ("fast_dllm", ["--ckpt", "{llada_cut_config}", "--prompt", "hi"], "config.json is not valid JSON", False),
+    ("fast_dllm", ["--ckpt", "{llada_cut_weights}", "--prompt", "hi"], "is not a readable safetensors file", False),
+    ("fast_dllm", ["--ckpt", "{llada_code_bin}", "--prompt", "hi"], "holds pickled Python objects besides tensors; "
+                                                                    "it was not loaded", False),
+    ("fast_dllm", ["--ckpt", "{llada_text_bin}", "--prompt", "hi"], "is not a PyTorch checkpoint (neither a zip archive nor a pickle)", False),
+    ("fast_dllm", ["--ckpt", "{llada}", "--prompt", "hi", "--model", "tiny-sort"],
+     "with another shape: model.transformer.blocks.0.attn_norm.weight (64,) (model: (96,))", False),
+    ("fast_dllm", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("fast_dllm", ["--train", "--train-out", "{folder}"], "is a folder; give a file name", True),
+    ("fast_dllm", ["--train", "--train-out", "/proc/fd.safetensors"], "cannot write to the folder /proc", True),
+]
+
+CALLS = [  # (file, call, sentence)
+    ("dcae", lambda m, b: m.read_weights(b["cut.safetensors"]), "is not a readable safetensors file"),
+    ("dcae", lambda m, b: m.read_weights(b["cut.pth"]), "cut.pth is a zip archive cut short"),
+    ("dcae", lambda m, b: m.read_weights(b["code.pth"]), "holds pickled Python objects besides tensors"),
+    ("dcae", lambda m, b: m.read_weights(b["code.bin"]), "holds pickled Python objects besides tensors"),
+    ("dcae", lambda m, b: m.read_weights(b["text.pth"]), "is not a PyTorch checkpoint (neither a zip archive nor"),
+    ("dcae", lambda m, b: m.read_json(b["cut.json"]), "cut.json is not valid JSON"),
+    ("dcae", lambda m, b: m.get_preset("dc-ae-f99"), "unknown preset 'dc-ae-f99'; known: dc-ae-f32c32-in-1.0"),
+    ("dcae", lambda m, b: m.from_pretrained(b["dcae_diffusers"], config="junk"), "unknown preset 'junk'"),
+    ("dcae", lambda m, b: m.from_pretrained(b["dcae_diffusers"], config=3), "config must be a DCAEConfig"),
+    ("dcae", lambda m, b: m.from_pretrained(b["dcae_diffusers"], dtype="float8"), "dtype 'float8' is not one of"),
+    ("dcae", lambda m, b: m.from_pretrained(b["dcae_diffusers"], device="banana"), "unknown device 'banana'"),
+    ("dcae", lambda m, b: m.from_pretrained(b["whole.safetensors"]), "is a file; give the checkpoint folder"),
+    ("dcae", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny DC-AE written by"),
+    ("dcae", lambda m, b: m.load_tiny(b["text.pth"]), "is not a readable safetensors file"),
+    ("dcae", lambda m, b: m.load_state_dict_strict(torch.nn.Linear(2, 3), {"weight": torch.zeros(3, 4),
+                                                                           "bias": torch.zeros(3)}, "w.pt"),
+     "w.pt does not fit the model: 1 with another shape: weight (3, 4) (model: (3, 2))"),
+    # sana.py
+    ("sana", lambda m, b: m.load_transformer(b["code.pth"], preset="Sana_600M_512px"),
+     "code.pth holds pickled Python objects besides tensors; it was not loaded"),
+    ("sana", lambda m, b: m.load_transformer(b["code.bin"], preset="Sana_600M_512px"),
+     "code.bin holds pickled Python objects besides tensors; it was not loaded"),
+    ("sana", lambda m, b: m.load_transformer(b["text.pth"], preset="Sana_600M_512px"),
+     "text.pth is not a PyTorch checkpoint"),
+    ("sana", lambda m, b: m.load_transformer(b["code.pth"]), "cannot tell which model"),
+    ("sana", lambda m, b: m.load_transformer(b["sana_pipe"], preset="Sana_9B"),
+     "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
+    ("sana", lambda m, b: m.load_transformer(b["sana_pipe"], dtype="float8"), "dtype 'float8' is not one of"),
+    ("sana", lambda m, b: m.load_transformer(b["sana_pipe"], device="banana"), "unknown device 'banana'"),
+    ("sana", lambda m, b: m.load_transformer(b["sana_cut_weights"]),
+     "diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("sana", lambda m, b: m.load_pipeline(b["sana_cut_config"]), "transformer/config.json is not valid JSON"),
+    ("sana", lambda m, b: m.load_pipeline(b["sana_cut_weights"]), "is not a readable safetensors file"),
+    ("sana", lambda m, b: m.load_pipeline(b["text.pth"]), "is a file; give the diffusers pipeline folder"),
+    ("sana", lambda m, b: m.load_pipeline(b["sana_transformer_only"]), "has no text_encoder/ subfolder"),
+    ("sana", lambda m, b: m.load_text_encoder(os.path.join(b["sana_pipe"], "vae")), "not a Gemma-2 text encoder"),
+    ("sana", lambda m, b: m.load_vae(os.path.join(b["sana_pipe"], "transformer")), "not an AutoencoderDC"),
+    ("sana", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny SANA written by `python sana.py --train`"),
+    ("sana", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny SANA written by"),
+    ("sana", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python sana.py --train`"),
+    ("sana", lambda m, b: m.load_tiny(dtype="float8"), "dtype 'float8' is not one of"),
+    ("sana", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
+    ("sana", lambda m, b: m.check_tiny_prompt("a purple hexagon on a white background"),
+     'does not know "purple", "hexagon"'),
+    # fast_dllm.py
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada_cut_config"]), "config.json is not valid JSON"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada_cut_weights"]),
+     "model.safetensors is not a readable safetensors file"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada_code_bin"]),
+     "pytorch_model.bin holds pickled Python objects besides tensors; it was not loaded, since unpickling them could "
+     "run code"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada_text_bin"]), "pytorch_model.bin is not a PyTorch checkpoint"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["text.pth"]), "is a file; give the checkpoint folder"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["folder"]), "has no config.json: not a LLaDA checkpoint folder"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config="junk"), "unknown preset 'junk'; known: LLaDA-8B-Base"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config=3), "config must be a LLaDAConfig or a preset name"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config="tiny-sort"),
+     "with another shape: model.transformer.blocks.0.attn_norm.weight (64,) (model: (96,))"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], dtype="float8"), "dtype 'float8' is not one of"),
+    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], device="banana"), "unknown device 'banana'"),
+    ("fast_dllm", lambda m, b: m.get_preset("LLaDA-9B"), "unknown preset 'LLaDA-9B'; known: LLaDA-8B-Base"),
+    ("fast_dllm", lambda m, b: m.config_from_json(b["cut.json"]), "cut.json is not valid JSON"),
+    ("fast_dllm", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny LLaDA written by `python fast_dllm.py"),
+    ("fast_dllm", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny LLaDA written by"),
+    ("fast_dllm", lambda m, b: m.load_tiny(b["text.pth"]), "is not a readable safetensors file"),
+    ("fast_dllm", lambda m, b: m.load_tiny(b["fast_dllm_tiny.safetensors"]), "fast_dllm_tiny_tokenizer.json not found"),
+    ("fast_dllm", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python fast_dllm.py --train`"),
+    ("fast_dllm", lambda m, b: m.load_tiny(dtype="float8"), "dtype 'float8' is not one of"),
+    ("fast_dllm", lambda m, b: m.check_tiny_prompt("sort \uff18\uff13\uff11\uff15"), "only sorts 3 to 6 digits 0-9"),
+]
+
+
+def _run_cli(module, argv, capsys, monkeypatch, early):
+    if early:
+        def refuse(*a, **k):
+            raise AssertionError("the input was checked only after loading or training a model")
+        for name in LOADERS[module.__name__]:
+            monkeypatch.setattr(module, name, refuse)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,argv,sentence,early", CLI, ids=[f"{r[0]} {' '.join(r[1])}" for r in CLI])
+def test_cli_refuses_in_one_sentence(name, argv, sentence, early, bad, capsys, monkeypatch, tmp_path):
+    if argv[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    monkeypatch.chdir(tmp_path)  # a relative --out lands here
+    code, err = _run_cli(__import__(name), fill(argv, bad), capsys, monkeypatch, early)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert sentence in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name,call,sentence", CALLS, ids=[f"{r[0]}-{i}" for i, r in enumerate(CALLS)])
+def test_call_refuses_in_one_sentence(name, call, sentence, bad):
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        call(__import__(name), bad)
+    assert sentence in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_cuda_device_without_a_gpu(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for name in LOADERS:
+        code, err = _run_cli(__import__(name), ["--device", "cuda"], capsys, monkeypatch, early=True)
+        assert code == 2 and err == "error: device 'cuda': PyTorch sees no CUDA GPU on this machine\n", err
+
+
+def test_loaders_take_dtype_names(bad):
+    """dtype="float16" given as a string does the right thing."""
+    model = dcae.from_pretrained(bad["dcae_diffusers"], dtype="float16")
+    assert next(model.parameters()).dtype == torch.float16
+
+
+def test_sana_loaders_take_dtype_names(bad):
+    """dtype="float16" / "bfloat16" given as a string does the right thing in every sana.py loader."""
+    for pipe, dtype in [(sana.load_pipeline(bad["sana_pipe"], dtype="float16"), torch.float16),
+                        (sana.load_tiny(dtype="bfloat16"), torch.bfloat16)]:
+        for part in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            assert {p.dtype for p in part.parameters()} == {dtype}
+
+
+def test_sana_long_prompt_is_not_echoed_whole(capsys, monkeypatch):
+    """A 10,000-character prompt outside the tiny model's grammar is refused in a short line, early."""
+    code, err = _run_cli(sana, ["--prompt", "x" * 10_000], capsys, monkeypatch, early=True)
+    assert code == 2 and 'does not know "' + "x" * 20 + '": it draws only' in err and len(err) < 500, err[:1000]
+
+
+def test_sana_prompt_longer_than_the_text_length_is_cut_with_a_note(bad, tmp_path, capsys):
+    """A prompt longer than the 300 text tokens a published model reads: one note says it was cut, then the
+    image is made; the prompt is echoed shortened."""
+    sana.main(["--ckpt", bad["sana_pipe"], "--prompt", "red " * 400, "--height", "16", "--width", "16", "--steps", "2",
+               "--out", str(tmp_path / "img.png")])
+    out = capsys.readouterr().out
+    assert "note: the prompt is 102 tokens too long for this model, which reads 300 text tokens" in out, out
+    assert (tmp_path / "img.png").exists() and "red " * 16 not in out
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG (0..65535) reads as the same picture in 8 bits, not as a white image."""
+    grey = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0..65520
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    x = dcae.load_image(str(tmp_path / "deep.png"), 16)  # (1, 3, 64, 64) in [-1, 1]
+    want = torch.from_numpy(np.round(grey / 257.0)).float() / 127.5 - 1
+    assert torch.allclose(x[0, 0], want) and torch.equal(x[0, 0], x[0, 2])
+
+
+def test_fast_dllm_out_writes_the_answer(tmp_path, monkeypatch, capsys):
+    """fast_dllm.py --out FILE writes the answer there (it used to be ignored without --train)."""
+    monkeypatch.chdir(tmp_path)
+    fast_dllm.main(["--prompt", "sort 8315", "--out", "answer.txt"])
+    answer = capsys.readouterr().out.splitlines()[1]
+    assert (tmp_path / "answer.txt").read_text() == answer + "\n" and answer == "1358"
+
+
+def test_fast_dllm_loaders_take_dtype_names(bad):
+    """dtype="float16" given as a string does the right thing in both fast_dllm loaders."""
+    model, _ = fast_dllm.load_tiny(dtype="float16")
+    llada, _ = fast_dllm.load_llada(bad["llada"], dtype="float16")
+    assert {p.dtype for m in (model, llada) for p in m.parameters()} == {torch.float16}
+
+
+def test_fast_dllm_long_prompt_is_echoed_short(capsys, monkeypatch):
+    """A 10,000-character prompt is refused with its first 60 characters, not echoed whole."""
+    code, err = _run_cli(fast_dllm, ["--prompt", "sort " + "1" * 10_000], capsys, monkeypatch, early=True)
+    assert code == 2 and err.endswith(f"(got 'sort {'1' * 55}')\n") and len(err) < 200, err
