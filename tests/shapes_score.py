@@ -3,6 +3,8 @@
     read_scene(image)           -> {"background", "color", "shape", "count"} by pixel analysis
     score(image, caption)       -> which of colour / shape / count / background match the caption
     fidelity(images, captions)  -> fraction of images whose colour, shape and count are all right
+    report(images, captions)    -> that fraction, per attribute and per shape
+    readme_prompts()            -> the README's 24 prompts; second_prompts() the 48 no setting was chosen on
 
 Pixels are snapped to the nearest palette colour; the most common one is the background, the most common
 other one the object colour. Objects are the 4-connected components of that colour (specks dropped). The data draws
@@ -11,12 +13,13 @@ circles and squares are symmetric; a square fills its bounding box (~1), a circl
 survive blur, as a human reading a slightly blurred image would (tests/test_shapes.py checks that). A scene
 whose objects disagree reads as "mixed": "three squares" holds only if all three are squares."""
 import os
+import random
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dcae import COUNT_WORDS, SHAPE_COLORS, SHAPES  # noqa: E402
+from dcae import COUNT_WORDS, SHAPE_COLORS, SHAPES, random_scene, shapes_caption  # noqa: E402
 
 _NAMES = list(SHAPE_COLORS)
 _PALETTE = np.array([SHAPE_COLORS[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
@@ -86,4 +89,37 @@ def fidelity(images, captions):
     return sum(ok) / len(ok)
 
 
-__all__ = ["parse_caption", "read_scene", "score", "fidelity", "COUNT_WORDS", "SHAPES"]
+def report(images, captions):
+    """{"fidelity", "color", "shape", "count", "background": fractions right, "by_shape": {shape: (right, n)}}."""
+    scores = [score(img, cap) for img, cap in zip(images, captions)]
+    ok = [all(s[k] for k in ("color", "shape", "count")) for s in scores]
+    out = {"fidelity": sum(ok) / len(ok)}
+    out.update({k: sum(s[k] for s in scores) / len(scores) for k in ("color", "shape", "count", "background")})
+    shapes = [parse_caption(c)["shape"] for c in captions]
+    out["by_shape"] = {sh: (sum(o for o, s in zip(ok, shapes) if s == sh), shapes.count(sh)) for sh in SHAPES}
+    return out
+
+
+def prompts(n, seed):
+    """n captions drawn like the training data (count, colour, shape, background), deterministic from the seed."""
+    rng = random.Random(seed)
+    return [shapes_caption(*random_scene(rng)) for _ in range(n)]
+
+
+def readme_prompts():
+    """The 24 prompts of the README's fidelity score (the issue's bar is measured on them)."""
+    return prompts(24, seed=2026)
+
+
+def choice_prompts():
+    """The prompts on which the tiny model's settings (e.g. its default guidance) were chosen."""
+    return prompts(48, seed=99)
+
+
+def second_prompts():
+    """48 prompts that no setting was chosen on: the README's second score."""
+    return prompts(48, seed=31337)
+
+
+__all__ = ["parse_caption", "read_scene", "score", "fidelity", "report", "readme_prompts", "choice_prompts",
+           "second_prompts", "COUNT_WORDS", "SHAPES"]

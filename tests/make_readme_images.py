@@ -1,0 +1,68 @@
+"""The README's pictures of the tiny default models, written to assets/ (rerun after retraining a tiny model):
+
+    python tests/make_readme_images.py
+
+assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four seeds per row, 20 Flow-DPM steps at
+                       the tiny model's default guidance; each row's caption and how many of its four images the
+                       shapes scorer reads as right are printed (and listed in the README)
+assets/dcae_tiny.png   the tiny DC-AE: pairs of rows, synthetic inputs above their reconstructions
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # noqa: E402,F401  (the repository root on sys.path)
+import dcae  # noqa: E402
+import sana  # noqa: E402
+import shapes_score  # noqa: E402
+
+ASSETS = os.path.join(conftest.ROOT, "assets")
+PROMPTS = [  # the tiny model's grammar: "a/two/three <red|green|blue|yellow> <shape>[s] on a <colour> background"
+    "a red circle on a white background",
+    "two blue squares on a yellow background",
+    "three green triangles on a black background",
+    "a yellow square on a red background",
+    "two red circles on a gray background",
+    "three blue squares on a green background",
+    "a green triangle on a blue background",
+    "two yellow triangles on a black background",
+]
+SEEDS = (0, 1, 2, 3)
+
+
+def grid(rows, gap=2, scale=2):
+    """rows of (H, W, 3) uint8 images -> one image, white gaps between cells, nearest-neighbour upscaled."""
+    h, w = rows[0][0].shape[:2]
+    out = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
+    return Image.fromarray(out).resize((out.shape[1] * scale, out.shape[0] * scale), Image.NEAREST)
+
+
+def main():
+    torch.set_num_threads(1)
+    os.makedirs(ASSETS, exist_ok=True)
+    pipe = sana.load_tiny()
+    rows = []
+    for prompt in PROMPTS:
+        row = [pipe.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy() for s in SEEDS]
+        right = sum(shapes_score.fidelity([img], [prompt]) for img in row)
+        print(f"{prompt}: {right:.0f}/{len(SEEDS)} right")
+        rows.append(row)
+    grid(rows).save(os.path.join(ASSETS, "sana_tiny.png"))
+    model = dcae.load_tiny()
+    x, _ = dcae.shapes_batch(8, seed=2027)
+    with torch.no_grad():
+        rec = model(x)
+    to_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+    grid([list(to_uint8(x)), list(to_uint8(rec))]).save(os.path.join(ASSETS, "dcae_tiny.png"))
+    print(f"wrote {ASSETS}/sana_tiny.png and {ASSETS}/dcae_tiny.png")
+
+
+if __name__ == "__main__":
+    main()
