@@ -17,6 +17,8 @@ import dcae
 import fast_dllm
 import sana
 
+# torch warns about the pickle protocol of the legacy pickle below while it refuses to unpickle it: expected
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 DCAE_DIFFUSERS = os.path.join(FIX, "dcae", "tiny-f16c16-sana-diffusers")
 LLADA = os.path.join(FIX, "fast_dllm", "llada_tiny_a")  # a LLaDA folder as published (it has no tokenizer.json)
