@@ -192,6 +192,22 @@ def test_sampler_parity(case):
             assert_close("decoded_image", vae.decode(x / sana.VAE_SCALE), io["decoded_image"])
 
 
+def test_sampler_parity_reads_the_case_call(tmp_path):
+    """The run parameters come from the case's call.json: without it the case fails, and another guidance scale
+    than the one the reference ran with makes the parity check fail."""
+    import shutil
+    src = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "call.json")))[0]
+    case = tmp_path / "case"
+    shutil.copytree(src, case)
+    call = sana.read_json(str(case / "call.json"))
+    (case / "call.json").write_text(json.dumps({**call, "guidance_scale": call["guidance_scale"] + 1.0}))
+    with pytest.raises(AssertionError):
+        test_sampler_parity(str(case))
+    os.remove(case / "call.json")
+    with pytest.raises(FileNotFoundError):
+        test_sampler_parity(str(case))
+
+
 def test_aspect_ratio_bins():
     assert sana.aspect_ratio_bin(1024, 1024, 1024) == (1024, 1024)
     assert sana.aspect_ratio_bin(720, 1280, 1024) == (768, 1344)  # 0.5625 -> "0.57"
