@@ -992,7 +992,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", help="the reconstruction to write (default: <image>_rec.png, or shapes_rec.png)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS, help="where --train writes the weights (default: %(default)s)")
+    p.add_argument("--train-out", default=TINY_WEIGHTS,
+                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: at most this many steps per phase (a quick check)")
     p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image, written beside --out)")
     p.add_argument("--gan", action="store_true", help="with --train: add the PatchGAN loss in phase 3")

@@ -1757,7 +1757,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="sana.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS, help="where --train writes the weights (default: %(default)s)")
+    p.add_argument("--train-out", default=TINY_WEIGHTS,
+                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
                    "(default: %(default)s)")

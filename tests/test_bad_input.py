@@ -28,7 +28,7 @@ SANA_PROMPT = "a red circle on a white background"  # a prompt the tiny SANA dra
 # The functions that load or train a model, per file: `early` rows must never reach them.
 LOADERS = {
     "dcae": ("load_tiny", "from_pretrained", "train_tiny"),
-    "fast_dllm": ("load_tiny", "load_llada", "train_tiny"),
+    "fast_dllm": ("load_tiny", "load_checkpoint", "train_tiny"),
     "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
              "train_tiny"),
 }
@@ -184,7 +184,16 @@ CLI = [  # (file, argv, sentence, early)
     ("fast_dllm", ["--temperature", "-1"], "temperature -1.0 must be 0 (greedy) or a positive number", True),
     ("fast_dllm", ["--temperature", "nan"], "temperature nan must be 0 (greedy)", True),
     ("fast_dllm", ["--guidance", "nan"], "guidance nan must be 0 (off) or a positive number", True),
-    ("fast_dllm", ["--guidance", "1", "--cache", "dual"], "only implemented for the baseline sampler", True),
+    ("fast_dllm", ["--guidance", "1", "--cache", "dual"], "only implemented for the LLaDA baseline sampler", True),
+    ("fast_dllm", ["--arch", "dream", "--guidance", "1"], "only implemented for the LLaDA baseline sampler", True),
+    ("fast_dllm", ["--arch", "dream", "--factor", "1"], "the factor rule is LLaDA's; Dream's samplers take a threshold",
+     True),
+    ("fast_dllm", ["--arch", "dream", "--cache", "prefix", "--steps", "1"], "needs at least 2 steps per block", True),
+    ("fast_dllm", ["--arch", "dream", "--threshold", "0.9", "--steps", "5"],
+     "gen_length 32 must be a multiple of steps 5", True),
+    ("fast_dllm", ["--arch", "dream", "--ckpt", "x"], "--arch picks a tiny model", True),
+    ("fast_dllm", ["--arch", "dream", "--cache", "dual", "--alg", "topk_margin"],
+     "alg 'topk_margin' is for Dream's own sampler (cache none)", True),
     ("fast_dllm", ["--prompt", "  "], "the prompt is empty", True),
     ("fast_dllm", ["--prompt", "hello"], "the tiny model only sorts 3 to 6 digits 0-9", True),
     ("fast_dllm", ["--prompt", "sort 31"], "the tiny model only sorts 3 to 6 digits 0-9", True),
@@ -259,25 +268,25 @@ CALLS = [  # (file, call, sentence)
     ("sana", lambda m, b: m.check_tiny_prompt("a purple hexagon on a white background"),
      'does not know "purple", "hexagon"'),
     # fast_dllm.py
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada_cut_config"]), "config.json is not valid JSON"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada_cut_weights"]),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_config"]), "config.json is not valid JSON"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_weights"]),
      "model.safetensors is not a readable safetensors file"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada_code_bin"]),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_code_bin"]),
      "pytorch_model.bin holds pickled Python objects besides tensors; it was not loaded, since unpickling them could "
      "run code"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada_text_bin"]), "pytorch_model.bin is not a PyTorch checkpoint"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["text.pth"]), "is a file; give the checkpoint folder"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["folder"]), "has no config.json: not a LLaDA checkpoint folder"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config="junk"), "unknown preset 'junk'; known: LLaDA-8B-Base"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config=3), "config must be a LLaDAConfig or a preset name"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], config="tiny-sort"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_text_bin"]), "pytorch_model.bin is not a PyTorch checkpoint"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["text.pth"]), "is a file; give the checkpoint folder"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["folder"]), "has no config.json: not a LLaDA or Dream checkpoint folder"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], config="junk"), "unknown preset 'junk'; known: LLaDA-8B-Base"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], config=3), "config must be a LLaDAConfig, a DreamConfig or a preset name"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], config="tiny-sort"),
      "with another shape: model.transformer.blocks.0.attn_norm.weight (64,) (model: (96,))"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], dtype="float8"), "dtype 'float8' is not one of"),
-    ("fast_dllm", lambda m, b: m.load_llada(b["llada"], device="banana"), "unknown device 'banana'"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], dtype="float8"), "dtype 'float8' is not one of"),
+    ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], device="banana"), "unknown device 'banana'"),
     ("fast_dllm", lambda m, b: m.get_preset("LLaDA-9B"), "unknown preset 'LLaDA-9B'; known: LLaDA-8B-Base"),
     ("fast_dllm", lambda m, b: m.config_from_json(b["cut.json"]), "cut.json is not valid JSON"),
-    ("fast_dllm", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny LLaDA written by `python fast_dllm.py"),
-    ("fast_dllm", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny LLaDA written by"),
+    ("fast_dllm", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny model written by `python fast_dllm.py"),
+    ("fast_dllm", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny model written by"),
     ("fast_dllm", lambda m, b: m.load_tiny(b["text.pth"]), "is not a readable safetensors file"),
     ("fast_dllm", lambda m, b: m.load_tiny(b["fast_dllm_tiny.safetensors"]), "fast_dllm_tiny_tokenizer.json not found"),
     ("fast_dllm", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python fast_dllm.py --train`"),
@@ -374,7 +383,7 @@ def test_fast_dllm_out_writes_the_answer(tmp_path, monkeypatch, capsys):
 def test_fast_dllm_loaders_take_dtype_names(bad):
     """dtype="float16" given as a string does the right thing in both fast_dllm loaders."""
     model, _ = fast_dllm.load_tiny(dtype="float16")
-    llada, _ = fast_dllm.load_llada(bad["llada"], dtype="float16")
+    llada, _ = fast_dllm.load_checkpoint(bad["llada"], dtype="float16")
     assert {p.dtype for m in (model, llada) for p in m.parameters()} == {torch.float16}
 
 

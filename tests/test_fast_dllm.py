@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import shutil
+import unicodedata
 
 import pytest
 import torch
@@ -14,7 +15,16 @@ from safetensors.torch import load_file, save_file
 import fast_dllm as fd
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "fast_dllm")
-CASES = sorted(d for d in os.listdir(FIXTURES) if os.path.exists(os.path.join(FIXTURES, d, "runs.json")))
+ALL_CASES = sorted(d for d in os.listdir(FIXTURES) if os.path.exists(os.path.join(FIXTURES, d, "runs.json")))
+
+
+def family(name):
+    with open(os.path.join(FIXTURES, name, "config.json")) as f:
+        return json.load(f)["model_type"]
+
+
+CASES = [c for c in ALL_CASES if family(c) == "llada"]
+DREAM_CASES = [c for c in ALL_CASES if family(c) == "Dream"]
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
 
 
@@ -27,15 +37,16 @@ def one_thread():
 @functools.lru_cache(maxsize=None)
 def case(name):
     folder = os.path.join(FIXTURES, name)
-    model, _ = fd.load_llada(folder)
+    model, _ = fd.load_checkpoint(folder)
+    assert isinstance(model, fd.Dream) == (family(name) == "Dream")
     with open(os.path.join(folder, "runs.json")) as f:
         runs = json.load(f)
     return model, load_file(os.path.join(folder, "io.safetensors")), runs
 
 
-def all_runs():
+def all_runs(cases):
     out = []
-    for c in CASES:
+    for c in cases:
         with open(os.path.join(FIXTURES, c, "runs.json")) as f:
             out += [(c, r) for r in json.load(f)["runs"]]
     return out
@@ -63,8 +74,9 @@ def sampler_kwargs(kw, model):
                 remasking=kw["remasking"], guidance=kw.get("cfg_scale", 0.0))
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ALL_CASES)
 def test_plain_and_cached_forward_logits(name):
+    """Both families: a plain forward, and the PrefixCache / DualCache forwards from a stale cache (raw logits)."""
     model, io, _ = case(name)
     logits, _ = model(io["logits_input_ids"])
     assert_close("logits", logits, io["logits"], atol=1e-4, rtol=0)
@@ -76,10 +88,10 @@ def test_plain_and_cached_forward_logits(name):
     dual_logits, _ = model(io["cache_x_state"][:, s:e], start=s, past=kv)
     assert_close("DualCache logits", dual_logits, io["cache_dual_logits"], atol=1e-4, rtol=0)
     # the approximation is real: the cached logits are not the exact ones
-    assert not torch.allclose(dual_logits, io["cache_full_logits_state"][:, s:e], atol=1e-4)
+    assert not torch.allclose(dual_logits, model(io["cache_x_state"])[0][:, s:e], atol=1e-4)
 
 
-@pytest.mark.parametrize("name,run", all_runs())
+@pytest.mark.parametrize("name,run", all_runs(CASES))
 def test_sampler_tokens_and_nfe(name, run):
     model, io, runs = case(name)
     r = runs["runs"][run]
@@ -88,6 +100,55 @@ def test_sampler_tokens_and_nfe(name, run):
     out, nfe = fd.generate(model, io["prompt_ids"], cache=CACHE_OF[r["function"]], **sampler_kwargs(r["kwargs"], model))
     assert torch.equal(out, io[f"out/{run}"])
     assert nfe == expected_nfe(io, runs["runs"], run)
+
+
+def dream_sampler_kwargs(kw, model):
+    """A Dream run's recorded diffusion_generate arguments -> generate()'s; anything else fails the test."""
+    known = {"max_new_tokens", "steps", "temperature", "top_p", "top_k", "alg", "alg_temp", "threshold", "eps",
+             "block_length", "dual_cache"}
+    assert set(kw) <= known, f"runs.json has sampler arguments this test does not pass on: {set(kw) - known}"
+    assert kw["top_p"] is None and kw["top_k"] is None and not kw["alg_temp"], "top-p / top-k / alg_temp: not here"
+    threshold = kw["threshold"] if kw["alg"] == "confidence_threshold" else None
+    return dict(gen_length=kw["max_new_tokens"], block_length=kw.get("block_length") or kw["max_new_tokens"],
+                steps=kw["steps"], threshold=threshold, temperature=kw["temperature"], eps=kw["eps"],
+                alg=kw["alg"] if threshold is None else "entropy")
+
+
+@pytest.mark.parametrize("name,run", all_runs(DREAM_CASES))
+def test_dream_sampler_tokens_and_forwards(name, run):
+    """Dream's own sampler (generation_utils: cache none) and Fast-dLLM's Dream sampler (generation_utils_block:
+    PrefixCache, or DualCache), token for token and forward for forward."""
+    model, io, runs = case(name)
+    r = runs["runs"][run]
+    cache = "none" if r["module"] == "generation_utils" else "dual" if r["kwargs"]["dual_cache"] else "prefix"
+    out, nfe = fd.generate(model, io["prompt_ids"], cache=cache, **dream_sampler_kwargs(r["kwargs"], model))
+    assert torch.equal(out, io[f"out/{run}"])
+    assert nfe == int(io[f"ncalls/{run}"]) == r["forward_calls"]
+
+
+def batch_rules(dream, num_blocks, gen_length):
+    rules = [dict(steps=gen_length // 2), dict(steps=num_blocks, threshold=0.7)]
+    return rules if dream else rules + [dict(steps=num_blocks, factor=1.0)]
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_batch_rows_match_single_runs(name, cache):
+    """A batch of prompts of four different lengths (left-padded) gives every row exactly the tokens that row gets
+    alone, with every sampler and rule, for both families (random weights: no easy margins)."""
+    model, io, runs = case(name)
+    prompt = io["prompt_ids"][0]
+    P = len(prompt)
+    prompts = [prompt, prompt[P // 3:], prompt[:P - P // 2], prompt[1:P - 1]]
+    G, block = runs["G"], runs["block_length"]
+    for rule in batch_rules(isinstance(model, fd.Dream), G // block, G):
+        kw = dict(gen_length=G, block_length=block, cache=cache, **rule)
+        out, _ = fd.generate(model, prompts, **kw)
+        assert out.shape == (4, P + G)
+        for row, p in zip(out, prompts):
+            alone, _ = fd.generate(model, p[None], **kw)
+            assert torch.equal(row[P - len(p):], alone[0]), (kw, len(p))
+            assert (row[:P - len(p)] == model.cfg.eos_token_id).all(), "left padding with the pad (EOS) id"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -122,27 +183,34 @@ def test_forward_process_masks_at_rate_p_and_keeps_prompt():
     assert ((frac - p).abs() <= 5 * sigma + 1e-3).all(), (frac - p).abs().max()
 
 
-def test_full_size_model_matches_published_manifest():
-    with open(os.path.join(FIXTURES, "manifests", "llada_8b_state_dict_shapes.json")) as f:
+@pytest.mark.parametrize("config,shapes,presets", [
+    ("llada_8b_config.json", "llada_8b_state_dict_shapes.json", ("LLaDA-8B-Instruct", "LLaDA-8B-Base")),
+    ("dream_v0_7b_config_assumed.json", "dream_v0_7b_state_dict_shapes.json",
+     ("Dream-v0-Instruct-7B", "Dream-v0-Base-7B"))])
+def test_full_size_model_matches_published_manifest(config, shapes, presets):
+    with open(os.path.join(FIXTURES, "manifests", shapes)) as f:
         manifest = json.load(f)
-    cfg = fd.config_from_json(os.path.join(FIXTURES, "manifests", "llada_8b_config.json"))
-    assert cfg == fd.PRESETS["LLaDA-8B-Instruct"] == fd.PRESETS["LLaDA-8B-Base"]
+    cfg = fd.config_from_json(os.path.join(FIXTURES, "manifests", config))
+    assert all(cfg == fd.PRESETS[p] for p in presets)
     with torch.device("meta"):
-        model = fd.LLaDA(cfg)
+        model = fd.build_model(cfg)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest
 
 
 def test_loading_errors(tmp_path):
     src = os.path.join(FIXTURES, CASES[0])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        fd.load_llada(str(tmp_path / "nope"))
+        fd.load_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        fd.load_llada(str(tmp_path))
-    other = tmp_path / "dream"
+        fd.load_checkpoint(str(tmp_path))
+    other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "Dream"}))
-    with pytest.raises(ValueError, match="'Dream' checkpoint, not LLaDA"):
-        fd.load_llada(str(other))
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ValueError, match="'qwen2' checkpoint, not LLaDA or Dream"):
+        fd.load_checkpoint(str(other))
+    (other / "config.json").write_text(json.dumps({"model_type": "Dream", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="has no 'num_hidden_layers': not a complete Dream config"):
+        fd.load_checkpoint(str(other))
     # a state dict with one key missing and one extra: both named in the error
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -152,16 +220,17 @@ def test_loading_errors(tmp_path):
     save_file(sd, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match=r"1 missing: model.transformer.blocks.1.up_proj.weight; "
                                          r"1 unexpected: model.transformer.blocks.9.q_proj.weight"):
-        fd.load_llada(str(broken))
+        fd.load_checkpoint(str(broken))
 
 
 def test_loads_in_the_dtype_asked():
     """A bf16 sharded checkpoint loads in float32 by default and in bfloat16 when asked, by name too."""
-    sharded = [c for c in CASES if os.path.exists(os.path.join(FIXTURES, c, "model.safetensors.index.json"))]
-    assert sharded, "no sharded case folder"
-    model, _ = fd.load_llada(os.path.join(FIXTURES, sharded[0]), dtype="bfloat16")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in case(sharded[0])[0].parameters()} == {torch.float32}
+    sharded = [c for c in ALL_CASES if os.path.exists(os.path.join(FIXTURES, c, "model.safetensors.index.json"))]
+    assert {family(c) for c in sharded} == {"llada", "Dream"}, "a sharded case folder of each family"
+    for name in sharded:
+        model, _ = fd.load_checkpoint(os.path.join(FIXTURES, name), dtype="bfloat16")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in case(name)[0].parameters()} == {torch.float32}
 
 
 def test_sampler_argument_errors():
@@ -170,8 +239,22 @@ def test_sampler_argument_errors():
         fd.generate(model, io["prompt_ids"], gen_length=30, block_length=8)
     with pytest.raises(ValueError, match="must be a positive multiple of the number of blocks"):
         fd.generate(model, io["prompt_ids"], gen_length=32, block_length=8, steps=6)
-    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length"):
+    with pytest.raises(ValueError, match="exceeds the model.s maximum sequence length"):
         fd.generate(model, io["prompt_ids"], gen_length=model.cfg.max_sequence_length, block_length=8)
+
+
+def test_dream_tokenizer_matches_the_official_one():
+    """Dream-v0 ships the slow Qwen2 files; load_tokenizer builds the same tokenizer from them (ids of the official
+    DreamTokenizer on chat markup, digits, whitespace runs, NFC normalisation, CJK, emoji, special tokens)."""
+    folder = os.path.join(FIXTURES, "dream_tokenizer")
+    with open(os.path.join(folder, "expected.json"), encoding="utf-8") as f:
+        cases = json.load(f)["cases"]
+    tok = fd.load_tokenizer(folder)
+    assert cases
+    for c in cases:
+        ids = tok.encode(c["text"], add_special_tokens=False).ids
+        assert ids == c["ids"], c["text"]
+        assert tok.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", c["text"])
 
 
 def test_chat_template():
@@ -201,8 +284,9 @@ def test_cli_with_a_checkpoint_folder(tmp_path, capsys, monkeypatch):
 # The committed tiny default
 
 
-def test_cli_tiny_answers(capsys):
-    fd.main(["--prompt", "sort 8315"])
+@pytest.mark.parametrize("argv", [[], ["--arch", "llada"], ["--arch", "dream", "--cache", "dual", "--threshold", "0.9"]])
+def test_cli_tiny_answers(capsys, argv):
+    fd.main(["--prompt", "sort 8315"] + argv)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("device cpu") and "1 thread" in lines[0]
     assert lines[1] == "1358" and "forward passes" in lines[2] and "tokens/s" in lines[2]
@@ -219,10 +303,13 @@ def test_cli_train_honours_seed(tmp_path, monkeypatch):
     assert (tmp_path / "cli_tokenizer.json").read_text() == committed  # written beside the weights
 
 
+@pytest.mark.parametrize("arch", list(fd.TINY_PRESETS))
 @pytest.mark.parametrize("sampler", [dict(gen_length=32, block_length=32),  # baseline, 1 token per forward
-                                     dict(gen_length=128, block_length=32, cache="dual", threshold=0.9)])
-def test_tiny_heldout_accuracy(sampler):
-    model, tok = fd.load_tiny()
+                                     dict(gen_length=128, block_length=32, cache="dual", threshold=0.9,
+                                          batch_size=16)])
+def test_tiny_heldout_accuracy(arch, sampler):
+    model, tok = fd.load_tiny(fd.TINY_PRESETS[arch][1])
+    assert isinstance(model, fd.Dream) == (arch == "dream")
     problems = fd.heldout_problems(200)[:100]  # half of the 200 held-out problems reported in the README
     assert all(fd.is_heldout(p.split()[1]) for p, _ in problems)
     acc, nfe, _ = fd.tiny_accuracy(model, tok, problems, **sampler)
