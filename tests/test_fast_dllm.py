@@ -280,6 +280,26 @@ def test_cli_with_a_checkpoint_folder(tmp_path, capsys, monkeypatch):
     assert "has no config.json" in capsys.readouterr().err
 
 
+def test_cli_with_a_dream_folder(tmp_path, capsys):
+    """--ckpt runs a Dream folder as published: config.json names the family, the tokenizer comes from the slow
+    files (vocab.json, merges.txt, tokenizer_config.json), the prompt goes through Dream's chat template."""
+    folder = tmp_path / "dream"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(FIXTURES, DREAM_CASES[0], name), folder / name)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(FIXTURES, "dream_tokenizer", name), folder / name)
+    fd.main(["--ckpt", str(folder), "--prompt", "What is 12*7?", "--gen-length", "16", "--block-length", "8",
+             "--cache", "dual", "--steps", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("[4 forward passes")  # 2 blocks x (block-start + 1 cached forward)
+    with pytest.raises(SystemExit):  # without the tokenizer files: named before anything loads
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            os.remove(folder / name)
+        fd.main(["--ckpt", str(folder), "--prompt", "hi"])
+    assert "has no tokenizer.json (nor a vocab.json + merges.txt)" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The committed tiny default
 
