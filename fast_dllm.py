@@ -45,8 +45,8 @@ Deviations from the official code: (1) LLaDA's forward counts (nfe) follow the l
 so a block filled by its block-start forward costs exactly one forward; the June-2025 code spent one extra, useless
 forward there (the tokens are identical in both). Dream's sampler exists only in the June-2025 form and is
 reproduced as it is, forward counts included. (2) Keys are cached after RoPE instead of re-rotated on every call
-(the same numbers). (3) Batches: upstream decodes one sequence at a time, its modeling code ignores the padding
-(positions and masks) and its DualCache breaks for batch > 1; here a left-padded row gets exactly its single-run
+(the same numbers). (3) Batches: upstream decodes one sequence at a time, its modeling code does not mask the padding
+and its DualCache breaks for batch > 1; here a left-padded row gets exactly its single-run
 tokens (section 6). (4) LLaDA's and Dream's training code was never released: the losses follow LLaDA's
 GUIDELINES.md; Dream's reads the shifted logits (its context-adaptive noise rescheduling is not implemented).
 (5) Dream with temperature > 0 samples the same distributions as upstream but not the same random stream; Dream's
@@ -140,8 +140,8 @@ PRESETS = {
 # 2. Modules
 # ----------------------------------------------------------------------------------------------------------
 # Both families share the pieces: RMSNorm, rotate-half RoPE, bidirectional attention with Fast-dLLM's cache, SwiGLU.
-# Batches of prompts of different lengths are left-padded: `pad` (B,) counts each row's padding tokens; a row's
-# positions start after its padding and no query attends to a padding key, so each row computes what it would alone.
+# Batches of prompts of different lengths are left-padded: `pad` (B,) counts each row's padding tokens, and no query
+# attends to a padding key. A row's positions need no shift: RoPE scores depend only on position differences.
 
 
 class RMSNorm(nn.Module):
@@ -157,17 +157,13 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(start, q, head_dim, theta, pad=None, device=None):
-    """cos/sin in float32 for the absolute positions [start, start + q) (NeoX / HF-Llama rotate-half layout):
-    (q, hd), or (B, 1, q, hd) when left padding `pad` (B,) shifts each row's positions back."""
+def rope_tables(start, q, head_dim, theta, device=None):
+    """cos/sin tables (q, hd) in float32 for the absolute positions [start, start + q) (NeoX / HF-Llama
+    rotate-half layout)."""
     pos = torch.arange(start, start + q, device=device, dtype=torch.float)
-    if pad is not None:
-        pos = pos[None] - pad[:, None].float()  # (B, q); padding positions go negative: they are never attended
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-    angles = pos[..., None] * inv_freq  # (..., q, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (..., q, hd)
-    if pad is not None:
-        angles = angles[:, None]  # (B, 1, q, hd): broadcast over heads
+    angles = torch.outer(pos, inv_freq)  # (q, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (q, hd)
     return angles.cos(), angles.sin()
 
 
@@ -313,7 +309,7 @@ class Dream(nn.Module):
 
 
 def run_layers(embed, blocks, norm, head, cfg, ids, start, past, pad):
-    cos, sin = rope_tables(start, ids.shape[1], cfg.head_dim, cfg.rope_theta, pad, ids.device)
+    cos, sin = rope_tables(start, ids.shape[1], cfg.head_dim, cfg.rope_theta, ids.device)
     h = embed(ids)  # (B, q, D); no scaling, no absolute position embedding
     kv = []
     for i, block in enumerate(blocks):
@@ -653,10 +649,10 @@ def ddp_setup(device="cpu"):
 # 6. Sampler
 # ----------------------------------------------------------------------------------------------------------
 # `generate` takes one prompt or a batch. Prompts of different lengths are left-padded (`left_pad`), so every row's
-# answer occupies the same columns and the blocks line up; the padding is masked out of attention and each row keeps
-# its own positions (section 2), so a row gets exactly the tokens it gets alone. Rows that finish a block early wait,
-# committing nothing, while the others go on. (Upstream decodes one sequence at a time: its padding is not masked
-# and its DualCache indexing breaks for batch > 1, Fast-dLLM issues #17 and #57.)
+# answer occupies the same columns and the blocks line up; the padding is masked out of attention (section 2), so a
+# row gets exactly the tokens it gets alone. Rows that finish a block early wait, committing nothing, while the
+# others go on. (Upstream decodes one sequence at a time: its padding is not masked and its DualCache indexing
+# breaks for batch > 1, Fast-dLLM issues #17 and #57.)
 
 
 def chat_template(user_text):
@@ -894,6 +890,24 @@ def generate_llada(model, x, pad, gen_length, block_length, steps, cache, thresh
 DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin")
 
 
+def dream_window(logits, win, mask_id, alg, temperature):
+    """(shifted) logits (B, W, V) and tokens win (B, W) -> eligible (the MASKs), Dream's confidence there (-inf
+    elsewhere) and candidate tokens (the current ones elsewhere), each (B, W)."""
+    eligible = win == mask_id
+    conf = torch.full(win.shape, -math.inf, device=win.device, dtype=logits.dtype)
+    cand = win.clone()
+    conf[eligible], cand[eligible] = dream_candidates(logits[eligible], alg, temperature)
+    return eligible, conf, cand
+
+
+def schedule_quota(eligible, timesteps, i):
+    """Dream's schedule, step i of len(timesteps) - 1: int(n (1 - t_{i+1} / t_i)) of each row's n MASKs, in float32
+    as upstream computes it, and all of them on the last step."""
+    n = eligible.sum(1).float()  # (B,)
+    last = i == len(timesteps) - 2
+    return [int(n_j) if last else int(n_j * (1 - timesteps[i + 1] / timesteps[i])) for n_j in n]
+
+
 def generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps):
     """Dream's samplers. Logits are shifted right by one (Dream predicts the next token).
     cache="none": Dream's own sampler (HKUNLP, generation_utils.py), no blocks. With timesteps t_i linearly from 1
@@ -914,16 +928,10 @@ def generate_dream(model, x, pad, gen_length, block_length, steps, cache, thresh
         while i < max(row_steps):
             logits = shift_logits(model(x, pad=pad)[0])
             nfe += 1
-            eligible = x == mask_id
-            conf = torch.full(x.shape, -math.inf, device=x.device, dtype=logits.dtype)
-            cand = x.clone()
-            conf[eligible], cand[eligible] = dream_candidates(logits[eligible], alg if threshold is None else
-                                                              "maskgit_plus", temperature)
+            eligible, conf, cand = dream_window(logits, x, mask_id, alg if threshold is None else "maskgit_plus",
+                                                temperature)
             if threshold is None:
-                t, s = timesteps[i], timesteps[i + 1]
-                n = eligible.sum(1).float()  # (B,) MASKs left per row
-                k = [int(n[j] * (1 - s / t)) if i < steps - 1 else int(n[j]) for j in range(B)]
-                x = commit(x, cand, conf, eligible, quota=k)
+                x = commit(x, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
             else:
                 for j in range(B):
                     if i >= row_steps[j]:  # this row is done
@@ -961,20 +969,14 @@ def generate_dream(model, x, pad, gen_length, block_length, steps, cache, thresh
             nfe += 1
             logits = shift_logits(logits)[:, :block_length]  # shifted within the window, as upstream
             win = x[:, s:e]
-            eligible = win == mask_id
-            conf = torch.full(win.shape, -math.inf, device=x.device, dtype=logits.dtype)
-            cand = win.clone()
-            conf[eligible], cand[eligible] = dream_candidates(logits[eligible], "entropy" if threshold is None else
-                                                              "maskgit_plus", temperature)
+            eligible, conf, cand = dream_window(logits, win, mask_id, "entropy" if threshold is None else
+                                                "maskgit_plus", temperature)
             if threshold is not None:
                 x[:, s:e] = commit(win, cand, conf, eligible, threshold=threshold)
             elif i == steps_per_block:  # only if the model committed the MASK id itself; upstream stops here too
                 break
             else:
-                t, t_next = timesteps[i], timesteps[i + 1]
-                n = eligible.sum(1).float()
-                k = [int(n[j] * (1 - t_next / t)) if i < steps_per_block - 1 else int(n[j]) for j in range(B)]
-                x[:, s:e] = commit(win, cand, conf, eligible, quota=k)
+                x[:, s:e] = commit(win, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
                 i += 1
             if not (x[:, s:e] == mask_id).any():
                 break
