@@ -4,7 +4,9 @@
     score(image, caption)       -> which of colour / shape / count / background match the caption
     fidelity(images, captions)  -> fraction of images whose colour, shape and count are all right
     report(images, captions)    -> that fraction, per attribute and per shape
-    readme_prompts()            -> the README's 24 prompts; second_prompts() the 48 no setting was chosen on
+    readme_prompts()            -> the README's 24 prompts; second_prompts() the 48 no setting was chosen on;
+    all_color_prompts()         -> 48 more with objects of every colour
+    render(caption, seed)       -> a rendering of the caption's scene
 
 Pixels are snapped to the nearest palette colour; the most common one is the background, the most common
 other one the object colour. Objects are the 4-connected components of that colour (specks dropped). The data draws
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dcae import COUNT_WORDS, SHAPE_COLORS, SHAPES, random_scene, shapes_caption  # noqa: E402
+from dcae import COLORS, COUNT_WORDS, SHAPE_COLORS, SHAPES, draw_shapes, random_scene, shapes_caption  # noqa: E402
 
 _NAMES = list(SHAPE_COLORS)
 _PALETTE = np.array([SHAPE_COLORS[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
@@ -100,10 +102,21 @@ def report(images, captions):
     return out
 
 
-def prompts(n, seed):
+# The first prompt sets were drawn when only these four colours were object colours (any colour is now): they are
+# kept as they were, so that scores stay comparable across designs.
+FOUR_COLORS = ("red", "green", "blue", "yellow")
+
+
+def render(caption, seed):
+    """A rendering of the caption's scene (uint8 (64, 64, 3)), objects placed from the seed."""
+    c = parse_caption(caption)
+    return np.asarray(draw_shapes(c["count"], c["color"], c["shape"], c["background"], rng=random.Random(seed)))
+
+
+def prompts(n, seed, colors=FOUR_COLORS):
     """n captions drawn like the training data (count, colour, shape, background), deterministic from the seed."""
     rng = random.Random(seed)
-    return [shapes_caption(*random_scene(rng)) for _ in range(n)]
+    return [shapes_caption(*random_scene(rng, colors)) for _ in range(n)]
 
 
 def readme_prompts():
@@ -121,5 +134,10 @@ def second_prompts():
     return prompts(48, seed=31337)
 
 
-__all__ = ["parse_caption", "read_scene", "score", "fidelity", "report", "readme_prompts", "choice_prompts",
-           "second_prompts", "COUNT_WORDS", "SHAPES"]
+def all_color_prompts():
+    """48 prompts with objects of any colour (white, black and gray too), that no setting was chosen on."""
+    return prompts(48, seed=4242, colors=COLORS)
+
+
+__all__ = ["parse_caption", "render", "read_scene", "score", "fidelity", "report", "readme_prompts", "choice_prompts",
+           "second_prompts", "all_color_prompts", "COUNT_WORDS", "SHAPES"]

@@ -143,11 +143,11 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--width", "-64"], "--width must be a positive number of pixels, not -64", True),
     ("sana", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64", True),
     ("sana", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
-     "a 100000x100000 image needs about 3,200.0 GB of memory", True),
+     "a 100000x100000 image needs about 6,400.0 GB of memory", True),
     ("sana", ["--prompt", "a purple hexagon on a white background"], 'the tiny model does not know "purple", "hexagon"',
      True),
     ("sana", ["--prompt", "a red circle"], "the tiny model draws only prompts of the form \"a/two/three <colour> "
-                                           "<shape>[s] on a <colour> background\" with the colours red, green", True),
+                                           "<shape>[s] on a <colour> background\" with the colours white, black", True),
     ("sana", ["--prompt", "a red circle"], "'a red circle' is not one", True),
     ("sana", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
     ("sana", ["--prompt", SANA_PROMPT, "--out", "img.xyz"], "the file name must end in .png", True),
