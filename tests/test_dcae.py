@@ -191,3 +191,15 @@ def test_gan_phase_updates_the_discriminator():
     opt = torch.optim.SGD(dcae.trainable_parameters(model, 3), lr=0.1)
     dcae.train_step(model, x, opt, disc=disc, disc_opt=torch.optim.SGD(disc.parameters(), lr=0.1))
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+
+
+def test_gan_flag_reaches_the_decoder_refinement(tmp_path):
+    """--gan adds the GAN loss in the decoder phases, so the tiny recipe's phase 4 trains differently with it."""
+    recipe = ((1, 2, 4, 32, 1e-3), (4, 2, 4, 32, 1e-3))
+    runs = []
+    for gan in (False, True):
+        dcae.train_tiny(seed=5, out=str(tmp_path / f"{gan}.safetensors"), log=lambda *a: None, recipe=recipe, gan=gan)
+        runs.append(load_file(str(tmp_path / f"{gan}.safetensors")))
+    decoder_differs = [not torch.equal(runs[0][k], runs[1][k]) for k in runs[0] if k.startswith("decoder.")]
+    encoder_same = [torch.equal(runs[0][k], runs[1][k]) for k in runs[0] if k.startswith("encoder.")]
+    assert any(decoder_differs) and all(encoder_same)
