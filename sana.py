@@ -1623,9 +1623,11 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
+    why = "as asked"
     if bf16 is None:
         bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    precision = "bfloat16 autocast (AVX512-BF16/AMX)" if bf16 else "float32 (this CPU has no native bfloat16)"
+        why = "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
+    precision = f"{'bfloat16 autocast' if bf16 else 'float32'} ({why})"
     log(f"training on cpu, {precision}, {threads} thread(s) per process, {world} process(es)")
     torch.manual_seed(seed)
     t0 = time.time()
