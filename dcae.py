@@ -803,7 +803,7 @@ def place_objects(count, rng, gap=0.06):
                 if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
                     boxes.append((cx, cy, r))
                     break
-            else:
+            else:  # no room for this object after 100 tries: draw the scene again
                 break
         if len(boxes) == count:
             return boxes

@@ -69,3 +69,18 @@ def test_scorer_needs_every_object_to_match():
         assert read_scene(image) == dict(background="white", color="red", shape="mixed", count=2)
         assert not score(image, "two red squares on a white background")["shape"]
         assert not score(image, "two red circles on a white background")["shape"]
+
+
+def test_objects_keep_their_gap_and_stay_inside():
+    """Every placement of every count keeps the objects' bounding boxes `gap` apart and inside the image, with
+    radii in the count's range (the redraw, not an overlap, is what happens when a scene runs out of room)."""
+    rng = random.Random(11)
+    for count in (1, 2, 3):
+        lo, hi = dcae.RADIUS[count]
+        for _ in range(300):
+            boxes = dcae.place_objects(count, rng)
+            assert len(boxes) == count
+            assert all(lo <= r <= hi and r < cx < 1 - r and r < cy < 1 - r for cx, cy, r in boxes)
+            for i, (ax, ay, ar) in enumerate(boxes):
+                for bx, by, br in boxes[:i]:
+                    assert abs(ax - bx) > ar + br + 0.06 or abs(ay - by) > ar + br + 0.06
