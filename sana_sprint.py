@@ -1,0 +1,2052 @@
+"""SANA-Sprint: one- to four-step text-to-image generation, distilled from a SANA flow model.
+
+Chen et al., "SANA-Sprint: One-Step Diffusion with Continuous-Time Consistency Distillation", arXiv 2503.09641.
+Official code: github.com/NVlabs/Sana (train_scripts/train_scm_ladd.py). The backbone is SANA's linear DiT
+(sana.py); what Sprint adds turns a 20-step flow model into a 1-4 step one:
+
+  1. TrigFlow without retraining (paper Sec. 3.1): a flow-matching model v(x_s, s) is rewritten, by algebra alone,
+     as a TrigFlow model F(x_t, t), x_t = cos(t) x0 + sin(t) z, the parameterization continuous-time consistency
+     models need. `trigflow` below is that conversion, line by line.
+  2. sCM distillation (Sec. 3.2, Lu & Song 2024): the student learns to jump from any point of the teacher's ODE
+     to its end; its training signal needs the time derivative of the student along the ODE, dF/dt, which a
+     forward-mode JVP gives in one pass. Dense time, qk-norm and a guidance embedding (no CFG batch at inference)
+     keep that derivative stable.
+  3. LADD (Sec. 3.3): a latent adversarial loss whose discriminator reads the frozen teacher's hidden states,
+     which sharpens the one-step samples that the consistency loss alone leaves soft.
+
+Inside, top to bottom:
+  1. Config and presets: `SprintConfig`, one preset per published checkpoint (students and their teachers)
+  2. Modules: SANA's blocks (copied from sana.py) and Sprint's time + guidance embedding
+  3. Model: `SprintTransformer`, `trigflow` (the flow -> TrigFlow conversion)
+  4. Components, skip on first read: the Gemma-2 text encoder, the DC-AE and the shapes data, copied
+  5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
+  6. Training: the dense-time teacher, the sCM loss with its JVP, LADD's discriminator and losses
+  7. Sampler: the sCM schedule and loop (text-to-image and image-to-image), the `SanaSprint` pipeline
+  8. Tiny default: `train_tiny` distils the committed tiny SANA (weights/sana_tiny.safetensors), `load_tiny`
+  9. CLI
+
+Run:
+  python sana_sprint.py --prompt "two red circles on a blue background" --steps 1     # tiny default, 64x64 PNG
+  python sana_sprint.py --prompt "a cat" --ckpt Sana_Sprint_1.6B_1024px_diffusers --steps 2
+  python sana_sprint.py --prompt "..." --ckpt DIR --image in.png --strength 0.6       # image-to-image
+  python sana_sprint.py --train               # distil the tiny default again (weights/sana_sprint_tiny.safetensors)
+
+Shapes: B batch, C latent channels, H/W latent height/width, p patch size, h/w the token grid, N = h*w image tokens,
+        L text tokens, D width, d head dim; t the TrigFlow time in [0, pi/2] (t = 0 data, pi/2 noise), s the flow
+        time in [0, 1] with s = sin t / (sin t + cos t), sigma_d = 0.5 the data std TrigFlow assumes.
+
+Deviations from the official code: (1) the model follows diffusers' numerics (qk-norm eps 1e-5 in the
+cross-attention, which the original runs at 1e-6, and SDPA instead of its fp32 attention), since the parity
+fixtures come from diffusers; (2) AdamW instead of CAME; (3) image-to-image starts at t = strength * pi/2 and
+spaces the steps evenly from there, where diffusers' img2img pipeline drops whole steps of the text-to-image
+schedule; (4) the tiny default's teacher fine-tune first fits the dense-time embedding to the old one by
+regression, then fine-tunes briefly (section 8); the published teachers were fine-tuned at length.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+try:  # Triton kernel on CUDA, PyTorch reference elsewhere
+    from kernels.linear_attention import relu_linear_attention
+except ImportError:  # this file was copied alone: use the in-file reference
+
+    # Copied from kernels/linear_attention.py: relu_linear_attention_ref
+    def relu_linear_attention_ref(q, k, v, eps=1e-15):
+        """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+        dtype = v.dtype
+        q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+        kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+        k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+        num = q @ kv  # (B, H, N, d)
+        den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+        return (num / (den + eps)).to(dtype)
+
+    relu_linear_attention = relu_linear_attention_ref
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_sprint_tiny.safetensors")
+TINY_TEACHER = os.path.join(HERE, "weights", "sana_tiny.safetensors")  # committed by `python sana.py --train`
+TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ----------------------------------------------------------------------------------------------------------
+# The published students and their teachers share SANA's two widths (0.6B: D 1152 x 28 blocks; 1.6B: D 2240 x 20),
+# all with qk-norm; a teacher has no guidance embedder.
+
+
+@dataclass
+class SprintConfig:
+    in_channels: int = 32  # DC-AE f32c32 latent
+    out_channels: int = 32
+    hidden_size: int = 1152  # D
+    depth: int = 28
+    num_heads: int = 36  # linear self-attention heads (head dim 32)
+    cross_heads: int = 16  # softmax cross-attention heads
+    caption_channels: int = 2304  # Gemma-2-2B width
+    mlp_ratio: float = 2.5
+    patch_size: int = 1
+    sample_size: int = 32  # latent grid of the training resolution
+    qk_norm: bool = True  # RMSNorm over the full D on q and k: keeps the JVP of training stable
+    interpolation_scale: float = None  # None = NoPE
+    guidance_embeds: bool = True  # the student's guidance embedder; False: a teacher (guided by CFG instead)
+    guidance_embeds_scale: float = 0.1  # the embedder sees 0.1 w
+    logvar: bool = True  # the adaptive loss weight's head (training only: not in the diffusers checkpoints)
+    sigma_data: float = 0.5  # the data std TrigFlow assumes (latents are scaled to unit std, then by sigma_d)
+
+
+_600M = dict(hidden_size=1152, depth=28, num_heads=36, cross_heads=16)
+_1600M = dict(hidden_size=2240, depth=20, num_heads=70, cross_heads=20)
+PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-Large-Model)
+    "Sana_Sprint_0.6B_1024px": SprintConfig(**_600M),
+    "Sana_Sprint_1.6B_1024px": SprintConfig(**_1600M),
+    "SANA_Sprint_0.6B_1024px_teacher": SprintConfig(**_600M, guidance_embeds=False),
+    "SANA_Sprint_1.6B_1024px_teacher": SprintConfig(**_1600M, guidance_embeds=False),
+    # the tiny default (section 8): the tiny SANA of sana.py, distilled
+    "tiny": SprintConfig(in_channels=4, out_channels=4, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
+                         caption_channels=64, sample_size=8, patch_size=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Modules
+# ----------------------------------------------------------------------------------------------------------
+# SANA's linear DiT blocks, unchanged (sana.py explains them), then the one module Sprint changes.
+
+
+# Copied from sana.py: RMSNorm
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w, in float32 (caption norm, qk-norm)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+# Copied from sana.py: ModulatedNorm
+class ModulatedNorm(nn.Module):
+    """LayerNorm without affine (eps 1e-6) followed by the adaLN shift/scale: a per-sample affine."""
+
+    def forward(self, x, shift, scale):  # x: (B, N, D), shift/scale: (B, 1, D)
+        return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale).to(x.dtype)  # LN(x)(1+scale)+shift
+
+
+# Copied from sana.py: sincos_2d
+def sincos_2d(dim, h, w, base, interpolation_scale):
+    """2-D sincos table (h*w, dim). Grid coordinates span [0, base) whatever h, w are, divided by the scale;
+    first half of the channels encodes the column (w) coordinate, second half the row (h) coordinate."""
+    def table_1d(pos):  # (n,) -> (n, dim/2): [sin | cos] of pos * omega_i
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+        out = pos.double()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    ys = torch.arange(h, dtype=torch.float32) / (h / base) / interpolation_scale
+    xs = torch.arange(w, dtype=torch.float32) / (w / base) / interpolation_scale
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each, row-major like the tokens
+    return torch.cat([table_1d(gx.flatten()), table_1d(gy.flatten())], dim=1).float()  # (h*w, dim)
+
+
+# Copied from sana.py: PatchEmbed
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        x = self.proj(x)  # (B, D, h, w)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major over (h, w)
+        if self.cfg.interpolation_scale is not None:  # 2K/4K models: table of the actual grid, not the base one
+            base = self.cfg.sample_size // self.cfg.patch_size
+            x = x + sincos_2d(D, h, w, base, self.cfg.interpolation_scale).to(x)
+        return x
+
+
+# Copied from sana.py: TimestepEmbedder
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> 256 sinusoid channels [cos | sin] -> MLP -> (B, D)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, 128)
+        emb = torch.cat([args.cos(), args.sin()], dim=-1).to(self.linear_1.weight.dtype)  # (B, 256)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+# Copied from sana.py: CaptionProjection
+class CaptionProjection(nn.Module):
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, y):  # (B, L, caption_channels) -> (B, L, D)
+        return self.linear_2(F.gelu(self.linear_1(y), approximate="tanh"))
+
+
+# Copied from sana.py: LinearSelfAttention
+class LinearSelfAttention(nn.Module):
+    """ReLU linear attention (paper sec. 2.2, eq. 2): O(N d^2) instead of O(N^2 d); no softmax, no scale, no PE."""
+
+    def __init__(self, dim, heads, qk_norm):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.norm_q = RMSNorm(dim) if qk_norm else None  # SANA 1.5: normalizes the whole D-vector, not per head
+        self.norm_k = RMSNorm(dim) if qk_norm else None
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only to match the checkpoint key "to_out.0"
+
+    def forward(self, x):  # x: (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # (B, N, D) each
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+        out = relu_linear_attention(q, k, v)  # phi = ReLU, accumulated in fp32   (B, H, N, d)
+        out = self.to_out[0](out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        if out.dtype == torch.float16:  # fp16 checkpoints overflow here otherwise
+            out = out.clip(-65504, 65504)
+        return out
+
+
+# Copied from sana.py: CrossAttention
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens to text tokens; padded text keys get an additive -10000 bias."""
+
+    def __init__(self, dim, heads, qk_norm):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim) if qk_norm else None
+        self.norm_k = RMSNorm(dim) if qk_norm else None
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x, y, bias):  # x: (B, N, D), y: (B, L, D), bias: (B, 1, 1, L) or None
+        B, N, D = x.shape
+        q, k, v = self.to_q(x), self.to_k(y), self.to_v(y)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, *, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, d), scale 1/sqrt(d)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, D))
+
+
+# Copied from sana.py: MixFFN
+class MixFFN(nn.Module):
+    """Mix-FFN ("GLUMBConv" in the official code, paper sec. 2.2): 1x1 conv -> SiLU -> 3x3 depthwise conv -> GLU
+    -> 1x1 conv. The depthwise conv mixes neighbouring tokens, which is what lets SANA drop positional embeddings."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.conv_inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x):  # x: (B, D, h, w)
+        x = self.conv_depth(F.silu(self.conv_inverted(x)))  # (B, 2 hidden, h, w)
+        value, gate = x.chunk(2, dim=1)  # first half value, second half gate
+        return self.conv_point(value * F.silu(gate))  # (B, D, h, w)
+
+
+# Copied from sana.py: SanaBlock
+class SanaBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+        self.norm1, self.norm2 = ModulatedNorm(), ModulatedNorm()
+        self.attn1 = LinearSelfAttention(D, cfg.num_heads, cfg.qk_norm)
+        self.attn2 = CrossAttention(D, cfg.cross_heads, cfg.qk_norm)
+        self.ff = MixFFN(D, int(D * cfg.mlp_ratio))
+
+    def forward(self, x, y, bias, t6, hw):  # x: (B, N, D), y: (B, L, D), t6: (B, 6D), hw = (h, w)
+        B, N, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, 1)
+        x = torch.addcmul(x, gate1, self.attn1(self.norm1(x, shift1, scale1)))  # x + gate1 attn  (B, N, D)
+        x = x + self.attn2(x, y, bias)  # cross-attention: no norm, no modulation, no gate
+        h = self.norm2(x, shift2, scale2).view(B, *hw, D).permute(0, 3, 1, 2)  # (B, D, h, w), in channels-last memory (a view)
+        return torch.addcmul(x, gate2, self.ff(h).flatten(2).transpose(1, 2))  # (B, N, D)
+
+
+class TimeGuidanceEmbedding(nn.Module):
+    """Sprint's adaLN-single (paper Sec. 3.1 and 4.1): the flow time s in [0, 1] enters the sinusoid directly (SANA
+    feeds 1000 s: the derivative dF/dt of training would be 1000x larger), and the guidance scale w, as 0.1 w,
+    through a second embedder of the same form, added. The sum drives every block's modulation and the final
+    layer, so one model serves every guidance scale without a CFG batch."""
+
+    def __init__(self, dim, guidance):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+        self.guidance_embedder = TimestepEmbedder(dim) if guidance else None
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, s, guidance=None):  # s, guidance: (B,)
+        emb = self.timestep_embedder(s)  # (B, D)
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("a Sprint student needs the guidance scale (guidance=0.1 w)")
+            emb = emb + self.guidance_embedder(guidance)
+        return self.linear(F.silu(emb)), emb  # (B, 6D), (B, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SprintTransformer(nn.Module):
+    """SANA's linear DiT with Sprint's time + guidance embedding and the logvar head. A flow model: it predicts
+    the velocity v = eps - x0 of x_s = (1 - s) x0 + s eps; `trigflow` turns it into the TrigFlow model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embed = TimeGuidanceEmbedding(D, cfg.guidance_embeds)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.caption_norm = RMSNorm(D)
+        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.norm_out = ModulatedNorm()
+        self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+        # the adaptive weight w(t) of the sCM loss (sCM paper Sec. 4.3) reads the time embedding
+        self.logvar_linear = nn.Linear(D, 1) if cfg.logvar else None
+
+    def forward(self, x, s, y, mask=None, guidance=None, features=()):
+        """x: (B, C, H, W) = x_s; s: (B,) flow time in [0, 1]; y: (B, L, caption_channels); mask: (B, L) 1 = keep;
+        guidance: (B,) = 0.1 w (students only). Returns v (B, C, H, W); with `features` (block indices), the
+        hidden states (B, N, D) after those blocks instead, computing no further (LADD's discriminator)."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
+        x = self.patch_embed(x)  # (B, N, D)
+        t6, emb = self.time_embed(s.expand(B), None if guidance is None else guidance.expand(B))
+        bias = None
+        if mask is not None:  # additive -10000 on padded text tokens, as SANA
+            if mask.any(dim=1).all():  # padding after the batch's last token gets exactly 0 weight: skip it
+                L = int(mask.nonzero()[:, 1].max()) + 1
+                y, mask = y[:, :L], mask[:, :L]
+            bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
+        hidden = []
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, y, bias, t6, (h, w))
+            if i in features:
+                hidden.append(x)
+                if len(hidden) == len(features):
+                    return hidden
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.proj_out(self.norm_out(x, shift, scale))  # (B, N, p*p*C)
+        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, -1, h * p, w * p)
+
+    def logvar(self, s, guidance=None):  # (B,) -> (B,): the log-variance of the sCM loss at this time
+        return self.logvar_linear(self.time_embed(s, guidance)[1]).squeeze(-1)
+
+
+def flow_time(t):
+    """TrigFlow time t (B,) -> the flow time s of the same noise level: tan t = s / (1 - s)."""
+    return torch.sin(t) / (torch.sin(t) + torch.cos(t))
+
+
+def trigflow(velocity, x, t):
+    """The training-free conversion of a flow model into a TrigFlow model (paper Sec. 3.1, eq. 5-6).
+    x: (B, C, H, W) = x_t / sigma_d = cos(t) x0/sigma_d + sin(t) eps, t: (B,); velocity(x_s, s) -> v. Returns F
+    with dx_t/dt = sigma_d F. The same noise level in flow terms: s = sin t / (sin t + cos t) and
+    x_s = (1 - s) x0/sigma_d + s eps = x / (sin t + cos t) = x sqrt(s^2 + (1 - s)^2). Substituting x0 and eps from
+    x_s and v = eps - x0/sigma_d into F = cos(t) eps - sin(t) x0/sigma_d gives
+    F = ((1 - 2s) x_s + (1 - 2s + 2s^2) v) / sqrt(s^2 + (1 - s)^2)."""
+    s = flow_time(t).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    r = torch.sqrt(s**2 + (1 - s) ** 2)  # = 1 / (sin t + cos t)
+    x_s = x * r
+    v = velocity(x_s, s.flatten())
+    return ((1 - 2 * s) * x_s + (1 - 2 * s + 2 * s**2) * v) / r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# Not Sprint's ideas, copied from sana.py and dcae.py: the Gemma-2 text encoder with the complex human instruction,
+# the DC-AE (its decoder for sampling, its encoder for image-to-image and the training latents), the shapes data.
+
+
+# Copied from sana.py: Gemma2Config
+@dataclass
+class Gemma2Config:  # defaults: gemma-2-2b-it, the text encoder of every published SANA
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_layers: int = 26
+    num_heads: int = 8
+    num_kv_heads: int = 4  # grouped-query attention
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256  # attention scale is its -1/2 power, not head_dim's
+    attn_softcap: float = 50.0  # scores -> 50 tanh(scores / 50)
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    sliding_window: int = 4096  # on even layers; inactive at SANA's ~400 tokens
+
+
+# Copied from sana.py: CHI
+CHI = "\n".join([
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    'image generation. Evaluate the level of detail in the user prompt:',
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+])
+# Copied from sana.py: MAX_TEXT_LEN
+MAX_TEXT_LEN = 300  # text tokens the DiT sees (model_max_length)
+
+
+# Copied from sana.py: GemmaRMSNorm
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm scales by (1 + w), w initialised at 0."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+# Copied from sana.py: rotate_half
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+# Copied from sana.py: GemmaAttention
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, H, Hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=False)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x, cos, sin, bias):  # x: (B, T, D), cos/sin: (T, d), bias: (B, 1, T, T)
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # RoPE
+        rep = c.num_heads // c.num_kv_heads  # grouped-query attention: each kv head serves `rep` q heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, d)
+        scores = (q @ k.transpose(-1, -2)) * c.query_pre_attn_scalar**-0.5  # (B, H, T, T)
+        scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)  # logit soft-capping
+        probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.o_proj((probs @ v).transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+# Copied from sana.py: GemmaMLP
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+# Copied from sana.py: GemmaLayer
+class GemmaLayer(nn.Module):
+    """Gemma-2 "sandwich" norms: each sub-layer is normalized before and after, then added."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_eps
+        self.input_layernorm, self.post_attention_layernorm = GemmaRMSNorm(D, eps), GemmaRMSNorm(D, eps)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = GemmaRMSNorm(D, eps), GemmaRMSNorm(D, eps)
+        self.self_attn = GemmaAttention(cfg)
+        self.mlp = GemmaMLP(cfg)
+
+    def forward(self, x, cos, sin, bias):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, bias))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+# Copied from sana.py: Gemma2
+class Gemma2(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([GemmaLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+    def forward(self, ids, mask):
+        """ids, mask: (B, T) right-padded, mask 1 = token. Returns the last hidden state (B, T, D), final norm
+        applied. Padded positions are computed too (causal: they see the real tokens); SANA carries them along."""
+        c = self.cfg
+        B, T = ids.shape
+        x = self.embed_tokens(ids)
+        x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype)  # Gemma scales embeddings by sqrt(D)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+        ang = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq[None]  # (T, d/2)
+        ang = torch.cat([ang, ang], dim=-1).to(ids.device)  # (T, d)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        pos = torch.arange(T, device=ids.device)
+        causal = pos[None, :] <= pos[:, None]  # (T, T) query row, key column
+        local = causal & (pos[:, None] - pos[None, :] < c.sliding_window)  # even layers: sliding window
+        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): padded keys are never attended
+        biases = [torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~(m & keep), float("-inf"))
+                  for m in (local, causal)]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, biases[i % 2])
+        return self.norm(x)
+
+
+# Copied from sana.py: tokenize
+def tokenize(tok, texts, length, bos_id=2, pad_id=0):
+    """Right-padded, truncated to `length` tokens, BOS first (as Gemma's tokenizer does). Returns ids, mask (B, T)."""
+    ids = torch.full((len(texts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        t = tok.encode(text).ids  # the tokenizer's post-processor adds BOS; add it if it does not
+        t = (t if t[:1] == [bos_id] else [bos_id] + t)[:length]
+        ids[i, :len(t)], mask[i, :len(t)] = torch.tensor(t), 1
+    return ids, mask
+
+
+# Copied from sana.py: encode_prompts
+@torch.no_grad()
+def encode_prompts(text_encoder, tok, prompts, max_len=MAX_TEXT_LEN, chi=CHI):
+    """Prompts -> (B, max_len, D) embeddings and (B, max_len) mask, as the SANA pipelines do.
+    With the CHI: tokenize CHI + prompt to n_chi + max_len - 2 tokens, then keep BOS and the last max_len - 1
+    positions (the end of the instruction, the prompt, the padding). Without it: plain max_len padding."""
+    prompts = [p.lower().strip() for p in prompts]  # diffusers' text preprocessing (clean_caption=False)
+    if chi:
+        n_chi = len(tokenize(tok, [chi], 10**6)[1].nonzero())  # tokens of the instruction, BOS included
+        ids, mask = tokenize(tok, [chi + p for p in prompts], n_chi + max_len - 2)
+    else:
+        ids, mask = tokenize(tok, prompts, max_len)
+    device = text_encoder.embed_tokens.weight.device
+    ids, mask = ids.to(device), mask.to(device)
+    emb = text_encoder(ids, mask)  # (B, T, D)
+    if chi:
+        select = [0] + list(range(-max_len + 1, 0))
+        emb, mask = emb[:, select], mask[:, select]
+    return emb, mask
+
+
+# Copied from sana.py: tokens_cut
+def tokens_cut(tok, prompt, max_len=MAX_TEXT_LEN, chi=CHI):
+    """How many tokens of `prompt` encode_prompts drops for lack of room (0: none)."""
+    prompt = prompt.lower().strip()
+    if chi:
+        n_chi = len(tokenize(tok, [chi], 10**6)[1].nonzero())
+        return max(0, int(tokenize(tok, [chi + prompt], 10**6)[1].sum()) - (n_chi + max_len - 2))
+    return max(0, int(tokenize(tok, [prompt], 10**6)[1].sum()) - max_len)
+
+
+# Copied from sana.py: VAE_SCALE
+VAE_SCALE = 0.41407  # DC-AE f32c32-sana latent scaling: z = scale * encode(x); decode(z / scale)
+
+
+# Copied from dcae.py: DCAEConfig
+@dataclass
+class DCAEConfig:
+    latent_channels: int = 32
+    widths: tuple = (128, 256, 512, 512, 1024, 1024)
+    encoder_depths: tuple = (2, 2, 2, 3, 3, 3)
+    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
+    encoder_blocks: tuple = ("ResBlock",) * 3 + ("EViTS5",) * 3
+    decoder_blocks: tuple = ("ResBlock",) * 3 + ("EViTS5",) * 3
+    decoder_norms: tuple = ("rms",) * 6  # "rms" (RMSNorm2d) or "bn" (BatchNorm2d, eval-mode running stats)
+    decoder_acts: tuple = ("silu",) * 6  # "silu" or "relu"
+    decoder_head_act: str = "relu"  # activation before the last conv (relu in 1.0, silu in lite / 1.5)
+    downsample: str = "conv"  # "conv" (stride-2 3x3) or "pixel_unshuffle" (3x3 conv then space-to-channel)
+    upsample: str = "interpolate"  # "interpolate" (nearest x2 then 3x3) or "pixel_shuffle"
+    encoder_out_shortcut: bool = True  # channel-averaging shortcut around the encoder head
+    decoder_in_shortcut: bool = True  # channel-duplicating shortcut around the decoder stem
+    in_channels: int = 3
+    head_dim: int = 32  # LiteMLA head dimension
+    scaling_factor: float = 1.0  # diffusion models use latent * scaling_factor; the AE itself never does
+
+    @property
+    def compression(self):
+        return 2 ** (len(self.widths) - 1)
+
+
+# Copied from dcae.py: RMSNorm2d
+class RMSNorm2d(nn.Module):
+    """RMSNorm over channels at every pixel, with weight AND bias, accumulated in fp32 (eps 1e-5)."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+# Copied from dcae.py: make_norm
+def make_norm(kind, channels):
+    return RMSNorm2d(channels) if kind == "rms" else nn.BatchNorm2d(channels)
+
+
+# Copied from dcae.py: make_act
+def make_act(kind):
+    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+
+
+# Copied from dcae.py: ResBlock
+class ResBlock(nn.Module):
+    """x + norm(conv2(act(conv1(x)))): no pre-norm, conv2 without bias, nothing after the sum."""
+
+    def __init__(self, channels, norm="rms", act="silu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.nonlinearity = make_act(act)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = make_norm(norm, channels)
+
+    def forward(self, x):
+        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+
+
+# Copied from dcae.py: MultiScaleQKV
+class MultiScaleQKV(nn.Module):
+    """Aggregates q, k, v over a scale x scale neighbourhood: depthwise conv, then a grouped 1x1 conv
+    that mixes the d channels of each (head, q|k|v) group."""
+
+    def __init__(self, channels, scale, head_dim):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, scale, padding=scale // 2, groups=channels, bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=channels // head_dim, bias=False)
+
+    def forward(self, x):
+        return self.proj_out(self.proj_in(x))
+
+
+# Copied from dcae.py: LiteMLA
+class LiteMLA(nn.Module):
+    """Lightweight multi-scale linear attention (EfficientViT): ReLU linear attention with head dim d = 32.
+
+    The 1x1 qkv projection is stored as three Linear weights to_q | to_k | to_v (diffusers' layout), but these
+    are NOT queries, keys and values: they are the first, second and third thirds of the original qkv conv's
+    output channels. Heads are consecutive groups of 3d channels laid out [q | k | v] (paper Fig. 4).
+    """
+
+    def __init__(self, channels, head_dim=32, scales=()):
+        super().__init__()
+        self.d = head_dim
+        inner = channels  # heads = channels / d
+        self.to_q = nn.Linear(channels, inner, bias=False)
+        self.to_k = nn.Linear(channels, inner, bias=False)
+        self.to_v = nn.Linear(channels, inner, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiScaleQKV(3 * inner, s, head_dim) for s in scales)
+        self.to_out = nn.Linear(inner * (1 + len(scales)), channels, bias=False)
+        self.norm_out = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
+        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
+        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
+        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        if H * W > self.d:  # linear form, O(N d^2)
+            out = relu_linear_attention(q, k, v)
+        else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
+            q, k = torch.relu(q.float()), torch.relu(k.float())
+            scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
+            out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
+        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
+
+
+# Copied from dcae.py: GLUMBConv
+class GLUMBConv(nn.Module):
+    """Gated MBConv: 1x1 expand to 2 x 4C + SiLU, 3x3 depthwise, value * SiLU(gate), 1x1 project, RMSNorm."""
+
+    def __init__(self, channels, expand=4):
+        super().__init__()
+        hidden = channels * expand
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):
+        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        value, gate = x.chunk(2, dim=1)
+        return self.norm(self.conv_point(value * F.silu(gate)))
+
+
+# Copied from dcae.py: EfficientViTBlock
+class EfficientViTBlock(nn.Module):
+    """Global context by linear attention, then local mixing by GLUMBConv; post-norm inside each branch."""
+
+    def __init__(self, channels, head_dim=32, scales=()):
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, scales)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.conv_out(x)
+
+
+# Copied from dcae.py: make_block
+def make_block(kind, channels, cfg, norm="rms", act="silu"):
+    if kind == "ResBlock":
+        return ResBlock(channels, norm, act)
+    return EfficientViTBlock(channels, cfg.head_dim, scales=(5,) if kind == "EViTS5" else ())
+
+
+# Copied from dcae.py: DownBlock
+class DownBlock(nn.Module):
+    """x2 downsampling: a learned conv plus (residual autoencoding, paper Eq. 2) the parameter-free
+    space-to-channel shortcut, averaged over consecutive channel groups to match the output width."""
+
+    def __init__(self, c_in, c_out, kind, shortcut=True):
+        super().__init__()
+        self.kind, self.shortcut = kind, shortcut
+        if kind == "pixel_unshuffle":
+            self.conv = nn.Conv2d(c_in, c_out // 4, 3, padding=1)
+        else:
+            self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.group = c_in * 4 // c_out
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
+        y = self.conv(x)
+        if self.kind == "pixel_unshuffle":
+            y = F.pixel_unshuffle(y, 2)
+        if self.shortcut:
+            s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
+            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+        return y
+
+
+# Copied from dcae.py: UpBlock
+class UpBlock(nn.Module):
+    """x2 upsampling: a learned conv plus the channel-duplicating + channel-to-space shortcut."""
+
+    def __init__(self, c_in, c_out, kind, shortcut=True):
+        super().__init__()
+        self.kind, self.shortcut = kind, shortcut
+        self.conv = nn.Conv2d(c_in, c_out * 4 if kind == "pixel_shuffle" else c_out, 3, padding=1)
+        self.repeats = c_out * 4 // c_in
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
+        if self.kind == "pixel_shuffle":
+            y = F.pixel_shuffle(self.conv(x), 2)
+        else:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
+            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+        return y
+
+
+# Copied from dcae.py: Encoder
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, D, S = cfg.widths, cfg.encoder_depths, len(cfg.widths)
+        # Stem: a plain conv at full resolution, or (stage 0 empty) a downsampling conv straight to W[1].
+        if D[0] > 0:
+            self.conv_in = nn.Conv2d(cfg.in_channels, W[0], 3, padding=1)
+        else:
+            self.conv_in = DownBlock(cfg.in_channels, W[1], cfg.downsample, shortcut=False)
+        stages = []
+        for i in range(S):
+            blocks = [make_block(cfg.encoder_blocks[i], W[i], cfg) for _ in range(D[i])]
+            if i < S - 1 and D[i] > 0:
+                blocks.append(DownBlock(W[i], W[i + 1], cfg.downsample))
+            stages.append(nn.Sequential(*blocks))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(W[-1], cfg.latent_channels, 3, padding=1)
+        self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            x = stage(x)
+        z = self.conv_out(x)
+        if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
+            z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
+        return z
+
+
+# Copied from dcae.py: Decoder
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, D, S = cfg.widths, cfg.decoder_depths, len(cfg.widths)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, W[-1], 3, padding=1)
+        self.in_repeats = W[-1] // cfg.latent_channels if cfg.decoder_in_shortcut else 0
+        stages = []
+        for i in range(S):  # built low index first to match the checkpoint; run from S-1 down to 0
+            blocks = [UpBlock(W[i + 1], W[i], cfg.upsample)] if i < S - 1 and D[i] > 0 else []
+            blocks += [make_block(cfg.decoder_blocks[i], W[i], cfg, cfg.decoder_norms[i], cfg.decoder_acts[i])
+                       for _ in range(D[i])]
+            stages.append(nn.Sequential(*blocks))
+        self.up_blocks = nn.ModuleList(stages)
+        head = W[0] if D[0] > 0 else W[1]
+        self.norm_out = RMSNorm2d(head)
+        self.conv_act = make_act(cfg.decoder_head_act)
+        if D[0] > 0:
+            self.conv_out = nn.Conv2d(head, cfg.in_channels, 3, padding=1)
+        else:
+            self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
+
+    def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        x = self.conv_in(z)
+        if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
+            x = x + z.repeat_interleave(self.in_repeats, dim=1)
+        for stage in reversed(self.up_blocks):
+            x = stage(x)
+        return self.conv_out(self.conv_act(self.norm_out(x)))
+
+
+# Copied from dcae.py: DCAE
+class DCAE(nn.Module):
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _check(self, x):
+        f = self.cfg.compression
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
+                             f"the spatial compression of this DC-AE")
+
+    def encode(self, x):
+        self._check(x)
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+# Copied from dcae.py: SHAPE_COLORS
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+# Copied from dcae.py: COLORS
+COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")  # of the objects and of the background
+# Copied from dcae.py: SHAPES
+SHAPES = ("circle", "square", "triangle")
+# Copied from dcae.py: COUNT_WORDS
+COUNT_WORDS = ("a", "two", "three")
+# Copied from dcae.py: RADIUS
+RADIUS = {1: (0.16, 0.25), 2: (0.14, 0.19), 3: (0.14, 0.19)}  # object radius per count, as a fraction of the size
+
+
+# Copied from dcae.py: shapes_caption
+def shapes_caption(count, color, shape, background):
+    noun = shape if count == 1 else shape + "s"
+    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
+
+
+# Copied from dcae.py: place_objects
+def place_objects(count, rng, gap=0.06):
+    """(cx, cy, r) in [0, 1] for `count` objects whose bounding boxes stay `gap` apart (so they can be counted);
+    a scene with no room left for the next object is drawn again from the start."""
+    lo, hi = RADIUS[count]
+    while True:
+        boxes = []
+        for _ in range(count):
+            for _attempt in range(100):
+                r = rng.uniform(lo, hi)
+                cx, cy = rng.uniform(r + 0.01, 1 - r - 0.01), rng.uniform(r + 0.01, 1 - r - 0.01)
+                if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
+                    boxes.append((cx, cy, r))
+                    break
+            else:  # no room for this object after 100 tries: draw the scene again
+                break
+        if len(boxes) == count:
+            return boxes
+
+
+# Copied from dcae.py: draw_shapes
+def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
+    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
+    rng = rng or random.Random(0)
+    S = size * supersample
+    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
+    draw = ImageDraw.Draw(img)
+    fill = SHAPE_COLORS[color]
+    for cx, cy, r in place_objects(count, rng):
+        cx, cy, r = cx * S, cy * S, r * S
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":  # the circle's bounding box
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+# Copied from dcae.py: random_scene
+def random_scene(rng, colors=COLORS):
+    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
+    color = rng.choice(colors)
+    background = rng.choice([b for b in COLORS if b != color])
+    return rng.randint(1, 3), color, rng.choice(SHAPES), background
+
+
+# Copied from dcae.py: shapes_batch
+def shapes_batch(n, seed, size=64):
+    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
+        captions.append(shapes_caption(*scene))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------
+# diffusers: the Sana_Sprint_*_diffusers pipeline folder (transformer/ text_encoder/ tokenizer/ vae/ scheduler/); the
+#            transformer is a SanaTransformer2DModel with guidance_embeds=True and no logvar head.
+# NVlabs:    one .pth (Sana_Sprint_*.pth, SANA_Sprint_*_teacher.pth), renamed on load as diffusers' conversion
+#            script does, with its fused q|k|v and k|v projections split; it keeps logvar_linear.
+
+
+# Copied from dcae.py: get_preset
+def get_preset(name):
+    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
+    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
+    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+# Copied from dcae.py: DTYPES
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Copied from dcae.py: resolve_device
+def resolve_device(device=None):
+    """'cpu', 'cuda', 'cuda:N' or 'mps' as given (one sentence if this machine has no such device), or the first
+    available of cuda, mps, cpu when None or empty."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no Apple GPU (mps) on this machine")
+    elif kind != "cpu" or index:
+        raise ValueError(f"unknown device {str(device)[:40]!r}; use cpu, cuda, cuda:N or mps")
+    return str(device)
+
+
+# Copied from dcae.py: best_dtype
+def best_dtype(device):
+    """(dtype, why) for a device: bfloat16 on CUDA GPUs with bf16 tensor cores, float16 on older ones, float32
+    elsewhere (CPU bfloat16 is fast only with AVX512-BF16/AMX, and mps is safest in float32)."""
+    if str(device).startswith("cuda"):
+        major = torch.cuda.get_device_capability(device)[0]
+        return (torch.bfloat16, "bf16 tensor cores") if major >= 8 else (torch.float16, "GPU without bf16")
+    return torch.float32, f"the default on {str(device).split(':')[0]}"
+
+
+# Copied from dcae.py: resolve_dtype
+def resolve_dtype(dtype=None, device="cpu"):
+    """A torch dtype or its name (float32, bfloat16, float16); None or empty: the best for the device."""
+    if dtype is None or dtype == "":
+        return best_dtype(device)[0]
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# Copied from dcae.py: read_json
+def read_json(path):
+    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+
+
+# Copied from dcae.py: read_weights
+def read_weights(path):
+    """The tensors of one weights file: .safetensors, or a PyTorch file (.pth/.pt/.bin) read with
+    weights_only=True, which never runs code. One sentence naming the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' SafetensorError: a cut header or data section
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
+                             f"interrupted?") from None
+    with open(path, "rb") as f:
+        head = f.read(2)  # a legacy pickle starts with its protocol opcode 0x80, a zip with "PK"
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format
+    if not is_zip and head == b"PK":
+        raise ValueError(f"{path} is a zip archive cut short; was the download interrupted?")
+    if not (is_zip or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:  # a zip file is memory-mapped: a 10 GB checkpoint is not read into memory twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
+                             f"unpickling them could run code (re-save it as safetensors)") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:80].strip()}); was the "
+                         f"download interrupted?") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+# Copied from dcae.py: read_metadata
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+# Copied from sana.py: load_safetensors_dir
+def load_safetensors_dir(folder):
+    """All weights of a diffusers/transformers folder: one file, shards listed by an *.index.json, or the
+    fp16/bf16 variant when it is the only one there."""
+    index = sorted(glob.glob(os.path.join(folder, "*.safetensors.index*.json")), key=len)
+    if index:
+        shards = sorted(set(read_json(index[0])["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_weights(os.path.join(folder, s)).items()}
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")), key=len)  # plain name before variants
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    return read_weights(files[0])
+
+
+def config_from_diffusers(c):
+    """SanaTransformer2DModel config.json with guidance_embeds=True -> SprintConfig (no logvar head: diffusers
+    drops it)."""
+    if not c.get("guidance_embeds"):
+        raise ValueError("this transformer has no guidance embedder: it is a SANA flow model, not a SANA-Sprint "
+                         "model (use sana.py for it)")
+    if c.get("attention_bias") or c.get("norm_elementwise_affine"):
+        raise ValueError("this transformer config uses options no published SANA-Sprint model uses "
+                         "(attention_bias / norm_elementwise_affine)")
+    if c.get("qk_norm") not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"qk_norm {c['qk_norm']!r} is not the published models' rms_norm_across_heads")
+    D = c["num_attention_heads"] * c["attention_head_dim"]
+    if c["num_cross_attention_heads"] * c["cross_attention_head_dim"] != D:
+        raise ValueError("cross-attention width differs from the model width")
+    return SprintConfig(in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+                        hidden_size=D, depth=c["num_layers"], num_heads=c["num_attention_heads"],
+                        cross_heads=c["num_cross_attention_heads"], caption_channels=c["caption_channels"],
+                        mlp_ratio=c.get("mlp_ratio", 2.5), patch_size=c.get("patch_size", 1),
+                        sample_size=c["sample_size"], qk_norm=c.get("qk_norm") is not None,
+                        interpolation_scale=c.get("interpolation_scale"),
+                        guidance_embeds_scale=c.get("guidance_embeds_scale", 0.1), logvar=False)
+
+
+def read_transformer_config(folder):
+    """The SprintConfig of a diffusers transformer/ folder, from its config.json."""
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("_class_name") != "SanaTransformer2DModel":
+        raise ValueError(f"{folder} holds a {c.get('_class_name', 'non-diffusers model')}, "
+                         f"not a SanaTransformer2DModel")
+    return config_from_diffusers(c)
+
+
+ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
+    # the mapping of diffusers' scripts/convert_sana_sprint_to_diffusers.py, logvar_linear kept for training
+    (r"^y_embedder\.y_embedding$", None),  # learned null caption of training-time CFG dropout; unused here
+    (r"^pos_embed$", None),  # sincos buffer (zeros in NoPE models)
+    (r"^x_embedder\.", "patch_embed."),
+    (r"^y_embedder\.y_proj\.fc1\.", "caption_projection.linear_1."),
+    (r"^y_embedder\.y_proj\.fc2\.", "caption_projection.linear_2."),
+    (r"^t_embedder\.mlp\.0\.", "time_embed.timestep_embedder.linear_1."),
+    (r"^t_embedder\.mlp\.2\.", "time_embed.timestep_embedder.linear_2."),
+    (r"^cfg_embedder\.mlp\.0\.", "time_embed.guidance_embedder.linear_1."),
+    (r"^cfg_embedder\.mlp\.2\.", "time_embed.guidance_embedder.linear_2."),
+    (r"^t_block\.1\.", "time_embed.linear."),
+    (r"^attention_y_norm\.", "caption_norm."),
+    (r"^final_layer\.linear\.", "proj_out."),
+    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
+    (r"^blocks\.", "transformer_blocks."),
+    (r"\.attn\.qkv\.", ".attn1.to_qkv."),  # fused q|k|v rows, split below
+    (r"\.attn\.q_norm\.", ".attn1.norm_q."),
+    (r"\.attn\.k_norm\.", ".attn1.norm_k."),
+    (r"\.attn\.proj\.", ".attn1.to_out.0."),
+    (r"\.cross_attn\.q_linear\.", ".attn2.to_q."),
+    (r"\.cross_attn\.kv_linear\.", ".attn2.to_kv."),  # fused k|v rows, split below
+    (r"\.cross_attn\.q_norm\.", ".attn2.norm_q."),
+    (r"\.cross_attn\.k_norm\.", ".attn2.norm_k."),
+    (r"\.cross_attn\.proj\.", ".attn2.to_out.0."),
+    (r"\.mlp\.inverted_conv\.conv\.", ".ff.conv_inverted."),
+    (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
+    (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
+]
+FUSED = {".attn1.to_qkv.": (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v."),
+         ".attn2.to_kv.": (".attn2.to_k.", ".attn2.to_v.")}
+
+
+def convert_original(sd):
+    """NVlabs .pth state dict -> our (= diffusers, plus logvar_linear) keys: renames, drops, fused splits."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in ORIGINAL_RENAMES:
+            if re.search(pattern, key):
+                key = None if repl is None else re.sub(pattern, repl, key)
+                if key is None:
+                    break
+        if key is None:
+            continue
+        fused = next((f for f in FUSED if f in key), None)
+        if fused:  # split along the output rows: q|k|v or k|v
+            for part, chunk in zip(FUSED[fused], value.chunk(len(FUSED[fused]), dim=0)):
+                out[key.replace(fused, part)] = chunk
+        else:
+            out[key] = value
+    return out
+
+
+def preset_from_name(path):
+    """The preset whose name is in the file/folder name, case-insensitively (the hub spells both Sana_Sprint and
+    SANA_Sprint); the longest match wins, so a _teacher file gets the teacher's preset."""
+    base = os.path.basename(os.path.normpath(path)).lower()
+    names = [n for n in PRESETS if n.lower() in base]
+    return max(names, key=len) if names else None
+
+
+def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
+    """A diffusers transformer/ folder (or the pipeline folder above it) or an original .pth file (a student, or a
+    teacher when its name says so). `preset` gives a .pth its architecture when its name does not."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        cfg, sd = read_transformer_config(path), load_safetensors_dir(path)
+    else:
+        cfg = get_preset(preset) if preset else PRESETS.get(preset_from_name(path))
+        if cfg is None:
+            raise ValueError(f"cannot tell which model {path} is from its name: pass preset= (one of "
+                             f"{', '.join(PRESETS)})")
+        sd = convert_original(read_weights(path))
+        if not any(k.startswith("time_embed.") for k in sd):
+            raise ValueError(f"{path} is not a SANA-Sprint checkpoint (no t_embedder/cfg_embedder weights)")
+        # the file decides what it carries: a student has the guidance embedder, a published .pth the logvar head
+        cfg = replace(cfg, guidance_embeds=any(k.startswith("time_embed.guidance_embedder.") for k in sd),
+                      logvar="logvar_linear.weight" in sd)
+    with torch.device("meta"):
+        model = SprintTransformer(cfg)
+    load_state_dict_strict(model, sd, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Copied from sana.py: gemma_config_from_json
+def gemma_config_from_json(c):
+    """A transformers Gemma2 config.json -> Gemma2Config."""
+    return Gemma2Config(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+                        num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                        head_dim=c["head_dim"], query_pre_attn_scalar=c["query_pre_attn_scalar"],
+                        attn_softcap=c.get("attn_logit_softcapping") or 1e9, rms_eps=c["rms_norm_eps"],
+                        rope_theta=c.get("rope_theta") or c.get("rope_parameters", {}).get("rope_theta", 1e4),
+                        sliding_window=c.get("sliding_window") or 4096)
+
+
+# Copied from sana.py: load_text_encoder
+def load_text_encoder(folder, *, device="cpu", dtype=torch.float32):
+    """A transformers Gemma2Model (or Gemma2ForCausalLM) folder: config.json + safetensors."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("model_type") != "gemma2":
+        kind = c.get("model_type") or c.get("_class_name") or "model of unknown type"
+        raise ValueError(f"{folder} holds a {kind}, not a Gemma-2 text encoder")
+    cfg = gemma_config_from_json(c)
+    sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = Gemma2(cfg)
+    load_state_dict_strict(model, sd, folder)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Copied from sana.py: load_tokenizer
+def load_tokenizer(path):
+    """A tokenizer.json (Hugging Face `tokenizers`)."""
+    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
+
+
+# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
+def dcae_config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+# Copied from sana.py: read_vae_config
+def read_vae_config(folder):
+    """The DCAEConfig of a diffusers vae/ folder, from its config.json."""
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("_class_name") != "AutoencoderDC":
+        raise ValueError(f"{folder} holds a {c.get('_class_name') or 'model of unknown type'}, not an AutoencoderDC")
+    return dcae_config_from_diffusers(c)
+
+
+# Copied from sana.py: load_vae
+def load_vae(folder, *, device="cpu", dtype=torch.float32):
+    """A diffusers AutoencoderDC folder (the vae/ of the SANA pipelines)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    cfg = read_vae_config(folder)
+    with torch.device("meta"):
+        model = DCAE(cfg)
+    load_state_dict_strict(model, load_safetensors_dir(folder), folder)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def pipeline_configs(folder):
+    """(SprintConfig, DCAEConfig) of a diffusers Sana_Sprint pipeline folder, from its config files alone."""
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; give the diffusers pipeline folder as downloaded (transformer/ "
+                         f"text_encoder/ tokenizer/ vae/), or load an original .pth with "
+                         f"sana_sprint.load_transformer()")
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise ValueError(f"{folder} is not a SANA-Sprint diffusers folder: it has no {sub}/ subfolder")
+    return read_transformer_config(os.path.join(folder, "transformer")), read_vae_config(os.path.join(folder, "vae"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Training
+# ----------------------------------------------------------------------------------------------------------
+# Three stages (paper Sec. 3-4): (a) the teacher: a SANA flow model fine-tuned to read dense time s in [0, 1], with
+# qk-norm added; (b) the student, initialized from the teacher plus a guidance embedder, trained with the sCM loss;
+# (c) together with LADD, whose discriminator heads read the frozen teacher's hidden states. `distill_step` is
+# one step of (b) + (c). Latents x0 are scaled to the data std sigma_d of TrigFlow: x0 = sigma_d * unit-std latent.
+
+
+def teacher_from_sana(sd, cfg):
+    """A SANA transformer's state dict (sana.py / diffusers keys) -> a Sprint teacher (no guidance embedder, no
+    logvar head). Its timestep MLP moves from time_embed.emb.timestep_embedder to time_embed.timestep_embedder;
+    the qk-norm weights are new, at 1. Fine-tune it with `flow_loss` before distilling: it must learn dense time
+    and the qk-norm."""
+    cfg = replace(cfg, guidance_embeds=False, logvar=False, qk_norm=True)
+    model = SprintTransformer(cfg)
+    sd = {k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    new = [k for k in missing if not re.search(r"\.norm_[qk]\.weight$", k)]
+    if new or unexpected:
+        raise ValueError(f"not a SANA transformer of this config: missing {new[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+def fit_dense_time(embedder, scale=1000.0, steps=400, lr=3e-3):
+    """Teacher fine-tune, part one, for a model that read t = 1000 s: fit its timestep MLP by regression so that
+    emb(s) reproduces the old emb(1000 s) on a grid of s in [0, 1]. Seconds on the MLP alone, and the fine-tune
+    (`flow_loss`) then starts from a model that already denoises. Returns the final mean squared error."""
+    old = copy.deepcopy(embedder).requires_grad_(False)
+    s = torch.linspace(0, 1, 1001)
+    target = old(scale * s)  # (1001, D)
+    opt = torch.optim.Adam(embedder.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.mse_loss(embedder(s), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def flow_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=3.0):
+    """Teacher fine-tune, part two: SANA's flow-matching loss (sana.py's training_loss) with the model reading the
+    flow time s itself, not 1000 s. x0: (B, C, H, W) unit-std latents; y: (B, L, Dy), mask: (B, L)."""
+    B = x0.shape[0]
+    g = dict(generator=generator, device=x0.device)
+    drop = torch.rand(B, **g) < uncond_prob  # CFG dropout: the teacher is sampled with CFG
+    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
+    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+    s = torch.sigmoid(torch.randn(B, **g))  # logit-normal, then the time shift
+    s = shift * s / (1 + (shift - 1) * s)
+    eps = torch.randn(x0.shape, **g)
+    x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * eps
+    return F.mse_loss(model(x_s, s, y, mask).float(), (eps - x0).float())
+
+
+def teacher_velocity(teacher, y, mask, null_y, null_mask, w):
+    """The teacher's classifier-free-guided velocity v_u + w (v_c - v_u), one batched call; w: (B,)."""
+    y2, m2 = torch.cat([null_y.expand_as(y), y]), torch.cat([null_mask.expand_as(mask), mask])
+
+    def velocity(x, s):
+        v_u, v_c = teacher(torch.cat([x, x]), torch.cat([s, s]), y2, m2).float().chunk(2)
+        return v_u + w.view(-1, 1, 1, 1) * (v_c - v_u)
+    return velocity
+
+
+def scm_time(n, generator=None, p_mean=0.2, p_std=1.6, sigma_data=0.5):
+    """sCM's proposal: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): the TrigFlow time of EDM's
+    log-normal noise level sigma = e^tau. (n,)"""
+    tau = p_mean + p_std * torch.randn(n, generator=generator)
+    return torch.atan(torch.exp(tau) / sigma_data)
+
+
+def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1):
+    """The continuous-time consistency distillation loss (sCM, Lu & Song 2024, Alg. 1; paper Sec. 3.2).
+    x0: (B, C, H, W) sigma_d-scaled latents; teacher_v(x_s, s): the guided teacher velocity; guidance: (B,) = 0.1 w;
+    r in [0, 1]: the tangent warm-up. Returns (loss, the unweighted mean squared error).
+
+    The student F must satisfy d f(x_t, t)/dt = 0 along the teacher's ODE, f = cos(t) x_t - sin(t) sigma_d F. The
+    gradient of that condition is the tangent
+        g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
+    F^- the student without gradient, dx_t/dt = sigma_d F_teacher the teacher's ODE. dF^-/dt, the student's
+    derivative along the ODE, is a forward-mode JVP: tangents dx_t/dt for x_t and 1 for t, both multiplied by
+    cos(t) sin(t), which the formula needs anyway and which keeps the JVP small near t = pi/2. g is normalized,
+    g / (||g|| + c), and the loss pulls F towards F^- + g, weighted by a learned log-variance (adaptive
+    weighting): ||F - F^- - g||^2 / D / e^logvar + logvar."""
+    sd = student.cfg.sigma_data
+    B = x0.shape[0]
+    t = scm_time(B, generator, sigma_data=sd)  # (B,)
+    z = torch.randn(x0.shape, generator=generator) * sd
+    cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    x_t = cos_t * x0 + sin_t * z
+    F_student = lambda x, tt: trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x, tt)  # noqa: E731
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD
+        dxt_dt = sd * trigflow(teacher_v, x_t / sd, t)  # (B, C, H, W)
+        F_minus, dF_dt = torch.func.jvp(F_student, (x_t / sd, t), (cos_t * sin_t * dxt_dt / sd, (cos_t * sin_t).flatten()))
+        g = -cos_t**2 * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * dF_dt)  # dF_dt: x cos t sin t
+        g_norm = torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) / g[0].numel() ** 0.5  # per-element RMS
+        g = g / (g_norm + c)
+    mse = (F_student(x_t / sd, t) - F_minus - g).pow(2).flatten(1).mean(1)  # (B,)
+    logvar = student.logvar(flow_time(t), guidance)  # (B,)
+    return (mse / logvar.exp() + logvar).mean(), mse.mean().detach()
+
+
+class DiscriminatorHead(nn.Module):
+    """LADD's head on one teacher block: its tokens (B, N, D) as a (B, D, h, w) map -> one real/fake logit per
+    token. A 1x1 convolution to `width` channels, GroupNorm, SiLU, a 3x3 convolution that looks at neighbours,
+    and a 1x1 convolution to the logit."""
+
+    def __init__(self, dim, width=256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(dim, width, 1), nn.GroupNorm(32, width), nn.SiLU(),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(32, width), nn.SiLU(),
+                                 nn.Conv2d(width, 1, 1))
+
+    def forward(self, h, hw):  # h: (B, N, D) -> (B, N) logits
+        B, N, D = h.shape
+        return self.net(h.transpose(1, 2).reshape(B, D, *hw)).flatten(1)
+
+
+class Discriminator(nn.Module):
+    """LADD (paper Sec. 3.3): the frozen teacher is the feature network, a trainable head per chosen block.
+    Latents are noised to a time t_D drawn apart from the generator's, so the teacher sees what it was trained
+    on, and the heads judge the teacher's reading of the image at several depths."""
+
+    def __init__(self, teacher, blocks, width=256):
+        super().__init__()
+        self.teacher, self.blocks = teacher.requires_grad_(False), tuple(blocks)
+        self.heads = nn.ModuleList([DiscriminatorHead(teacher.cfg.hidden_size, width) for _ in self.blocks])
+
+    def forward(self, x0, t, y, mask, generator=None):
+        """x0: (B, C, H, W) sigma_d-scaled latents, real or generated; t: (B,) TrigFlow time. -> (B, heads x N)."""
+        sd = self.teacher.cfg.sigma_data
+        t4 = t.view(-1, 1, 1, 1)
+        x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
+        s = flow_time(t)
+        x_s = x_t / sd * torch.sqrt(s**2 + (1 - s) ** 2).view(-1, 1, 1, 1)  # the flow input of the same level
+        p = self.teacher.cfg.patch_size
+        hw = (x0.shape[-2] // p, x0.shape[-1] // p)
+        hidden = self.teacher(x_s, s, y, mask, features=self.blocks)
+        return torch.cat([head(h, hw) for head, h in zip(self.heads, hidden)], dim=1)
+
+
+def discriminator_time(n, generator=None, mean=-0.6, std=1.0):
+    """t_D: a logit-normal flow time s = sigmoid(N(mean, std^2)) as a TrigFlow time, t = arctan(s / (1 - s))."""
+    s = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return torch.atan(s / (1 - s))
+
+
+@dataclass
+class DistillConfig:
+    guidance: tuple = (4.0, 4.5, 5.0)  # the teacher's CFG scales; the student learns them all through its embedder
+    scm_weight: float = 1.0  # scm_lambda
+    adv_weight: float = 0.5  # adv_lambda
+    tangent_warmup: int = 4000  # r goes 0 -> 1 over these steps
+    largest_time_prob: float = 0.5  # LADD's one-step samples start from t = max_time this often
+    max_time: float = 1.5708
+    head_blocks: tuple = (2, 8, 14, 19)  # 1.6B's; the tiny: (1, 3)
+    misaligned_pairs: bool = True  # real latents with another sample's caption are negatives for D too
+
+
+def distill_step(student, disc, x0, y, mask, null_y, null_mask, opt_g, opt_d, step, dc, generator=None,
+                 sync=lambda params: None):
+    """One step of sCM + LADD (paper Alg. 1): the student (generator) on the sCM loss plus LADD's adversarial
+    loss, then the discriminator heads on the hinge loss. x0: (B, C, H, W) sigma_d-scaled latents; y, mask: their
+    captions. sync(params) runs before each update (the gradient average under torchrun). Returns the losses."""
+    B, sd = x0.shape[0], student.cfg.sigma_data
+    w = torch.tensor(dc.guidance)[torch.randint(len(dc.guidance), (B,), generator=generator)]  # (B,)
+    guidance = w * student.cfg.guidance_embeds_scale
+    r = min(1.0, step / dc.tangent_warmup)
+    teacher_v = teacher_velocity(disc.teacher, y, mask, null_y, null_mask, w)
+    loss_scm, mse = scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator)
+    # generator: one-step samples, from pure noise (t = max_time) or from the sCM proposal's time
+    t = torch.where(torch.rand(B, generator=generator) < dc.largest_time_prob, torch.tensor(dc.max_time),
+                    scm_time(B, generator, sigma_data=sd))
+    t4 = t.view(-1, 1, 1, 1)
+    x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
+    fake = torch.cos(t4) * x_t - torch.sin(t4) * sd * trigflow(
+        lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t)  # (B, C, H, W)
+    t_d = discriminator_time(B, generator)
+    loss_adv = -disc(fake, t_d, y, mask, generator).mean()  # hinge generator loss
+    loss_g = dc.scm_weight * loss_scm + dc.adv_weight * loss_adv
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    sync(list(student.parameters()))
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt_g.step()
+    # discriminator: real latents up, generated ones (and real ones under a wrong caption) down
+    t_d = discriminator_time(B, generator)
+    loss_d = F.relu(1 - disc(x0, t_d, y, mask, generator)).mean() + \
+        F.relu(1 + disc(fake.detach(), t_d, y, mask, generator)).mean()
+    if dc.misaligned_pairs:
+        perm = torch.roll(torch.arange(B), 1)
+        loss_d = loss_d + F.relu(1 + disc(x0, t_d, y[perm], mask[perm], generator)).mean()
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    sync(list(disc.heads.parameters()))
+    opt_d.step()
+    return dict(scm=loss_scm.item(), mse=mse.item(), adv=loss_adv.item(), d=loss_d.item())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Sampler
+# ----------------------------------------------------------------------------------------------------------
+# The sCM multistep sampler (sCM paper Alg. 2): from pure noise at t = pi/2, each step jumps to the end of the ODE,
+# x0 = cos(t) x_t - sin(t) sigma_d F, then re-noises x0 to the next, smaller time with fresh noise. One model, any
+# number of steps; guidance is an input of the model, so there is no CFG batch.
+
+
+def scm_times(steps, max_time=1.5708, intermediate=1.3):
+    """The TrigFlow times of an N-step sample, ending at 0: [max, 1.3, 0] for 2 steps (the published default),
+    evenly spaced from max_time otherwise. max_time 1.5708 ~ pi/2 (the sCM paper used arctan(80 / 0.5) = 1.5645)."""
+    if steps == 2 and intermediate is not None:
+        return torch.tensor([max_time, intermediate, 0.0])
+    return torch.linspace(max_time, 0, steps + 1)
+
+
+def sample_scm(F_fn, x, times, sigma_data=0.5, generator=None, callback=None):
+    """x: (B, C, H, W) = x_t at times[0] (sigma_d-scaled latents); F_fn(x_t / sigma_d, t) -> F. Returns the last
+    step's x0 / sigma_d (unit-std latents). A noise draw happens at every step, the last included (where
+    sin(0) = 0 makes it irrelevant), as diffusers' SCMScheduler draws: seeded runs match it draw for draw."""
+    for i in range(len(times) - 1):
+        s, t = times[i], times[i + 1]
+        Fx = F_fn(x / sigma_data, s.expand(x.shape[0])).float() * sigma_data  # (B, C, H, W)
+        x0 = torch.cos(s) * x - torch.sin(s) * Fx  # the jump to the end of the ODE
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu")
+        x = torch.cos(t) * x0 + torch.sin(t) * (noise.to(x.device) * sigma_data)  # re-noised to the next time
+        if callback:
+            callback(i, x0)
+    return x0 / sigma_data
+
+
+# Copied from sana.py: _AR_BINS
+_AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+            (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
+            (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
+            (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
+# Copied from sana.py: _NOT_IN_SMALL_BINS
+_NOT_IN_SMALL_BINS = {(8, 31), (8, 30), (26, 9), (28, 9), (29, 8), (30, 8), (31, 8)}
+
+
+# Copied from sana.py: aspect_ratio_bin
+def aspect_ratio_bin(height, width, base):
+    """Snap (height, width) to the closest trained aspect ratio at base resolution base (512/1024/2048/4096)."""
+    bins = [hw for hw in _AR_BINS if base >= 2048 or hw not in _NOT_IN_SMALL_BINS]
+    best = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))  # first wins on ties
+    return best[0] * base // 16, best[1] * base // 16
+
+
+# Copied from sana.py: generation_size
+def generation_size(cfg, f, height, width, resolution_binning=True):
+    """The (height, width) in pixels the model generates for a request: with binning, a published model's
+    closest trained aspect ratio at its training resolution (the image is resized to the request after). f: the
+    pixels per token (the DC-AE's compression x the patch size); sample_size counts latent cells."""
+    base = cfg.sample_size * f // cfg.patch_size
+    if resolution_binning and base in (512, 1024, 2048, 4096):
+        return aspect_ratio_bin(height, width, base)
+    return height, width
+
+
+# Copied from sana.py: check_size
+def check_size(height, width, f):
+    """The model makes images whose sides are multiples of f, the pixels per latent cell."""
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
+
+
+@dataclass
+class SanaSprint:
+    transformer: SprintTransformer
+    text_encoder: Gemma2
+    tokenizer: object  # tokenizers.Tokenizer
+    vae: DCAE
+    vae_scale: float = VAE_SCALE
+    chi: str = CHI  # None: no complex human instruction (the tiny default)
+    max_len: int = MAX_TEXT_LEN
+    guidance_scale: float = 4.5  # diffusers' default (the app's is 5.0; training samples 4, 4.5, 5)
+    max_time: float = 1.5708
+    intermediate_time: float = 1.3
+
+    @property
+    def compression(self):  # pixels per latent cell side
+        return self.vae.cfg.compression * self.transformer.cfg.patch_size
+
+    def F(self, y, mask, guidance):
+        """The TrigFlow model of the prompts: (x_t / sigma_d, t) -> F."""
+        model = self.transformer
+        dtype = model.proj_out.weight.dtype
+        g = torch.full((y.shape[0],), guidance, device=y.device).to(dtype) * model.cfg.guidance_embeds_scale
+        return lambda x, t: trigflow(lambda xs, s: model(xs.to(dtype), s, y, mask, g), x, t)
+
+    @torch.no_grad()
+    def generate(self, prompts, height, width, steps=2, guidance_scale=None, generator=None, image=None,
+                 strength=0.6, resolution_binning=True):
+        """prompts: list of str -> uint8 images (B, height, width, 3). image: None, or (B, 3, height, width) in
+        [-1, 1] to start from (image-to-image): it is encoded, noised to t = strength * max_time with the
+        generator's first draw, and the steps are spaced evenly from there."""
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty")
+        if not 1 <= steps <= 4:
+            raise ValueError(f"SANA-Sprint samples in 1 to 4 steps, not {steps}")
+        f, cfg = self.compression, self.transformer.cfg
+        check_size(height, width, f)
+        out_hw = (height, width)
+        if image is None:
+            height, width = generation_size(cfg, f, height, width, resolution_binning)
+        device = self.transformer.proj_out.weight.device
+        y, mask = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
+        y = y.to(self.transformer.proj_out.weight.dtype)
+        a, sd = self.vae.cfg.compression, cfg.sigma_data
+        gen = dict(generator=generator, device=generator.device if generator else "cpu")
+        noise = torch.randn(len(prompts), cfg.in_channels, height // a, width // a, **gen).to(device)  # fp32
+        if image is None:
+            times = scm_times(steps, self.max_time, self.intermediate_time if steps == 2 else None)
+            x = noise * sd
+        else:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], not {strength}")
+            times = torch.linspace(strength * self.max_time, 0, steps + 1)
+            vae_dtype = next(self.vae.parameters()).dtype
+            z = self.vae.encode(image.to(device=device, dtype=vae_dtype)).float() * self.vae_scale * sd
+            x = torch.cos(times[0]) * z + torch.sin(times[0]) * noise * sd
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        latents = sample_scm(self.F(y, mask, scale), x, times.to(device), sd, generator)
+        img = self.vae.decode((latents / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
+            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
+            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
+            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
+            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published Sana_Sprint_*_diffusers folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/ (and
+    scheduler/, whose sigma_data is read when it is there)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
+    transformer = load_transformer(folder, preset, device=device, dtype=dtype)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):
+        transformer.cfg = replace(transformer.cfg, sigma_data=read_json(sched).get("sigma_data", 0.5))
+    return SanaSprint(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
+                      load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
+                      load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Tiny default: the tiny SANA distilled, train_tiny, load_tiny
+# ----------------------------------------------------------------------------------------------------------
+# The teacher is the tiny SANA that `python sana.py --train` commits (a DiT of width 192 x 4 blocks, a 2-layer
+# Gemma-2, the tiny DC-AE); the student starts as its copy. Captions and latents are its training data's.
+
+# Copied from sana.py: TINY_GEMMA
+TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
+# Copied from sana.py: TINY_TEXT_LEN
+TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + BOS
+# Copied from sana.py: TINY_WORDS
+TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
+                    | {"on", "background"})  # the captions' vocabulary
+# Copied from sana.py: TINY_GRAMMAR
+TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <colour> background" with the colours '
+                f'{", ".join(COLORS)} and the shapes {", ".join(SHAPES)}, e.g. "two red circles on a blue background"')
+TINY_TEACHER_STEPS = 300  # the dense-time fine-tune of the teacher
+TINY_STEPS = 600  # sCM + LADD
+TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=150, head_blocks=(1, 3))
+
+
+# Copied from sana.py: check_tiny_prompt
+def check_tiny_prompt(prompt):
+    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
+    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
+    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
+    if unknown:
+        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
+        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
+    colors, shapes, many = "|".join(COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
+    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
+               rf"on a (?:{colors}) background")
+    if not re.fullmatch(caption, " ".join(words)):
+        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
+
+
+# Copied from sana.py: tiny_dcae_config
+def tiny_dcae_config(path=TINY_DCAE):
+    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+    try:
+        meta = json.loads(read_metadata(path)["config"])
+        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
+                         f"DC-AE config)") from None
+
+
+# Copied from sana.py: load_tiny_dcae
+def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
+    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
+    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    model = DCAE(tiny_dcae_config(path))
+    load_state_dict_strict(model, read_weights(path), path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Copied from sana.py: shapes_latents
+def shapes_latents(vae, n, seed, chunk=256):
+    """n shapes images encoded once by the frozen DC-AE: latents (n, c, 8, 8) and captions."""
+    zs, caps = [], []
+    for i in range(0, n, chunk):
+        x, c = shapes_batch(min(chunk, n - i), seed=seed * 1_000_003 + i)
+        with torch.no_grad():
+            zs.append(vae.encode(x))
+        caps += c
+    return torch.cat(zs), caps
+
+
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def read_tiny_sana(path=TINY_TEACHER):
+    """The committed tiny SANA: its DiT's state dict (sana.py keys), its text encoder, its tokenizer."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
+    sd = read_weights(path)
+    parts = {name: {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
+             for name in ("transformer", "text_encoder")}
+    if not all(parts.values()):
+        raise ValueError(f"{path} is not a tiny SANA written by `python sana.py --train`")
+    text_encoder = load_state_dict_strict(Gemma2(TINY_GEMMA), parts["text_encoder"], path)
+    return parts["transformer"], text_encoder.eval(), load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")
+
+
+def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
+    """The tiny default as a `SanaSprint` pipeline: no CHI, 10 text tokens, guidance 2.0 (the tiny SANA's)."""
+    return SanaSprint(transformer.eval(), text_encoder.eval(), tokenizer, vae, vae_scale=vae.cfg.scaling_factor,
+                      chi=None, max_len=TINY_TEXT_LEN, guidance_scale=2.0)
+
+
+def average_gradients(params, world):
+    """Under torchrun: the mean of every rank's gradients (what DistributedDataParallel does, for a step that
+    calls the model several ways, as sCM's JVP and LADD do)."""
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher_steps=TINY_TEACHER_STEPS,
+               batch=32, lr=2e-4, lr_d=1e-3, n_images=12288, dc=TINY_DISTILL):
+    """Distils the committed tiny SANA into a 1-4 step student, deterministically from the seed on 2 threads, in
+    float32 (forward-mode AD through bf16 autocast is not worth its risk at this size): the teacher's dense-time
+    fine-tune (`fit_dense_time`, then `teacher_steps` of `flow_loss`), then `steps` of sCM + LADD. Under torchrun
+    each rank draws its own batches and rank 0 writes the weights. Returns the student's pipeline."""
+    rank, world = ddp_setup()
+    torch.set_num_threads(max(1, 2 // world))
+    torch.use_deterministic_algorithms(True)
+    log = log if rank == 0 else (lambda *a: None)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    sana_sd, te, tok = read_tiny_sana()
+    te.requires_grad_(False)
+    vae = load_tiny_dcae()
+    z, caps = shapes_latents(vae, n_images, seed)
+    z = z * vae.cfg.scaling_factor  # unit-std latents, as the tiny SANA was trained on
+    with torch.no_grad():  # the text encoder is frozen: every caption encoded once
+        ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
+        y = torch.cat([te(ids[i:i + 1024], mask[i:i + 1024]) for i in range(0, len(ids), 1024)])
+        null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
+        null_y = te(null_ids, null_mask)
+    log(f"encoded {n_images} images and captions in {time.time() - t0:.0f}s")
+    g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
+    # (a) the teacher: dense time and qk-norm
+    teacher = teacher_from_sana(sana_sd, PRESETS["tiny"])
+    fit = fit_dense_time(teacher.time_embed.timestep_embedder)
+    log(f"teacher: dense-time embedding fitted (mse {fit:.2e})")
+    params = [p for p in teacher.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    for step in range(teacher_steps):
+        idx = torch.randint(len(z), (128,), generator=g)
+        loss = flow_loss(teacher, z[idx], y[idx], mask[idx], null_y, null_mask, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params, world)
+        opt.step()
+        if step % 100 == 0 or step == teacher_steps - 1:
+            log(f"teacher step {step:4d}/{teacher_steps} | flow loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    teacher.eval().requires_grad_(False)
+    # (b) + (c) the student: the teacher plus a guidance embedder whose output starts at 0, and the logvar head
+    student = SprintTransformer(PRESETS["tiny"])
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.weight)
+    nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.bias)
+    nn.init.zeros_(student.logvar_linear.weight)
+    nn.init.zeros_(student.logvar_linear.bias)
+    disc = Discriminator(teacher, dc.head_blocks, width=64)
+    opt_g = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=lr_d, betas=(0.0, 0.99), weight_decay=0.0)
+    for step in range(steps):
+        idx = torch.randint(len(z), (batch,), generator=g)
+        x0 = z[idx] * student.cfg.sigma_data
+        losses = distill_step(student, disc, x0, y[idx], mask[idx], null_y, null_mask, opt_g, opt_d, step, dc, g,
+                              sync=lambda ps: average_gradients(ps, world))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step:4d}/{steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()) +
+                f" | {time.time() - t0:.0f}s")
+    student.eval()
+    with torch.no_grad():  # rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
+        for p in student.parameters():
+            p.copy_(p.half())
+    if rank == 0:
+        sd = {f"transformer.{k}": v.half() for k, v in student.state_dict().items()}
+        sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "teacher_steps": str(teacher_steps),
+                                     "batch": str(batch), "lr": str(lr)})
+        tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
+        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    if world > 1:
+        dist.destroy_process_group()
+    return tiny_pipeline(student, te, tok, vae)
+
+
+def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
+    """The committed tiny student (written by `python sana_sprint.py --train`), its text encoder and tokenizer,
+    and the tiny DC-AE."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python sana_sprint.py --train` to create it")
+    sd = read_weights(path)
+    parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+             for name in ("transformer", "text_encoder")}
+    if not all(parts.values()):
+        raise ValueError(f"{path} is not a tiny SANA-Sprint written by `python sana_sprint.py --train` (it holds "
+                         f"no transformer.* and text_encoder.* weights)")
+    transformer, text_encoder = SprintTransformer(PRESETS["tiny"]), Gemma2(TINY_GEMMA)
+    load_state_dict_strict(transformer, parts["transformer"], path)
+    load_state_dict_strict(text_encoder, parts["text_encoder"], path)
+    tokenizer = load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")
+    return tiny_pipeline(transformer.to(device=device, dtype=dtype), text_encoder.to(device=device, dtype=dtype),
+                         tokenizer, load_tiny_dcae(device=device, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. CLI
+# ----------------------------------------------------------------------------------------------------------
+# Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
+# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
+# Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
+
+
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
+# Copied from dcae.py: load_image
+def load_image(path, multiple):
+    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
+    are scaled to 8 bits (Pillow would clip them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        img = Image.open(path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    w, h = img.size
+    W, H = w - w % multiple, h - h % multiple
+    if W == 0 or H == 0:
+        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
+    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
+        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
+        left, top = (w - W) // 2, (h - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SANA-Sprint text-to-image in 1-4 steps (the tiny built-in model "
+                                "without --ckpt)", epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
+    p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
+    p.add_argument("--ckpt", help="published diffusers pipeline folder (Sana_Sprint_*_diffusers: transformer/ "
+                   "text_encoder/ tokenizer/ vae/); default: the tiny model")
+    p.add_argument("--model", help=f"preset of the --ckpt transformer: {', '.join(PRESETS)}")
+    p.add_argument("--steps", type=int, default=2, help="sampling steps, 1 to 4 (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale, an input of the model (default: "
+                   "the model's: 4.5 for the published models, 2.0 for the tiny one)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training resolution)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the noise; --train)")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--out", default="sana_sprint.png", help="the image to write (default: %(default)s)")
+    p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
+    p.add_argument("--train-out", default=TINY_WEIGHTS,
+                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
+    p.add_argument("--image", help="image-to-image: start from this picture instead of pure noise")
+    p.add_argument("--strength", type=float, default=0.6, help="with --image: how much to change it, in (0, 1]: "
+                   "the start time is strength x pi/2 (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        if args.train:
+            if args.train_steps is not None and args.train_steps < 1:
+                raise ValueError("--train-steps must be at least 1")
+            check_out_path(args.train_out, (".safetensors",), "--train-out")
+            train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
+                       teacher_steps=min(TINY_TEACHER_STEPS, args.train_steps or TINY_TEACHER_STEPS))
+            return
+        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+        if args.prompt is None or not args.prompt.strip():
+            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+        if not 1 <= args.steps <= 4:
+            raise ValueError(f"--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 step model), not {args.steps}")
+        if args.guidance is not None and not math.isfinite(args.guidance):
+            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+        if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+            raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
+        for name, value in (("--height", args.height), ("--width", args.width)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
+        if args.model:
+            get_preset(args.model)
+            if not args.ckpt and args.model != "tiny":
+                raise ValueError("--model names the preset of a --ckpt; give --ckpt too")
+        if not args.ckpt:
+            check_tiny_prompt(args.prompt)
+        cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
+        f = vae_cfg.compression * cfg.patch_size
+        image = None
+        if args.image:
+            image = load_image(args.image, f)  # (1, 3, H, W): its size is the output's
+            if args.height or args.width:
+                raise ValueError("--image sets the size: leave out --height/--width")
+            h, w = image.shape[-2:]
+        else:
+            side = cfg.sample_size * vae_cfg.compression  # the training resolution
+            h, w = args.height or side, args.width or side
+        check_size(h, w, f)
+        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+        device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
+        t0 = time.time()
+        pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
+            load_tiny(device=device, dtype=dtype)
+        print(f"loaded in {time.time() - t0:.1f}s")
+        cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
+        if cut:
+            print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "
+                  f"its end was cut off")
+        t0 = time.time()
+        g = torch.Generator().manual_seed(args.seed)
+        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, image, args.strength)[0]
+        Image.fromarray(img.numpy()).save(args.out)
+        guidance = pipe.guidance_scale if args.guidance is None else args.guidance
+        print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} step(s), guidance {guidance}"
+              f"{f', from {args.image} at strength {args.strength}' if args.image else ''}, {time.time() - t0:.1f}s)")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Tests for sana_sprint.py: parity with the diffusers-produced fixtures (every case directory under
+fixtures/sana_sprint is discovered), meta-device manifests of the published students in both layouts, strict
+loading, the sCM sampler step by step, the TrigFlow conversion, the training losses, and the committed tiny
+student."""
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_close  # also puts the repository root on the path
+import sana_sprint as sp
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana_sprint")
+
+
+def cases(*required, forbidden=()):
+    """Case directories that contain every path in `required` and none in `forbidden`."""
+    dirs = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "io.safetensors")))
+    dirs = [d for d in dirs if all(os.path.exists(os.path.join(d, r)) for r in required)
+            and not any(os.path.exists(os.path.join(d, f)) for f in forbidden)]
+    return pytest.mark.parametrize("case", dirs, ids=[os.path.basename(d) for d in dirs])
+
+
+def fixture_transformer(case, layout, monkeypatch):
+    if layout == "diffusers":
+        return sp.load_transformer(case)
+    # the .pth carries no config: register the fixture's under a preset name for the loader
+    cfg = sp.config_from_diffusers(sp.read_json(os.path.join(case, "transformer", "config.json")))
+    monkeypatch.setitem(sp.PRESETS, "_fixture", cfg)
+    return sp.load_transformer(os.path.join(case, "original", "checkpoint.pth"), preset="_fixture")
+
+
+@cases("transformer", "original/checkpoint.pth")
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_transformer_parity(case, layout, monkeypatch):
+    io = load_file(os.path.join(case, "io.safetensors"))
+    model = fixture_transformer(case, layout, monkeypatch)
+    assert (model.logvar_linear is not None) == (layout == "original")  # diffusers drops the logvar head
+    acts, hooks = {}, []
+    for name, mod in model.named_modules():
+        if f"debug.{name}" in io or f"debug.{name}.0" in io:
+            def hook(m, inp, out, name=name):
+                for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
+                    acts[f"debug.{name}" + (f".{i}" if isinstance(out, tuple) else "")] = o
+            hooks.append(mod.register_forward_hook(hook))
+    args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"],
+            io["guidance"])
+    with torch.no_grad():
+        out = model(*args)
+    recorded = {k for k in io if k.startswith("debug.")}
+    assert recorded <= set(acts), f"fixture activations no module produced: {sorted(recorded - set(acts))}"
+    for name in (k for k in acts if k in recorded):  # in execution order: the first diverging module fails first
+        want = io[name]
+        if name.startswith("debug.caption"):  # the model skips text padding after the batch's last token
+            want = want[:, :acts[name].shape[1]]
+        assert_close(name, acts[name], want)
+    assert_close("output", out, io["output"])
+    with torch.no_grad():
+        assert_close("output_no_mask", model(*args[:3], None, args[4]), io["output_no_mask"])
+
+
+MANIFESTS = sorted(glob.glob(os.path.join(FIX, "manifests", "*.json")))
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[os.path.basename(p)[:-5] for p in MANIFESTS])
+def test_manifest(path):
+    """Full-size preset on the meta device == the published checkpoint's keys and shapes, in both layouts: the
+    diffusers file without the logvar head, the original .pth with it."""
+    m = sp.read_json(path)
+    cfg = sp.PRESETS[m["checkpoint"]]
+    assert sp.config_from_diffusers(m["diffusers_config"]) == sp.replace(cfg, logvar=False)
+    with torch.device("meta"):
+        diffusers_model, original_model = sp.SprintTransformer(replace_logvar(cfg, False)), sp.SprintTransformer(cfg)
+    ours = {k: list(v.shape) for k, v in diffusers_model.state_dict().items()}
+    assert ours == m["diffusers_state_dict"]
+    original = {k: torch.empty(s, device="meta") for k, s in m["original_state_dict"].items()}
+    converted = sp.convert_original(original)
+    assert {k: list(v.shape) for k, v in converted.items()} == {k: list(v.shape) for k, v in
+                                                               original_model.state_dict().items()}
+    assert sorted(set(converted) - set(ours)) == ["logvar_linear.bias", "logvar_linear.weight"]
+    sp.load_state_dict_strict(original_model, converted, path)  # the strict loader accepts it
+
+
+def replace_logvar(cfg, logvar):
+    return sp.replace(cfg, logvar=logvar)
+
+
+def test_strict_loading_names_keys(tmp_path, monkeypatch):
+    case = os.path.join(FIX, "transformer_sprint")
+    sd = sp.read_weights(os.path.join(case, "original", "checkpoint.pth"))
+    sd.pop("blocks.1.attn.proj.bias")
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    cfg = sp.config_from_diffusers(sp.read_json(os.path.join(case, "transformer", "config.json")))
+    monkeypatch.setitem(sp.PRESETS, "_fixture", cfg)
+    with pytest.raises(ValueError, match=r"1 missing: transformer_blocks\.1\.attn1\.to_out\.0\.bias; "
+                                         r"1 unexpected: transformer_blocks\.0\.extra\.weight"):
+        sp.load_transformer(str(tmp_path / "bad.pth"), preset="_fixture")
+    with pytest.raises(FileNotFoundError):
+        sp.load_transformer(str(tmp_path / "nope"))
+
+
+def test_a_sana_flow_model_is_refused(tmp_path):
+    """A SANA flow transformer folder given where a Sprint model is expected: one sentence that says so."""
+    src = os.path.join(FIX, "transformer_sprint", "transformer")
+    shutil.copytree(src, tmp_path / "transformer")
+    c = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    c["guidance_embeds"] = False
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="not a SANA-Sprint model"):
+        sp.load_transformer(str(tmp_path))
+
+
+@cases("scheduler", "transformer", "call.json")
+def test_sampler_parity(case):
+    """The reference pipeline call of call.json: the scheduler's times, every transformer call (input, flow
+    time, guidance, output) and every injected noise, and the final latents."""
+    io = load_file(os.path.join(case, "io.safetensors"))
+    call = sp.read_json(os.path.join(case, "call.json"))  # every case has one: a missing file fails the test
+    sched = sp.read_json(os.path.join(case, "scheduler", "scheduler_config.json"))
+    assert sched["prediction_type"] == "trigflow"
+    sigma_d = sched.get("sigma_data", 0.5)
+    f = sp.DCAEConfig().compression  # the published DC-AE f32c32: the reference call's pixel sizes assume it
+    assert (call["height"], call["width"]) == tuple(f * n for n in io["latents_init"].shape[-2:])
+    times = sp.scm_times(call["num_inference_steps"], call["max_timesteps"], call["intermediate_timesteps"])
+    assert_close("scheduler_timesteps", times, io["scheduler_timesteps"], atol=0, rtol=0)
+    model = sp.load_transformer(case)
+    g = torch.full((io["latents_init"].shape[0],), call["guidance_scale"]) * model.cfg.guidance_embeds_scale
+    calls = []
+
+    def recording_model(x, s, y, mask, guidance):
+        out = model(x, s, y, mask, guidance)
+        calls.append((x, s, guidance, out))
+        return out
+
+    y, mask = io["prompt_embeds"], io["prompt_attention_mask"]
+    F_fn = lambda x, t: sp.trigflow(lambda xs, s: recording_model(xs, s, y, mask, g), x, t)  # noqa: E731
+    # the injected noises replace the sampler's draws (the reference's seed is not in call.json): each draw's
+    # shape and count are checked, one per step, the last included
+    injected = [io[f"injected_noise_step{i}"] for i in range(call["num_inference_steps"])]
+    noises = []
+
+    def replaying_randn(shape, **kwargs):
+        assert tuple(shape) == tuple(injected[len(noises)].shape)
+        noises.append(injected[len(noises)])
+        return noises[-1]
+
+    real_randn, torch.randn = torch.randn, replaying_randn
+    try:
+        with torch.no_grad():
+            x = sp.sample_scm(F_fn, io["latents_init"] * sigma_d, times, sigma_d, torch.Generator())
+    finally:
+        torch.randn = real_randn
+    assert len(calls) == call["num_inference_steps"] == len(noises)
+    for i, (x_in, s, guidance, out) in enumerate(calls):
+        assert_close(f"step{i}.input", x_in, io[f"step{i}.input"])
+        assert_close(f"step{i}.timestep", s, io[f"step{i}.timestep"], atol=0, rtol=0)
+        assert_close(f"step{i}.guidance", guidance, io[f"step{i}.guidance"], atol=0, rtol=0)
+        assert_close(f"step{i}.output", out, io[f"step{i}.output"])
+    assert_close("final_latents", x, io["final_latents"])
+
+
+
+def test_trigflow_is_the_flow_model_rewritten():
+    """For one data point the ideal flow velocity is known, v = eps - x0: then F must be TrigFlow's exact
+    dx_t/dt / sigma_d = cos(t) eps - sin(t) x0, the flow model must see x_s = (1 - s) x0 + s eps at
+    s = sin t / (sin t + cos t), and the sampler's jump cos(t) x_t - sin(t) F must land on x0."""
+    torch.manual_seed(0)
+    x0, eps = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.8, 1.5], dtype=torch.float64)
+    c, s_ = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    seen = {}
+
+    def velocity(x_s, s):
+        seen["x_s"], seen["s"] = x_s, s
+        return eps - x0
+    F_ = sp.trigflow(velocity, c * x0 + s_ * eps, t)
+    s = torch.sin(t) / (torch.sin(t) + torch.cos(t))
+    assert torch.allclose(seen["s"], s)
+    assert torch.allclose(seen["x_s"], (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps)
+    assert torch.allclose(F_, c * eps - s_ * x0)
+    assert torch.allclose(c * (c * x0 + s_ * eps) - s_ * F_, x0)
+
+
+def tiny_model(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    model = sp.SprintTransformer(sp.replace(sp.PRESETS["tiny"], **kw)).to(dtype)
+    for p in model.parameters():  # no zero layers: every path of the JVP carries signal
+        torch.nn.init.normal_(p, std=0.3 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1)
+    return model
+
+
+def test_jvp_tangent_matches_a_finite_difference():
+    """The student's time derivative along the teacher's ODE, as scm_loss computes it (torch.func.jvp with the
+    math attention kernel), equals a central difference of the same model, in float64."""
+    model = tiny_model(dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.2], dtype=torch.float64)
+    y, mask = torch.randn(2, 10, 64, generator=g, dtype=torch.float64), torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    guidance = torch.full((2,), 0.2, dtype=torch.float64)
+    f = lambda x, t: sp.trigflow(lambda xs, s: model(xs, s, y, mask, guidance), x, t)  # noqa: E731
+    dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        _, tangent = torch.func.jvp(f, (x, t), (dx, dt))
+        e = 1e-3
+        fd = (f(x + e * dx, t + e * dt) - f(x - e * dx, t - e * dt)) / (2 * e)
+    assert tangent.abs().max() > 0.1
+    assert_close("jvp vs finite difference", tangent, fd, atol=1e-3 * tangent.abs().max().item(), rtol=1e-3)
+
+
+def distill_setup(seed=0):
+    teacher = tiny_model(seed, qk_norm=True, guidance_embeds=False, logvar=False).requires_grad_(False)
+    student = sp.SprintTransformer(sp.PRESETS["tiny"])
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(8, 4, 8, 8, generator=g) * 0.5
+    y, mask = torch.randn(8, 10, 64, generator=g), torch.ones(8, 10, dtype=torch.long)
+    return teacher, student, x0, y, mask, y[:1] * 0, mask[:1]
+
+
+def test_one_scm_step_lowers_the_loss_on_a_fixed_batch():
+    teacher, student, x0, y, mask, null_y, null_mask = distill_setup()
+    w = torch.full((8,), 2.0)
+    teacher_v = sp.teacher_velocity(teacher, y, mask, null_y, null_mask, w)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        loss, _ = sp.scm_loss(student, teacher_v, x0, y, mask, w * 0.1, r=1.0, generator=torch.Generator().manual_seed(5))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[1] < losses[0], losses
+
+
+def test_distill_step_trains_both_players():
+    """One sCM + LADD step updates the student and the discriminator heads, and leaves the teacher alone."""
+    teacher, student, x0, y, mask, null_y, null_mask = distill_setup()
+    disc = sp.Discriminator(teacher, (0, 1), width=32)
+    before = {n: p.clone() for n, p in list(student.named_parameters()) + list(disc.named_parameters())}
+    opt_g = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=1e-3)
+    dc = sp.DistillConfig(guidance=(2.0,), head_blocks=(0, 1), tangent_warmup=10)
+    losses = sp.distill_step(student, disc, x0, y, mask, null_y, null_mask, opt_g, opt_d, 0, dc,
+                             torch.Generator().manual_seed(0))
+    assert set(losses) == {"scm", "mse", "adv", "d"} and all(map(torch.isfinite, map(torch.tensor, losses.values())))
+    changed = {n for n, p in list(student.named_parameters()) + list(disc.named_parameters())
+               if not torch.equal(p, before[n])}
+    assert any(n.startswith("heads.") for n in changed) and "proj_out.weight" in changed
+    assert not any(n.startswith("teacher.") for n in changed)
+
+
+def test_teacher_from_sana_and_dense_time():
+    """The committed tiny SANA's weights make a Sprint teacher (new: the qk-norm weights only), and the dense-time
+    fit makes its emb(s) match the old emb(1000 s) far better than the unchanged MLP does."""
+    import sana
+    sd, _, _ = sp.read_tiny_sana()
+    teacher = sp.teacher_from_sana(sd, sp.PRESETS["tiny"])
+    assert torch.equal(teacher.time_embed.timestep_embedder.linear_1.weight,
+                       sd["time_embed.emb.timestep_embedder.linear_1.weight"])
+    old = sana.TimestepEmbedder(sana.PRESETS["tiny"].hidden_size)
+    old.load_state_dict(teacher.time_embed.timestep_embedder.state_dict())
+    s = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = old(1000 * s)
+        before = torch.nn.functional.mse_loss(teacher.time_embed.timestep_embedder(s), target).item()
+    sp.fit_dense_time(teacher.time_embed.timestep_embedder)
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(teacher.time_embed.timestep_embedder(s), target).item()
+    assert after < before / 10, (before, after)
