@@ -6,6 +6,8 @@ assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four se
                        the tiny model's default guidance; each row's caption and how many of its four images the
                        shapes scorer reads as right are printed (and listed in the README)
 assets/dcae_tiny.png   the tiny DC-AE: pairs of rows, synthetic inputs above their reconstructions
+assets/sana_sprint_tiny.png  the tiny SANA-Sprint student: one row per prompt, seed 0, columns: the student at 1, 2
+                       and 4 steps, then its teacher (the tiny SANA) at 20 steps
 """
 import os
 import sys
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (the repository root on sys.path)
 import dcae  # noqa: E402
 import sana  # noqa: E402
+import sana_sprint  # noqa: E402
 import shapes_score  # noqa: E402
 
 ASSETS = os.path.join(conftest.ROOT, "assets")
@@ -61,7 +64,16 @@ def main():
         rec = model(x)
     to_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     grid([list(to_uint8(x)), list(to_uint8(rec))]).save(os.path.join(ASSETS, "dcae_tiny.png"))
-    print(f"wrote {ASSETS}/sana_tiny.png and {ASSETS}/dcae_tiny.png")
+    student, rows = sana_sprint.load_tiny(), []
+    for prompt in PROMPTS:
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        row = [student.generate([prompt], 64, 64, n, None, g())[0].numpy() for n in (1, 2, 4)]
+        row.append(pipe.generate([prompt], 64, 64, 20, None, g())[0].numpy())
+        right = [int(shapes_score.fidelity([img], [prompt])) for img in row]
+        print(f"{prompt}: right at 1/2/4 steps and the teacher: {right}")
+        rows.append(row)
+    grid(rows).save(os.path.join(ASSETS, "sana_sprint_tiny.png"))
+    print(f"wrote {ASSETS}/sana_tiny.png, {ASSETS}/dcae_tiny.png and {ASSETS}/sana_sprint_tiny.png")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import dcae
 import fast_dllm
 import sana
+import sana_sprint
 
 # torch warns about the pickle protocol of the legacy pickle below while it refuses to unpickle it: expected
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
@@ -31,6 +32,8 @@ LOADERS = {
     "fast_dllm": ("load_tiny", "load_checkpoint", "train_tiny"),
     "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
              "train_tiny"),
+    "sana_sprint": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
+                    "load_vae", "train_tiny"),
 }
 
 
@@ -165,6 +168,34 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--model", "Sana_600M_512px"], "give --ckpt too", True),
     ("sana", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("sana", ["--train", "--train-out", "/proc/sana.safetensors"], "cannot write to the folder /proc", True),
+    # sana_sprint.py
+    ("sana_sprint", ["--device", "banana"], "unknown device 'banana'", True),
+    ("sana_sprint", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("sana_sprint", ["--prompt", "  "], "the prompt is empty", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be 1, 2, 3 or 4", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--steps", "20"], "--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 "
+                                                                "step model), not 20", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "inf"], "--guidance must be a finite number", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "0"], "--strength must be in (0, 1], not 0.0", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "1.5"], "--strength must be in (0, 1], not 1.5", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "nan"], "--strength must be in (0, 1], not nan", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
+     True),
+    ("sana_sprint", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "/no/such.png"], "image /no/such.png does not exist", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "{text.png}"], "cannot read", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--ckpt", "{text.pth}"], "is a file; give the diffusers pipeline folder",
+     True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--ckpt", "/no/such/folder"], "checkpoint folder /no/such/folder does "
+                                                                            "not exist", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}"], "it is a SANA flow model, not a SANA-Sprint "
+                                                                       "model (use sana.py for it)", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--model", "Sana_Sprint_0.6B_1024px"], "give --ckpt too", True),
+    ("sana_sprint", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("sana_sprint", ["--train", "--train-out", "/proc/s.safetensors"], "cannot write to the folder /proc", True),
     # fast_dllm.py
     ("fast_dllm", ["--device", "banana"], "unknown device 'banana'", True),
     ("fast_dllm", ["--device", "mps"], "no Apple GPU", True),
@@ -267,6 +298,18 @@ CALLS = [  # (file, call, sentence)
     ("sana", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
     ("sana", lambda m, b: m.check_tiny_prompt("a purple hexagon on a white background"),
      'does not know "purple", "hexagon"'),
+    # sana_sprint.py
+    ("sana_sprint", lambda m, b: m.load_transformer(b["code.pth"], preset="Sana_Sprint_0.6B_1024px"),
+     "code.pth holds pickled Python objects besides tensors; it was not loaded"),
+    ("sana_sprint", lambda m, b: m.load_transformer(b["code.pth"]), "cannot tell which model"),
+    ("sana_sprint", lambda m, b: m.load_transformer(b["sana_pipe"]), "not a SANA-Sprint model"),
+    ("sana_sprint", lambda m, b: m.load_pipeline(b["sana_pipe"]), "not a SANA-Sprint model"),
+    ("sana_sprint", lambda m, b: m.load_pipeline(b["sana_transformer_only"]), "has no text_encoder/ subfolder"),
+    ("sana_sprint", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny SANA-Sprint written by"),
+    ("sana_sprint", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python sana_sprint.py --train`"),
+    ("sana_sprint", lambda m, b: m.get_preset("Sana_Sprint_9B"), "unknown preset 'Sana_Sprint_9B'; known: "
+                                                               "Sana_Sprint_0.6B_1024px"),
+    ("sana_sprint", lambda m, b: m.check_tiny_prompt("a red circle"), "'a red circle' is not one"),
     # fast_dllm.py
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_config"]), "config.json is not valid JSON"),
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_weights"]),

@@ -18,7 +18,11 @@ SHORT = {
     "dcae": dict(steps=30, recipe=((1, 30, 4, 32, 2e-3),)),
     "sana": dict(steps=30, batch=16, n_images=256),
     "fast_dllm": dict(steps=30),
+    "sana_sprint": dict(steps=3, teacher_steps=30, batch=8, n_images=256),
 }
+# sana_sprint starts from a trained teacher, not from scratch: in a few steps its losses move by less than their
+# noise, so its run is checked for what DDP does (identical weights from different data), not for a falling loss.
+NO_LOSS_CHECK = {"sana_sprint"}
 
 
 def free_port():
@@ -68,8 +72,9 @@ def test_two_processes_end_with_identical_weights(name, tmp_path):
     assert (tmp_path / "weights.safetensors").exists()  # written by rank 0
     log0, log1 = ((tmp_path / f"rank{r}.log").read_text() for r in (0, 1))
     assert log1 == "", "only rank 0 logs"
-    losses = [float(x) for x in re.findall(r"\bloss (\d+\.\d+)", log0)]
-    assert len(losses) >= 2 and losses[-1] < losses[0], log0
+    if name not in NO_LOSS_CHECK:
+        losses = [float(x) for x in re.findall(r"\bloss (\d+\.\d+)", log0)]
+        assert len(losses) >= 2 and losses[-1] < losses[0], log0
 
 
 def test_torchrun_command_line(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -242,7 +243,7 @@ def test_one_scm_step_lowers_the_loss_on_a_fixed_batch():
 def test_distill_step_trains_both_players():
     """One sCM + LADD step updates the student and the discriminator heads, and leaves the teacher alone."""
     teacher, student, x0, y, mask, null_y, null_mask = distill_setup()
-    disc = sp.Discriminator(teacher, (0, 1), width=32)
+    disc = sp.Discriminator(teacher, (0, 1))
     before = {n: p.clone() for n, p in list(student.named_parameters()) + list(disc.named_parameters())}
     opt_g = torch.optim.AdamW(student.parameters(), lr=1e-3)
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=1e-3)
@@ -274,3 +275,90 @@ def test_teacher_from_sana_and_dense_time():
     with torch.no_grad():
         after = torch.nn.functional.mse_loss(teacher.time_embed.timestep_embedder(s), target).item()
     assert after < before / 10, (before, after)
+
+
+# The tiny committed student. Prompt fidelity = colour, shape and count all read back right by the shapes scorer.
+
+needs_tiny = pytest.mark.skipif(not os.path.isfile(sp.TINY_WEIGHTS), reason="weights/sana_sprint_tiny.safetensors missing")
+
+
+def tiny_fidelity(prompts, seeds, steps, guidance=None):
+    import shapes_score
+    pipe = sp.load_tiny()
+    images, captions = [], []
+    for seed in seeds:  # one generator per seed draws the noise of the whole batch of prompts
+        images += [img.numpy() for img in pipe.generate(prompts, 64, 64, steps, guidance,
+                                                        torch.Generator().manual_seed(seed))]
+        captions += prompts
+    return shapes_score.fidelity(images, captions), images, captions
+
+
+def test_tiny_grammar_is_the_tiny_sanas(capsys):
+    import sana
+    assert sp.TINY_GRAMMAR == sana.TINY_GRAMMAR
+    with pytest.raises(SystemExit):
+        sp.main(["--help"])
+    assert sp.TINY_GRAMMAR in " ".join(capsys.readouterr().out.split())
+
+
+@needs_tiny
+def test_cli_tiny_default_one_step(tmp_path):
+    """`python sana_sprint.py --prompt ... --steps 1`: the committed student writes the picture in one step."""
+    import shapes_score
+    from PIL import Image
+    out = tmp_path / "sprint.png"
+    sp.main(["--prompt", "a green triangle on a white background", "--steps", "1", "--out", str(out),
+             "--device", "cpu"])
+    scene = shapes_score.read_scene(Image.open(out))
+    assert Image.open(out).size == (64, 64)
+    assert (scene["color"], scene["background"]) == ("green", "white"), scene
+
+
+@needs_tiny
+def test_image_to_image_keeps_what_strength_leaves(tmp_path):
+    """From a rendering of one scene, a low strength keeps its layout (the picture changes little) and a high
+    one redraws it: the mean change grows with the strength. Through the command line, so --image is tested."""
+    import shapes_score
+    from PIL import Image
+    src = tmp_path / "in.png"
+    Image.fromarray(shapes_score.render("two red circles on a blue background", seed=3)).save(src)
+    change = {}
+    for strength in ("0.2", "1.0"):
+        out = tmp_path / f"out{strength}.png"
+        sp.main(["--prompt", "two yellow circles on a blue background", "--steps", "2", "--image", str(src),
+                 "--strength", strength, "--out", str(out), "--device", "cpu"])
+        a, b = (torch.tensor(np.asarray(Image.open(p)), dtype=torch.float32) for p in (src, out))
+        change[strength] = (a - b).abs().mean().item()
+    assert change["0.2"] < 0.5 * change["1.0"], change
+
+
+@pytest.mark.skipif(not os.path.isfile(sp.TINY_TEACHER), reason="weights/sana_tiny.safetensors missing")
+def test_tiny_training_is_deterministic(tmp_path):
+    """Two short runs from the same seed give bit-identical weights (the committed ones come from `--train`)."""
+    runs = []
+    for i in range(2):
+        out = str(tmp_path / f"run{i}" / "s.safetensors")
+        sp.train_tiny(seed=0, out=out, log=lambda *a: None, steps=2, teacher_steps=2, batch=8, n_images=64)
+        runs.append(load_file(out))
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def print_report(name, images, captions):
+    import shapes_score
+    r = shapes_score.report(images, captions)
+    shapes = ", ".join(f"{sh} {right}/{n}" for sh, (right, n) in r["by_shape"].items())
+    print(f"{name}: fidelity {r['fidelity']:.3f} over {len(images)} images | colour {r['color']:.2f}, shape "
+          f"{r['shape']:.2f}, count {r['count']:.2f}, background {r['background']:.2f} | {shapes}")
+
+
+if __name__ == "__main__":  # the full scores for the README: python tests/test_sana_sprint.py
+    import time
+
+    import shapes_score
+    t0 = time.time()
+    for name, prompts in (("README prompts (24 x 4 seeds)", shapes_score.readme_prompts()),
+                          ("second set (48 x 4 seeds)", shapes_score.second_prompts())):
+        for steps in (1, 2, 4):
+            _, images, captions = tiny_fidelity(prompts, seeds=[0, 1, 2, 3], steps=steps)
+            print_report(f"{name}, {steps} step(s), guidance {sp.load_tiny().guidance_scale}", images, captions)
+    print(f"({time.time() - t0:.0f}s)")
