@@ -1861,9 +1861,10 @@ def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, log=p
     t0 = t0 or time.time()
     teacher = teacher_from_sana(sana_sd, PRESETS["tiny"])
     fit = fit_dense_time(teacher.time_embed.timestep_embedder)
-    idx = torch.randint(len(z), (128,), generator=generator)
-    s = torch.rand(128, generator=generator).view(-1, 1, 1, 1)
-    x_s = (1 - s) * z[idx] + s * torch.randn(z[idx].shape, generator=generator)
+    calib = torch.Generator().manual_seed(0)  # one calibration batch for every rank: the weights must agree
+    idx = torch.randint(len(z), (128,), generator=calib)
+    s = torch.rand(128, generator=calib).view(-1, 1, 1, 1)
+    x_s = (1 - s) * z[idx] + s * torch.randn(z[idx].shape, generator=calib)
     calibrate_qk_norm(teacher, x_s, s.flatten(), y[idx], mask[idx])
     log(f"teacher: dense-time embedding fitted (mse {fit:.2e}), qk-norm calibrated")
     params = list(teacher.parameters())
