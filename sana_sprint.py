@@ -1149,6 +1149,7 @@ def config_from_diffusers(c):
                         guidance_embeds_scale=c.get("guidance_embeds_scale", 0.1), logvar=False)
 
 
+# Copied from sana.py: read_transformer_config with SanaConfig->SprintConfig
 def read_transformer_config(folder):
     """The SprintConfig of a diffusers transformer/ folder, from its config.json."""
     c = read_json(os.path.join(folder, "config.json"))
@@ -1159,7 +1160,7 @@ def read_transformer_config(folder):
 
 
 ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
-    # the mapping of diffusers' scripts/convert_sana_sprint_to_diffusers.py, logvar_linear kept for training
+    # the mapping of diffusers' scripts/convert_sana_sprint_to_diffusers.py; logvar_linear (no rule) keeps its name
     (r"^y_embedder\.y_embedding$", None),  # learned null caption of training-time CFG dropout; unused here
     (r"^pos_embed$", None),  # sincos buffer (zeros in NoPE models)
     (r"^x_embedder\.", "patch_embed."),
@@ -1187,12 +1188,14 @@ ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop),
     (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
     (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
 ]
+# Copied from sana.py: FUSED
 FUSED = {".attn1.to_qkv.": (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v."),
          ".attn2.to_kv.": (".attn2.to_k.", ".attn2.to_v.")}
 
 
+# Copied from sana.py: convert_original
 def convert_original(sd):
-    """NVlabs .pth state dict -> our (= diffusers, plus logvar_linear) keys: renames, drops, fused splits."""
+    """NVlabs .pth state dict -> our (= diffusers) keys: renames, drops, and splits of the fused projections."""
     out = {}
     for key, value in sd.items():
         for pattern, repl in ORIGINAL_RENAMES:

@@ -64,6 +64,10 @@ def main():
         rec = model(x)
     to_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     grid([list(to_uint8(x)), list(to_uint8(rec))]).save(os.path.join(ASSETS, "dcae_tiny.png"))
+    if not os.path.isfile(sana_sprint.TINY_WEIGHTS):
+        print(f"{sana_sprint.TINY_WEIGHTS} missing (python sana_sprint.py --train): no Sprint grid")
+        print(f"wrote {ASSETS}/sana_tiny.png and {ASSETS}/dcae_tiny.png")
+        return
     student, rows = sana_sprint.load_tiny(), []
     for prompt in PROMPTS:
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731

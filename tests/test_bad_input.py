@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 import dcae
 import fast_dllm
 import sana
-import sana_sprint
 
 # torch warns about the pickle protocol of the legacy pickle below while it refuses to unpickle it: expected
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
