@@ -332,6 +332,16 @@ def test_image_to_image_keeps_what_strength_leaves(tmp_path):
     assert change["0.2"] < 0.5 * change["1.0"], change
 
 
+@needs_tiny
+def test_tiny_student_fidelity():
+    """The committed student on the README's 24 prompts x 4 seeds scored 0.427 / 0.490 / 0.604 at 1 / 2 / 4 steps
+    (the 20-step teacher: 0.750): guarded with slack, and four steps must beat one."""
+    import shapes_score
+    fid = {steps: tiny_fidelity(shapes_score.readme_prompts(), range(4), steps)[0] for steps in (1, 2, 4)}
+    assert fid[1] >= 0.37 and fid[2] >= 0.43 and fid[4] >= 0.54, fid
+    assert fid[4] > fid[1], fid
+
+
 @pytest.mark.skipif(not os.path.isfile(sp.TINY_TEACHER), reason="weights/sana_tiny.safetensors missing")
 def test_tiny_training_is_deterministic(tmp_path):
     """Two short runs from the same seed give bit-identical weights (the committed ones come from `--train`)."""
