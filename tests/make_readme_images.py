@@ -8,6 +8,8 @@ assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four se
 assets/dcae_tiny.png   the tiny DC-AE: pairs of rows, synthetic inputs above their reconstructions
 assets/sana_sprint_tiny.png  the tiny SANA-Sprint student: one row per prompt, seed 0, columns: the student at 1, 2
                        and 4 steps, then its teacher (the tiny SANA) at 20 steps
+assets/svdquant_tiny.png  the tiny SANA quantized to W4A4: one row per prompt, seed 0, columns: 16-bit, naive W4A4,
+                       smoothing only, SVDQuant (the committed weights/svdquant_tiny.safetensors)
 """
 import os
 import sys
@@ -21,6 +23,7 @@ import conftest  # noqa: E402,F401  (the repository root on sys.path)
 import dcae  # noqa: E402
 import sana  # noqa: E402
 import sana_sprint  # noqa: E402
+import svdquant  # noqa: E402
 import shapes_score  # noqa: E402
 
 ASSETS = os.path.join(conftest.ROOT, "assets")
@@ -78,6 +81,20 @@ def main():
         rows.append(row)
     grid(rows).save(os.path.join(ASSETS, "sana_sprint_tiny.png"))
     print(f"wrote {ASSETS}/sana_tiny.png, {ASSETS}/dcae_tiny.png and {ASSETS}/sana_sprint_tiny.png")
+    if not os.path.isfile(svdquant.TINY_WEIGHTS):
+        print(f"{svdquant.TINY_WEIGHTS} missing (python svdquant.py --train): no SVDQuant row")
+        return
+    pipes = [pipe] + [svdquant.quantize_tiny(m, svdquant.replace(svdquant.TINY_QUANT, **svdquant.METHODS[m]),
+                                             log=lambda *a: None) for m in ("naive", "smooth")]
+    pipes.append(svdquant.load_tiny_quantized())
+    rows = []
+    for prompt in PROMPTS[:4]:
+        row = [p.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(0))[0] for p in pipes]
+        psnr = [f"{svdquant.psnr(img, row[0]):.1f}" for img in row[1:]]
+        print(f"{prompt}: PSNR vs 16-bit, naive / smoothing / SVDQuant: {' / '.join(psnr)} dB")
+        rows.append([img.numpy() for img in row])
+    grid(rows).save(os.path.join(ASSETS, "svdquant_tiny.png"))
+    print(f"wrote {ASSETS}/svdquant_tiny.png")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ LOADERS = {
              "train_tiny"),
     "sana_sprint": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
                     "load_vae", "train_tiny"),
+    "svdquant": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
+                 "load_vae", "train_tiny", "load_nunchaku", "load_tiny_quantized"),
 }
 
 
@@ -195,6 +197,28 @@ CLI = [  # (file, argv, sentence, early)
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--model", "Sana_Sprint_0.6B_1024px"], "give --ckpt too", True),
     ("sana_sprint", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("sana_sprint", ["--train", "--train-out", "/proc/s.safetensors"], "cannot write to the folder /proc", True),
+    # svdquant.py
+    ("svdquant", ["--device", "banana"], "unknown device 'banana'", True),
+    ("svdquant", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("svdquant", ["--prompt", "  "], "the prompt is empty", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be at least 1", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--rank", "-1"], "--rank must be 0 (no branch) or more, not -1", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
+     True),
+    ("svdquant", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--save", "{folder}"], "is a folder; give a file name, e.g. ", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--save", "q.png"], "--save q.png: the file name must end in .safetensors",
+     True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "/no/such/file"], "--ckpt /no/such/file does not exist", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{whole.safetensors}"], "holds the transformer only: give --base",
+     True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{whole.safetensors}", "--base", "{sana_pipe}"],
+     "has no 'config' metadata: not a nunchaku single-file checkpoint", True),
+    ("svdquant", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("svdquant", ["--train", "--train-out", "/proc/s.safetensors"], "cannot write to the folder /proc", True),
     # fast_dllm.py
     ("fast_dllm", ["--device", "banana"], "unknown device 'banana'", True),
     ("fast_dllm", ["--device", "mps"], "no Apple GPU", True),
@@ -309,6 +333,13 @@ CALLS = [  # (file, call, sentence)
     ("sana_sprint", lambda m, b: m.get_preset("Sana_Sprint_9B"), "unknown preset 'Sana_Sprint_9B'; known: "
                                                                "Sana_Sprint_0.6B_1024px"),
     ("sana_sprint", lambda m, b: m.check_tiny_prompt("a red circle"), "'a red circle' is not one"),
+    # svdquant.py
+    ("svdquant", lambda m, b: m.load_nunchaku(b["whole.safetensors"]), "has no 'config' metadata"),
+    ("svdquant", lambda m, b: m.load_nunchaku(b["cut.safetensors"]), "is not a readable safetensors file"),
+    ("svdquant", lambda m, b: m.load_nunchaku("/no/such.safetensors"), "weights file /no/such.safetensors not found"),
+    ("svdquant", lambda m, b: m.load_tiny_quantized("/no/such.safetensors"),
+     "is missing: run `python svdquant.py --train`"),
+    ("svdquant", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
     # fast_dllm.py
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_config"]), "config.json is not valid JSON"),
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_weights"]),

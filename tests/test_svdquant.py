@@ -1,0 +1,278 @@
+"""Tests for svdquant.py: parity with deepcompressor's outputs (every case directory under fixtures/svdquant is
+discovered and read through its meta.json), nunchaku's packed layout both ways, the quantized SANA-1.6B layout
+on the meta device, the LoRA merge, and the tiny demo's ordering of the three methods."""
+import glob
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import assert_close  # also puts the repository root on the path
+import svdquant as sq
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "svdquant")
+
+
+def cases(required, key=None):
+    """Case directories with the file `required` (and, if given, the tensor `key` in it)."""
+    dirs = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, required)))
+    if key:
+        dirs = [d for d in dirs if key in safe_open(os.path.join(d, required), "pt").keys()]
+    return pytest.mark.parametrize("case", dirs, ids=[os.path.basename(d) for d in dirs])
+
+
+def read_case(case):
+    meta = json.load(open(os.path.join(case, "meta.json")))
+    precision = "nvfp4" if any(f.endswith("nvfp4.yaml") for f in meta["config_files"]) else "int4"
+    files = {f[:-len(".safetensors")]: load_file(os.path.join(case, f))
+             for f in os.listdir(case) if f.endswith(".safetensors")}
+    return meta, precision, files
+
+
+METHOD_KEYS = {"naive": "y_naive_w4a4", "smooth": "y_smooth_w4a4", "svdquant": "y_svdquant_w4a4"}
+SELECTED = {"smooth": "smooth_only_selected_alpha_beta", "svdquant": "svdq_selected_alpha_beta"}
+
+
+@cases("outputs.safetensors", key="y_svdquant_w4a4")
+def test_method_parity(case):
+    """Smoothing search, iterated branch, codes, scales and the layer outputs of all three methods, against
+    deepcompressor's float32 run."""
+    meta, precision, f = read_case(case)
+    inp, out = f["inputs"], f["outputs"]
+    assert meta["group_size"] == sq.GROUP_SIZE[precision]
+    x = inp["x_calib"].reshape(-1, meta["K_in"])
+    y_fp = torch.nn.functional.linear(inp["x_test"], inp["weight"], inp["bias"])
+    assert_close("y_fp32", y_fp, out["y_fp32"], atol=1e-5, rtol=1e-5)
+    rel = {}
+    for method, key in METHOD_KEYS.items():
+        cfg = sq.replace(sq.QuantConfig(precision, meta["rank"]), **sq.METHODS[method])
+        q = sq.svdquant(inp["weight"], x, cfg)
+        if method in SELECTED:
+            assert list(q.alpha_beta) == meta[SELECTED[method]], method
+        layer = sq.W4A4Linear.from_quantized(q, inp["bias"])
+        y = layer(inp["x_test"])
+        assert_close(key, y, out[key], atol=2e-5 * out[key].abs().max(), rtol=1e-5)
+        rel[method] = ((y - out["y_fp32"]).norm() / out["y_fp32"].norm()).item()
+        assert rel[method] == pytest.approx(meta["rel_err_vs_fp32"][method], rel=1e-3)
+        if method == "naive":
+            assert_close("naive.w_dequant", layer.weight_dequantized(), out["naive.w_dequant"], atol=0, rtol=0)
+            assert_close("naive.wscales", q.scales, out["naive.wscales"], atol=0, rtol=0)
+        if method == "smooth":
+            assert_close("smooth.smooth_scale", q.smooth, out["smooth.smooth_scale"], atol=0, rtol=1e-6)
+            assert_close("smooth.w_dequant", layer.weight_dequantized(), out["smooth.w_dequant"], atol=1e-6, rtol=1e-5)
+    s = q.smooth  # the SVDQuant run's intermediates
+    assert_close("svdq.smooth_scale", s, out["svdq.smooth_scale"], atol=0, rtol=1e-6)
+    assert_close("svdq.lowrank_down", q.down * s, out["svdq.lowrank_down"], atol=1e-6, rtol=1e-5)
+    assert_close("svdq.lowrank_up", q.up, out["svdq.lowrank_up"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(q.codes, out["svdq.wcodes"])
+    assert_close("svdq.wscales", q.scales, out["svdq.wscales"], atol=0, rtol=1e-6)
+    assert_close("svdq.w_dequant", layer.weight_dequantized(), out["svdq.w_dequant"], atol=1e-6, rtol=1e-5)
+    xq = sq.fake_quant_act(inp["x_test"] / s, precision)
+    assert_close("svdq.x_test_q_dequant", xq, out["svdq.x_test_q_dequant"], atol=1e-6, rtol=1e-5)
+    assert rel["svdquant"] < rel["smooth"] < rel["naive"]  # the paper's ordering, on outlier activations
+
+
+@cases("packed_nunchaku.safetensors")
+def test_nunchaku_unpack(case):
+    """The official converter's packed tensors unpack to exactly its plain codes, scales, bias, smooth and
+    branch."""
+    meta, precision, f = read_case(case)
+    prefix = meta["prefix"] + "."
+    packed = {k[len(prefix):]: v for k, v in f["packed_nunchaku"].items()}
+    for k, (shape, dtype) in meta["packed_shapes"].items():
+        assert list(f["packed_nunchaku"][k].shape) == shape and str(f["packed_nunchaku"][k].dtype) == dtype, k
+    u = f["unpacked"]
+    layer = sq.from_nunchaku(packed, meta["K_in"], meta["N_out"])
+    assert layer.precision == precision
+    codes = sq.unpack_nibbles(layer.qweight, meta["K_in"], signed=precision == "int4")
+    assert torch.equal(codes, u["wcodes"] if precision == "int4" else u["wcodes_e2m1_index"])
+    scales = u["wscales"] if precision == "int4" else u["wscales_fp8"]
+    assert torch.equal(layer.wscales.float(), scales.float())
+    if precision == "nvfp4":
+        assert torch.equal(layer.wtscale.reshape(1), u["wtscale"].float())
+    for name, key in (("bias", "bias"), ("smooth", "smooth"), ("proj_down", "lora_down"), ("proj_up", "lora_up")):
+        assert torch.equal(getattr(layer, name), u[key].float()), name
+    assert torch.equal(layer.weight_dequantized().to(u["w_dequant_residual"].dtype), u["w_dequant_residual"])
+
+
+@cases("packed_nunchaku.safetensors")
+def test_nunchaku_pack_roundtrip(case):
+    """Packing what was unpacked gives back the converter's bytes, padding included."""
+    meta, _, f = read_case(case)
+    prefix = meta["prefix"] + "."
+    packed = {k[len(prefix):]: v for k, v in f["packed_nunchaku"].items()}
+    again = sq.to_nunchaku(sq.from_nunchaku(packed, meta["K_in"], meta["N_out"]), dtype=packed["smooth"].dtype)
+    assert set(again) == set(packed)
+    for k, v in packed.items():
+        assert again[k].dtype == v.dtype and again[k].shape == v.shape, k
+        assert torch.equal(again[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@cases("packed_nunchaku.safetensors")
+def test_nunchaku_layer_matches_official(case):
+    """The unpacked layer, run by W4A4Linear in float32, against deepcompressor's bf16 fake-quant forward (ref:
+    0.5-0.9% relative is bf16 rounding)."""
+    meta, precision, f = read_case(case)
+    prefix = meta["prefix"] + "."
+    packed = {k[len(prefix):]: v for k, v in f["packed_nunchaku"].items()}
+    layer = sq.from_nunchaku(packed, meta["K_in"], meta["N_out"])
+    ref = next(v for k, v in f["outputs"].items() if k.endswith("_deepcompressor"))
+    y = layer(f["inputs"]["x_test"].bfloat16().float())
+    rel = ((y - ref).norm() / ref.norm()).item()
+    fp = f["outputs"]["y_fp"]
+    assert rel < 0.02, rel
+    assert rel < 0.5 * ((ref - fp).norm() / fp.norm()).item() + 0.01  # far closer to it than to the 16-bit layer
+
+
+def test_e2m1_rounding():
+    """E2M1 round to nearest, ties to the even index (worked by hand from the value table), saturating at 6."""
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.75, -0.2, 0.0, 2.9])
+    want = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -1.0, 0.0, 0.0, 3.0])
+    assert torch.equal(sq.decode_e2m1(sq.round_e2m1(x)), want)
+
+
+def test_int4_rounding():
+    """Half to even at the code level, scale = absmax / 7, -8 never produced for weights."""
+    x = torch.tensor([[7.0, 3.5, 2.5, -0.5, 0.5, -7.0] + [0.0] * 58])
+    codes, scale = sq.quantize_int4(x)
+    assert scale.item() == 1.0
+    assert codes[0, :6].tolist() == [7, 4, 2, 0, 0, -7]
+
+
+def test_nibbles_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (5, 13), generator=g, dtype=torch.int8)
+    assert torch.equal(sq.unpack_nibbles(sq.pack_nibbles(codes), 13, signed=True), codes)
+    e = torch.randint(0, 16, (5, 13), generator=g).to(torch.uint8)
+    assert torch.equal(sq.unpack_nibbles(sq.pack_nibbles(e), 13, signed=False), e)
+
+
+def test_sana_1600m_layout_on_meta():
+    """A quantized SANA-1.6B written in nunchaku's layout has the names, dtypes and shapes of the published
+    svdq-int4_r32-sana1.6b.safetensors (ref B.2; hand-derived for width 2240 -> 2304 per projection, FFN hidden
+    5600 -> 5632, rank 32), built on the meta device; and the loader builds the model back from that layout."""
+    cfg = sq.SANA_PRESETS["Sana_1600M_1024px_BF16"]
+    sd = sq.to_nunchaku_sana(sq.quantized_sana(cfg, "int4", 32, device="meta"))
+    bf16, i8 = torch.bfloat16, torch.int8
+    want = {
+        "attn.qkv_proj.qweight": ((6912, 1152), i8), "attn.qkv_proj.wscales": ((36, 6912), bf16),
+        "attn.qkv_proj.smooth": ((2304,), bf16), "attn.qkv_proj.smooth_orig": ((2304,), bf16),
+        "attn.qkv_proj.lora_down": ((2304, 32), bf16), "attn.qkv_proj.lora_up": ((6912, 32), bf16),
+        "attn.out_proj.qweight": ((2304, 1152), i8), "attn.out_proj.wscales": ((36, 2304), bf16),
+        "cross_attn.q_linear.qweight": ((2304, 1152), i8), "cross_attn.q_linear.bias": ((2304,), bf16),
+        "cross_attn.out_proj.lora_up": ((2304, 32), bf16),
+        "cross_attn.kv_linear.weight": ((4480, 2240), bf16), "cross_attn.kv_linear.bias": ((4480,), bf16),
+        "ff.inverted_conv.qweight": ((11264, 1152), i8), "ff.inverted_conv.lora_up": ((11264, 32), bf16),
+        "ff.depth_conv.weight": ((11264, 3, 3, 1), bf16), "ff.depth_conv.bias": ((11264,), bf16),
+        "ff.point_conv.qweight": ((2304, 2816), i8), "ff.point_conv.wscales": ((88, 2304), bf16),
+        "ff.point_conv.smooth": ((5632,), bf16), "ff.point_conv.lora_down": ((5632, 32), bf16),
+        "scale_shift_table": ((6, 2240), bf16)}
+    for k, (shape, dtype) in want.items():
+        v = sd[f"transformer_blocks.19.{k}"]
+        assert (tuple(v.shape), v.dtype) == (shape, dtype), k
+    assert "transformer_blocks.0.attn.qkv_proj.bias" not in sd and "transformer_blocks.0.ff.point_conv.bias" not in sd
+    assert not any(".attn1." in k or ".attn2." in k for k in sd)  # the blocks speak nunchaku's names only
+    assert sd["proj_out.weight"].shape == (32, 2240) and sd["caption_projection.linear_1.weight"].dtype == bf16
+    assert sum(k.startswith("transformer_blocks.") for k in sd) == 20 * 45  # 6 layers x 6-7 tensors + 5 plain
+
+
+def tiny_linear_layer(seed=0, rank=8, precision="int4", K=200, N=136):
+    """A quantized random layer, K and N not multiples of 128 or of the group size."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
+    x = torch.randn(256, K, generator=g) * (1 + 10 * (torch.arange(K) % 37 == 0))  # a few outlier channels
+    cfg = sq.QuantConfig(precision, rank, num_grids=4, lowrank_iters=3)
+    return sq.W4A4Linear.from_quantized(sq.svdquant(w, x, cfg), b), x
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_layer_survives_nunchaku_format(precision):
+    """to_nunchaku -> from_nunchaku on a layer with odd sizes gives the same outputs (bf16 storage aside)."""
+    layer, x = tiny_linear_layer(precision=precision)
+    back = sq.from_nunchaku(sq.to_nunchaku(layer, torch.float32), layer.in_features, layer.out_features)
+    assert torch.equal(back.qweight, layer.qweight) and torch.equal(back.wscales.float(), layer.wscales.float())
+    assert_close("output", back(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_merges_into_the_branch():
+    """Merging a LoRA adds exactly strength * (x A^T) B^T: the 4-bit residual and s are not touched."""
+    layer, x = tiny_linear_layer()
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(4, layer.in_features, generator=g), torch.randn(layer.out_features, 4, generator=g)
+    before, qweight = layer(x), layer.qweight.clone()
+    layer.merge_lora(A, B, strength=0.7)
+    assert layer.proj_down.shape[1] == 8 + 4 and torch.equal(layer.qweight, qweight)
+    assert_close("merged", layer(x), before + 0.7 * (x @ A.T) @ B.T, atol=1e-4, rtol=1e-4)
+
+
+# The tiny default: the committed tiny SANA, quantized (weights/svdquant_tiny.safetensors, nunchaku's format).
+
+needs_tiny = pytest.mark.skipif(not os.path.isfile(sq.TINY_WEIGHTS), reason="weights/svdquant_tiny.safetensors missing")
+
+
+@needs_tiny
+def test_committed_tiny_is_its_recipe():
+    """The committed file loads through the published-checkpoint loader and matches a fresh quantization by the
+    recipe (`train_tiny`'s), on one transformer call."""
+    committed = sq.load_tiny_quantized().transformer
+    fresh = sq.quantize_tiny("svdquant", log=lambda *a: None).transformer
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 10, 64, generator=g)
+    t, mask = torch.tensor([900.0, 300.0]), torch.ones(2, 10)
+    with torch.no_grad():
+        a, b = committed(x, t, y, mask), fresh(x, t, y, mask)
+    assert ((a - b).norm() / b.norm()).item() < 2e-2  # bf16 storage of scales, branch and the 16-bit rest
+
+
+@needs_tiny
+def test_svdquant_beats_naive_and_smoothing_on_the_tiny_model():
+    """Images of the three methods against the 16-bit model's on the same seed: SVDQuant's PSNR is the highest
+    (measured with 4 seeds on the README's prompts: naive 29.3, smoothing 30.1, SVDQuant 36.9 dB)."""
+    import shapes_score
+    prompts = shapes_score.readme_prompts()[:12]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ref = sq.load_tiny().generate(prompts, 64, 64, 20, None, g())
+    psnr = {}
+    for method in ("naive", "smooth"):
+        pipe = sq.quantize_tiny(method, sq.replace(sq.TINY_QUANT, **sq.METHODS[method]), log=lambda *a: None)
+        psnr[method] = sum(sq.psnr(a, b) for a, b in zip(pipe.generate(prompts, 64, 64, 20, None, g()), ref)) / 12
+    imgs = sq.load_tiny_quantized().generate(prompts, 64, 64, 20, None, g())
+    psnr["svdquant"] = sum(sq.psnr(a, b) for a, b in zip(imgs, ref)) / 12
+    assert psnr["svdquant"] > psnr["smooth"] + 3 and psnr["svdquant"] > psnr["naive"] + 3, psnr
+
+
+@needs_tiny
+def test_cli_tiny_default(tmp_path, capsys):
+    """`python svdquant.py --prompt ...`: the three methods' PSNR and scorer readings, and the SVDQuant image."""
+    import shapes_score
+    from PIL import Image
+    out = tmp_path / "q.png"
+    sq.main(["--prompt", "a yellow circle on a blue background", "--out", str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    for method in sq.METHODS:
+        assert re.search(rf"^{method} +\d+\.\d+ dB", text, re.M), text
+    scene = shapes_score.read_scene(Image.open(out))
+    assert (scene["color"], scene["background"]) == ("yellow", "blue"), scene
+
+
+def test_tampered_checkpoint_names_the_key(tmp_path):
+    """A nunchaku file with a key missing or one too many is refused, naming the key."""
+    model = sq.quantized_sana(sq.SANA_PRESETS["tiny"], "int4", 16)
+    path = str(tmp_path / "q.safetensors")
+    sq.save_nunchaku(model, path)
+    sd, meta = load_file(path), sq.read_metadata(path)
+    assert isinstance(sq.load_nunchaku(path).transformer_blocks[0].attn1.to_q, sq.W4A4Linear)
+    from safetensors.torch import save_file
+    missing = dict(sd)
+    del missing["transformer_blocks.1.ff.depth_conv.bias"]
+    save_file(missing, path, metadata=meta)
+    with pytest.raises(ValueError, match="1 missing: transformer_blocks.1.ff.depth_conv.bias"):
+        sq.load_nunchaku(path)
+    extra = dict(sd, **{"transformer_blocks.0.attn.extra": torch.zeros(1)})
+    save_file(extra, path, metadata=meta)
+    with pytest.raises(ValueError, match="1 unexpected: transformer_blocks.0.attn.extra"):
+        sq.load_nunchaku(path)
