@@ -17,8 +17,8 @@ becomes, for a per-input-channel smoothing factor s and a rank-r branch L1 L2 (p
      the activations quantized the same way per token at run time, so the GEMM runs on 4-bit tensor cores.
   4. Nunchaku (Sec. 5): the branch alone would cost 57% extra latency (memory-bound); fused into the 4-bit GEMM
      (down-projection with the activation quantization, up-projection in the epilogue) it costs almost nothing.
-     That kernel is for `kernels/w4a4_gemm.py` (not written yet: W4A4Linear calls it on CUDA once it exists);
-     here every layer runs a plain PyTorch path that is exact.
+     `kernels/w4a4_gemm.py` is that kernel in Triton (INT4), which W4A4Linear calls on CUDA; everywhere else it
+     runs the plain PyTorch lines below, which are exact.
 
 Inside, top to bottom:
   1. Config and presets: `QuantConfig`, the published precisions, the three methods compared (naive, smooth, svdquant)
@@ -377,8 +377,10 @@ class W4A4Linear(nn.Module):
         return self.linear(x)
 
     def linear(self, x):  # (..., K) -> (..., N)
-        if w4a4_gemm is not None and x.is_cuda:
-            return w4a4_gemm(x, self)
+        if w4a4_gemm is not None and x.is_cuda and self.precision == "int4":  # the fused Triton kernel
+            y = w4a4_gemm(x.reshape(-1, self.in_features), self.qweight, self.wscales, self.smooth, self.proj_down,
+                          self.proj_up, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype, x = x.dtype, x.float()
         y = fake_quant_act(x / self.smooth.float(), self.precision) @ self.weight_dequantized().T  # the 4-bit GEMM
         y = y + (x @ self.proj_down.float()) @ self.proj_up.float().T  # the 16-bit branch, on the raw x

@@ -61,3 +61,68 @@ def test_root_file_copied_alone_uses_its_own_reference(name, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ""})
     assert run.returncode == 0 and run.stdout.strip() == "0.0", run.stderr[-1500:]
+
+
+# The W4A4 GEMM of SVDQuant (kernels/w4a4_gemm.py)
+
+from kernels import w4a4_gemm as wg  # noqa: E402
+
+
+@pytest.mark.skipif(not triton_ok, reason="needs Triton (on a GPU, or its CPU interpreter)")
+@pytest.mark.parametrize("M,K,N,r", [(5, 64, 16, 16), (37, 200, 72, 8), (33, 130, 40, 0), (64, 256, 96, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_w4a4_triton_matches_reference(M, K, N, r, bias):
+    """Sizes that are not multiples of the tiles (32) or of the group (64); rank 0 = no branch."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qweight, wscales, smooth, down, up, b = wg.random_layer(N, K, r, device, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(device) * 3
+    x[:, 3] *= 40  # an outlier channel
+    args = (x, qweight, wscales, smooth, down, up, b if bias else None)
+    got, want = wg.w4a4_gemm_triton(*args), wg.w4a4_gemm_ref(*args)
+    assert got.shape == (M, N)
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    if r:  # the unfused path leaves the branch out: exactly the branch's share is missing
+        branch = (x @ down) @ up.T
+        torch.testing.assert_close(wg.w4a4_gemm_triton(*args, fuse_lora=False), want - branch,
+                                   atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+
+
+def test_w4a4_reference_is_the_layer_equation():
+    """The reference against the layer written out: quantize x / s per token group, dequantize both, add the
+    branch on the raw x and the bias (float64 for the check)."""
+    qweight, wscales, smooth, down, up, b = wg.random_layer(24, 100, 8, seed=3)
+    x = torch.randn(9, 100, generator=torch.Generator().manual_seed(4))
+    xs = (x / smooth).double()
+    xg = torch.nn.functional.pad(xs, (0, 28)).view(9, 2, 64)
+    sa = xg.abs().amax(-1, keepdim=True) / 7
+    xq = (torch.round(xg / sa).clamp(-8, 7) * sa).view(9, 128)[:, :100]
+    lo, hi = (qweight & 15).to(torch.int64), (qweight >> 4).to(torch.int64)
+    codes = torch.stack([lo, hi], -1).view(24, -1)[:, :100]
+    codes = torch.where(codes >= 8, codes - 16, codes).double()
+    w = codes * wscales.double().repeat_interleave(64, dim=1)[:, :100]
+    want = xq @ w.T + (x.double() @ down.double()) @ up.double().T + b.double()
+    torch.testing.assert_close(wg.w4a4_gemm_ref(x, qweight, wscales, smooth, down, up, b).double(), want,
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_w4a4_public_entry_falls_back(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel was called")
+    monkeypatch.setattr(wg, "w4a4_gemm_triton", no_kernel)
+    layer = wg.random_layer(16, 64, 16)
+    x = torch.randn(4, 64)
+    assert torch.equal(wg.w4a4_gemm(x, *layer), wg.w4a4_gemm_ref(x, *layer))
+    monkeypatch.setattr(wg, "triton", None)
+    assert torch.equal(wg.w4a4_gemm(x, *layer), wg.w4a4_gemm_ref(x, *layer))
+
+
+def test_w4a4_reference_is_svdquants_layer():
+    """svdquant's W4A4Linear (its own PyTorch lines) and the kernel's reference agree on a quantized layer."""
+    import svdquant as sq
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 150, generator=g), torch.randn(64, 150, generator=g)
+    layer = sq.W4A4Linear.from_quantized(sq.svdquant(w, x, sq.QuantConfig("int4", 8, num_grids=4, lowrank_iters=2)),
+                                         torch.randn(40, generator=g))
+    want = layer(x)
+    got = wg.w4a4_gemm_ref(x, layer.qweight, layer.wscales, layer.smooth, layer.proj_down, layer.proj_up, layer.bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
