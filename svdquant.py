@@ -110,10 +110,6 @@ class QuantConfig:
     lowrank_iters: int = 100  # alternating SVD / quantization refinements of the branch (early stop)
     calib_tokens: int = 4096  # calibration rows per layer (drawn at random from what the hooks saw)
 
-    @property
-    def group_size(self):
-        return GROUP_SIZE[self.precision]
-
 
 GROUP_SIZE = {"int4": 64, "nvfp4": 16}
 PRESETS = {  # the published checkpoints' settings (nunchaku's svdq-<precision>_r32-<model>.safetensors)
@@ -389,12 +385,16 @@ class W4A4Linear(nn.Module):
         return y.to(dtype)
 
 
-def quantized_layers(block):
-    """Which of a SANA block's layers are quantized (ref D), grouped by shared input: q, k and v share s and the
-    branch's down projection. 16-bit stay: the text's K/V, the depthwise convolution, the norms' tables, and,
-    outside the blocks, the embeddings and the final layer."""
-    return [("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out.0",), ("attn2.to_q",), ("attn2.to_out.0",),
-            ("ff.conv_inverted",), ("ff.conv_point",)]
+# Which of a SANA block's layers are quantized (ref D), grouped by shared input: q, k and v share s and the branch's
+# down projection. 16-bit stay: the text's K/V, the depthwise convolution, the norms' tables, and, outside the
+# blocks, the embeddings and the final layer.
+QUANTIZED = [("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out.0",), ("attn2.to_q",), ("attn2.to_out.0",),
+             ("ff.conv_inverted",), ("ff.conv_point",)]
+
+
+def weight_2d(module):
+    """(N, K) of an nn.Linear or a 1x1 nn.Conv2d."""
+    return module.weight.reshape(module.weight.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2040,11 +2040,11 @@ def save_nunchaku(model, path, dtype=torch.bfloat16):
 
 
 def quantized_sana(cfg, precision, rank, device="cpu"):
-    """A SanaTransformer whose blocks hold empty W4A4Linears where `quantized_layers` says (the rest as built)."""
+    """A SanaTransformer whose blocks hold empty W4A4Linears where `QUANTIZED` says (the rest as built)."""
     with torch.device(device):
         model = SanaTransformer(cfg)
         for block in model.transformer_blocks:
-            for group in quantized_layers(block):
+            for group in QUANTIZED:
                 for name in group:
                     m = block.get_submodule(name)
                     N, K = weight_2d(m).shape
@@ -2140,17 +2140,12 @@ def collect_inputs(model, run, names, max_rows, generator):
     return out
 
 
-def weight_2d(module):
-    """(N, K) of an nn.Linear or a 1x1 nn.Conv2d."""
-    return module.weight.reshape(module.weight.shape[0], -1)
-
-
 @torch.no_grad()
 def quantize_model(model, run, cfg, log=print, seed=0):
     """Quantizes a SANA transformer in place: calibration inputs from `run()`, then `svdquant` on each group of
-    `quantized_layers`, each replaced by its W4A4Linear. Returns {layer name: (alpha, beta), iterations}."""
+    `QUANTIZED`, each replaced by its W4A4Linear. Returns {layer name: (alpha, beta), iterations}."""
     groups = [tuple(f"transformer_blocks.{i}.{n}" for n in g)
-              for i, block in enumerate(model.transformer_blocks) for g in quantized_layers(block)]
+              for i in range(len(model.transformer_blocks)) for g in QUANTIZED]
     inputs = collect_inputs(model, run, [g[0] for g in groups], cfg.calib_tokens, torch.Generator().manual_seed(seed))
     report, t0 = {}, time.time()
     for group in groups:
@@ -2172,8 +2167,7 @@ def quantize_model(model, run, cfg, log=print, seed=0):
 
 
 def calibration_prompts(n, seed):
-    """n captions of the tiny vocabulary, drawn like its training data (none of the README's by design: another
-    seed's draw)."""
+    """n captions of the tiny vocabulary, drawn like its training data from a seed of their own."""
     rng = random.Random(seed)
     return [shapes_caption(*random_scene(rng)) for _ in range(n)]
 

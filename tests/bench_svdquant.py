@@ -31,7 +31,7 @@ def memory():
     with torch.device("meta"):
         base = sq.SanaTransformer(cfg).state_dict()
     packed = sq.to_nunchaku_sana(sq.quantized_sana(cfg, "int4", 32, device="meta"))
-    layers = [f"transformer_blocks.{i}.{n}." for i in range(cfg.depth) for g in sq.quantized_layers(None) for n in g]
+    layers = [f"transformer_blocks.{i}.{n}." for i in range(cfg.depth) for g in sq.QUANTIZED for n in g]
     nunchaku = (".qkv_proj.", ".out_proj.", ".q_linear.", ".inverted_conv.", ".point_conv.")
     rows = [("W4A4 layers", sum(2 * v.numel() for k, v in base.items() if any(k.startswith(n) for n in layers)),
              sum(v.numel() * v.element_size() for k, v in packed.items() if any(n in k for n in nunchaku))),
@@ -48,7 +48,7 @@ def layer_errors(cfg):
     pipe = sq.load_tiny()
     model = pipe.transformer
     groups = [tuple(f"transformer_blocks.{i}.{n}" for n in g)
-              for i in range(len(model.transformer_blocks)) for g in sq.quantized_layers(None)]
+              for i in range(len(model.transformer_blocks)) for g in sq.QUANTIZED]
     inputs = sq.collect_inputs(model, lambda: pipe.generate(sq.calibration_prompts(32, 1000), 64, 64, 20, None,
                                                             torch.Generator().manual_seed(0)),
                                [g[0] for g in groups], cfg.calib_tokens, torch.Generator().manual_seed(0))
