@@ -1439,25 +1439,19 @@ def scm_time(n, generator=None, p_mean=0.2, p_std=1.6, sigma_data=0.5):
     return torch.atan(torch.exp(tau) / sigma_data)
 
 
-def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1):
-    """The continuous-time consistency distillation loss (sCM, Lu & Song 2024, Alg. 1; paper Sec. 3.2).
-    x0: (B, C, H, W) sigma_d-scaled latents; teacher_v(x_s, s): the guided teacher velocity; guidance: (B,) = 0.1 w;
-    r in [0, 1]: the tangent warm-up. Returns (loss, the unweighted mean squared error).
+def scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c=0.1):
+    """What sCM pulls the student towards at (x_t, t) (Lu & Song 2024, Alg. 1; paper Sec. 3.2): F^- + g, returned as
+    (F^-, g), F^- the student without gradient and g the normalized tangent. x_t: (B, C, H, W) TrigFlow latents (sigma_d-scaled);
+    t: (B,); teacher_v(x_s, s): the guided teacher velocity; guidance: (B,) = 0.1 w; r in [0, 1]: the tangent warm-up.
 
     The student F must satisfy d f(x_t, t)/dt = 0 along the teacher's ODE, f = cos(t) x_t - sin(t) sigma_d F. The
     gradient of that condition is the tangent
         g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
-    F^- the student without gradient, dx_t/dt = sigma_d F_teacher the teacher's ODE. dF^-/dt, the student's
-    derivative along the ODE, is a forward-mode JVP: tangents dx_t/dt / sigma_d for x_t / sigma_d and 1 for t, both
-    multiplied by cos(t) sin(t), which the formula needs anyway and which keeps the JVP small near t = pi/2. g is
-    normalized per sample, g / (||g|| + c), and the loss pulls F towards F^- + g, weighted by 1 / (sigma_d tan t)
-    and by a learned log-variance (adaptive weighting): mean of w(t) (F - F^- - g)^2 / e^logvar + logvar."""
+    dx_t/dt = sigma_d F_teacher the teacher's ODE. dF^-/dt, the student's derivative along the ODE, is a forward-mode
+    JVP: tangents dx_t/dt / sigma_d for x_t / sigma_d and 1 for t, both multiplied by cos(t) sin(t), which the
+    formula needs anyway and which keeps the JVP small near t = pi/2. g is normalized per sample, g / (||g|| + c)."""
     sd = student.cfg.sigma_data
-    B = x0.shape[0]
-    t = scm_time(B, generator, sigma_data=sd)  # (B,)
-    z = torch.randn(x0.shape, generator=generator) * sd
     cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
-    x_t = cos_t * x0 + sin_t * z
     F_student = lambda x, tt: trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x, tt)  # noqa: E731
     with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD
         dxt_dt = sd * trigflow(teacher_v, x_t / sd, t)  # (B, C, H, W)
@@ -1465,7 +1459,20 @@ def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1
                                         (cos_t * sin_t * dxt_dt / sd, (cos_t * sin_t).flatten()))
         g = -cos_t**2 * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * dF_dt)  # dF_dt: x cos t sin t
         g = g / (torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) + c)
-    err = (F_student(x_t / sd, t) - F_minus - g).pow(2)  # (B, C, H, W)
+    return F_minus, g
+
+
+def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1):
+    """The continuous-time consistency distillation loss: t from sCM's proposal, x_t = cos(t) x0 + sin(t) z, and
+    the student pulled towards `scm_target`, weighted by 1 / (sigma_d tan t) and by a learned log-variance (adaptive
+    weighting): mean of w(t) (F - target)^2 / e^logvar + logvar. x0: (B, C, H, W) sigma_d-scaled latents. Returns
+    (loss, the unweighted mean squared error)."""
+    sd = student.cfg.sigma_data
+    t = scm_time(x0.shape[0], generator, sigma_data=sd)  # (B,)
+    z = torch.randn(x0.shape, generator=generator) * sd
+    x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+    F_minus, g = scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c)
+    err = (trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t) - F_minus - g).pow(2)
     weight = 1 / (sd * torch.tan(t)).view(-1, 1, 1, 1)
     logvar = student.logvar(flow_time(t), guidance).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return (weight / logvar.exp() * err + logvar).mean(), err.mean().detach()
