@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -276,3 +277,27 @@ def test_tampered_checkpoint_names_the_key(tmp_path):
     save_file(extra, path, metadata=meta)
     with pytest.raises(ValueError, match="1 unexpected: transformer_blocks.0.attn.extra"):
         sq.load_nunchaku(path)
+
+
+def test_cli_quantizes_a_folder_and_runs_the_saved_file(tmp_path, capsys):
+    """`--ckpt DIR --save F`: a 16-bit SANA pipeline folder (the sana fixture's, with the tiny tokenizer) is
+    quantized and written in nunchaku's format; `--ckpt F --base DIR` then runs that file, with the same image."""
+    import sana
+    from PIL import Image
+    src = os.path.join(os.path.dirname(FIX), "sana", "pipeline_flow_dpm_20step")
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    for sub in ("transformer", "text_encoder", "vae", "scheduler"):
+        os.symlink(os.path.join(src, sub), folder / sub)
+    (folder / "tokenizer").mkdir()
+    sana.build_tiny_tokenizer().save(str(folder / "tokenizer" / "tokenizer.json"))
+    saved, a, b = tmp_path / "q.safetensors", tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--prompt", "a red circle", "--height", "64", "--width", "64", "--steps", "3", "--device", "cpu"]
+    sq.main(common + ["--ckpt", str(folder), "--rank", "16", "--save", str(saved), "--out", str(a)])
+    assert "svdquant" in capsys.readouterr().out
+    sq.main(common + ["--ckpt", str(saved), "--base", str(folder), "--out", str(b)])
+    model = sq.load_nunchaku(str(saved))
+    assert isinstance(model.transformer_blocks[1].ff.conv_point, sq.W4A4Linear)
+    assert model.transformer_blocks[0].attn1.to_q.proj_up.shape[1] == 16
+    ia, ib = (torch.tensor(np.asarray(Image.open(p)), dtype=torch.float32) for p in (a, b))
+    assert sq.psnr(ia, ib) > 30  # the same quantized model, its 16-bit parts stored in bf16
