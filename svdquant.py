@@ -166,7 +166,7 @@ def decode_e2m1(codes):
 def quantize_nvfp4_weight(w, group_size=16):
     """w: (N, K) -> codes (N, K) uint8, FP8 group scales (N, G), per-tensor scale (): w ~ e2m1 * scale * wtscale."""
     wg = to_groups(w, group_size)
-    wtscale = w.abs().amax() / (6 * FP8_MAX)  # the largest group scale lands on FP8's max
+    wtscale = (w.abs().amax() / (6 * FP8_MAX)).clamp_min(1e-30)  # the largest group scale lands on FP8's max
     scale = (wg.abs().amax(-1, keepdim=True) / 6 / wtscale).to(torch.float8_e4m3fn)
     codes = round_e2m1(wg / (scale.float() * wtscale))
     return codes.flatten(-2)[..., :w.shape[-1]], scale.squeeze(-1), wtscale
@@ -217,8 +217,9 @@ def smooth_factor(x_max, w_max, alpha, beta):
 
 
 def svd_branch(w, rank):
-    """The best rank-r approximation of w (N, K), by an SVD in float64: up (N, r) = U S, down (r, K) = V^T."""
-    u, s, vh = torch.linalg.svd(w.double())
+    """The best rank-r approximation of w (N, K), by an SVD in float64: up (N, r) = U S, down (r, K) = V^T.
+    (The official code takes the full SVD; the reduced one gives the same leading vectors, without the N x N U.)"""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     return (u[:, :rank] * s[:rank]).to(w.dtype), vh[:rank].to(w.dtype)
 
 
@@ -281,9 +282,10 @@ class Quantized:
 
 @torch.no_grad()
 def svdquant(w, x, cfg):
-    """SVDQuant of one linear layer (paper Alg. / ref A): w (N, K) float32, x (M, K) its calibration inputs.
+    """SVDQuant of one linear layer (paper Sec. 4, ref A): w (N, K) float32, x (M, K) its calibration inputs.
     With cfg.smooth False and cfg.rank 0 this is naive W4A4; with rank 0 alone, smoothing-only W4A4."""
     w, x = w.float(), x.float()
+    cfg = replace(cfg, rank=min(cfg.rank, *w.shape))  # a rank above min(N, K) adds nothing
     s, ab = search_smoothing(w, x, cfg) if cfg.smooth else (torch.ones(w.shape[1]), (0.0, 0.0))
     w_hat = w * s  # (N, K): X W^T = (X / s) (W diag s)^T
     up = down = None
