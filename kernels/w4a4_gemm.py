@@ -30,6 +30,7 @@ only validates.
 """
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -168,9 +169,32 @@ def w4a4_gemm_triton(x, qweight, wscales, smooth, down, up, bias=None, fuse_lora
     return y
 
 
+_CHECKED = {}  # device -> whether the kernel passed its self-check there
+
+
+def kernel_works(device):
+    """On its first use on a device, the kernel is run against the reference on a small layer of awkward sizes;
+    if it fails to compile or disagrees, it is not used there (one warning says why) and the reference runs."""
+    key = str(device)
+    if key not in _CHECKED:
+        try:
+            layer = random_layer(48, 200, 16, device)
+            x = torch.randn(37, 200, generator=torch.Generator().manual_seed(0)).to(device)
+            got, want = w4a4_gemm_triton(x, *layer), w4a4_gemm_ref(x, *layer)
+            ok = bool(torch.allclose(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3))
+            why = "" if ok else f"max difference {(got - want).abs().max().item():.2e} from the reference"
+        except Exception as e:  # a Triton, compiler or GPU that cannot build it
+            ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not ok:
+            warnings.warn(f"the Triton W4A4 kernel failed its self-check on {key} ({why}): using the PyTorch path")
+        _CHECKED[key] = ok
+    return _CHECKED[key]
+
+
 def w4a4_gemm(x, qweight, wscales, smooth, down, up, bias=None):
-    """x (M, K) -> (M, N) float32: Triton on CUDA, the PyTorch reference elsewhere (INT4, group 64)."""
-    if triton is not None and x.is_cuda:
+    """x (M, K) -> (M, N) float32: Triton on CUDA (once it has passed its self-check there), the PyTorch reference
+    elsewhere (INT4, group 64)."""
+    if triton is not None and x.is_cuda and kernel_works(x.device):
         return w4a4_gemm_triton(x, qweight, wscales, smooth, down, up, bias)
     return w4a4_gemm_ref(x, qweight, wscales, smooth, down, up, bias)
 

@@ -116,6 +116,26 @@ def test_w4a4_public_entry_falls_back(monkeypatch):
     assert torch.equal(wg.w4a4_gemm(x, *layer), wg.w4a4_gemm_ref(x, *layer))
 
 
+@pytest.mark.skipif(not triton_ok, reason="needs Triton (on a GPU, or its CPU interpreter)")
+def test_w4a4_self_check(monkeypatch):
+    """The first use on a device checks the kernel against the reference: a working kernel passes; one that
+    fails to build, or computes something else, is set aside with a warning that says why."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(wg, "_CHECKED", {})
+    assert wg.kernel_works(device)
+    monkeypatch.setattr(wg, "_CHECKED", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX too old")
+    monkeypatch.setattr(wg, "w4a4_gemm_triton", broken)
+    with pytest.warns(UserWarning, match="failed its self-check .*RuntimeError: PTX too old"):
+        assert not wg.kernel_works(device)
+    monkeypatch.setattr(wg, "_CHECKED", {})
+    monkeypatch.setattr(wg, "w4a4_gemm_triton", lambda *a, **k: wg.w4a4_gemm_ref(*a, **k) + 1)
+    with pytest.warns(UserWarning, match="max difference"):
+        assert not wg.kernel_works(device)
+
+
 def test_w4a4_reference_is_svdquants_layer():
     """svdquant's W4A4Linear (its own PyTorch lines) and the kernel's reference agree on a quantized layer."""
     import svdquant as sq
