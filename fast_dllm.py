@@ -460,22 +460,28 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-# Copied from dcae.py: load_state_dict_strict
-def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
-    own = model.state_dict()
+# Copied from dcae.py: check_state_dict
+def check_state_dict(own, sd, source, what="the model"):
+    """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
+    mis-shaped keys (with both shapes) unless names and shapes match exactly."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sorted(set(own) & set(sd))
-             if tuple(sd[k].shape) != tuple(own[k].shape)]
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k])})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k])]
     if missing or unexpected or wrong:
         def show(keys):
             return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+        raise ValueError(f"{source} does not fit {what}: " + "; ".join(p for p in parts if p))
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 

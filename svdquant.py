@@ -1306,22 +1306,28 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-# Copied from dcae.py: load_state_dict_strict
-def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
-    own = model.state_dict()
+# Copied from dcae.py: check_state_dict
+def check_state_dict(own, sd, source, what="the model"):
+    """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
+    mis-shaped keys (with both shapes) unless names and shapes match exactly."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sorted(set(own) & set(sd))
-             if tuple(sd[k].shape) != tuple(own[k].shape)]
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k])})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k])]
     if missing or unexpected or wrong:
         def show(keys):
             return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p))
+        raise ValueError(f"{source} does not fit {what}: " + "; ".join(p for p in parts if p))
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -2070,19 +2076,9 @@ def load_nunchaku(path, *, device="cpu", dtype=torch.float32):
     rank = next((v.shape[1] for k, v in sd.items() if k.endswith(".lora_up")), 0)
     model = quantized_sana(cfg, precision, rank, device="meta")
     # strict: the file must hold exactly the layout save_nunchaku writes for this config (smooth_orig optional)
-    expected = {k: tuple(v.shape) for k, v in to_nunchaku_sana(model).items()}
-    missing = sorted(k for k in expected if k not in sd and not k.endswith(".smooth_orig"))
-    unexpected = sorted(k for k in sd if k not in expected)
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected: {expected[k]})" for k in sorted(expected)
-             if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{path} does not fit nunchaku's {precision} r{rank} SANA layout of its config: "
-                         + "; ".join(p for p in parts if p))
+    expected = {k: v.shape for k, v in to_nunchaku_sana(model).items()
+                if k in sd or not k.endswith(".smooth_orig")}
+    check_state_dict(expected, sd, path, f"nunchaku's {precision} r{rank} SANA layout of its config")
     D, H = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
     D_pad, H_pad = padded_dims(cfg)
     plain = {}  # the model's 16-bit tensors under its own names

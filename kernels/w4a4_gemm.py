@@ -212,14 +212,22 @@ def random_layer(N, K, r, device="cpu", seed=0):
     return [t.to(device) for t in (qweight, wscales, smooth, down, up, bias)]
 
 
-def _bench(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
+# Copied from kernels/linear_attention.py: _bench
+def _bench(fn, *args, reps=20):
+    fn(*args)
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
+        fn(*args)
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps
+
+
+def w4a4_unfused(x, qweight, wscales, smooth, down, up, bias=None):
+    """The baseline the fusion removes: the 4-bit GEMM alone, then the branch as two separate matmuls."""
+    return w4a4_gemm_triton(x, qweight, wscales, smooth, down, up, bias, fuse_lora=False) + (x.float() @ down) @ up.T
 
 
 if __name__ == "__main__":
@@ -244,9 +252,8 @@ if __name__ == "__main__":
     layer = random_layer(N, K, r, device)
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     w16 = torch.randn(N, K, device=device, dtype=torch.bfloat16)
-    qweight, wscales, smooth, down, up, bias = layer
-    t_bf16 = _bench(lambda: x @ w16.T)
-    t_fused = _bench(lambda: w4a4_gemm_triton(x, *layer))
-    t_unfused = _bench(lambda: w4a4_gemm_triton(x, *layer, fuse_lora=False) + (x.float() @ down) @ up.T)
+    t_bf16 = _bench(torch.matmul, x, w16.T)
+    t_fused = _bench(w4a4_gemm_triton, x, *layer)
+    t_unfused = _bench(w4a4_unfused, x, *layer)
     print(f"M={M} K={K} N={N} r={r}: bf16 matmul {t_bf16 * 1e3:.3f} ms, W4A4 fused {t_fused * 1e3:.3f} ms "
           f"(x{t_bf16 / t_fused:.2f} vs bf16), unfused {t_unfused * 1e3:.3f} ms (fusion x{t_unfused / t_fused:.2f})")

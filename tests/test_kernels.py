@@ -85,6 +85,7 @@ def test_w4a4_triton_matches_reference(M, K, N, r, bias):
         branch = (x @ down) @ up.T
         torch.testing.assert_close(wg.w4a4_gemm_triton(*args, fuse_lora=False), want - branch,
                                    atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+        torch.testing.assert_close(wg.w4a4_unfused(*args), want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
 def test_w4a4_reference_is_the_layer_equation():
