@@ -93,6 +93,8 @@ class DCAEConfig:
     decoder_norms: tuple = ("rms",) * 6  # "rms" (RMSNorm2d) or "bn" (BatchNorm2d, eval-mode running stats)
     decoder_acts: tuple = ("silu",) * 6  # "silu" or "relu"
     decoder_head_act: str = "relu"  # activation before the last conv (relu in 1.0, silu in lite / 1.5)
+    encoder_norm: str = "rms"  # of every encoder block ("ln": LayerNorm2d, as DC-HT's)
+    decoder_head_norm: str = "rms"  # before the last conv
     downsample: str = "conv"  # "conv" (stride-2 3x3) or "pixel_unshuffle" (3x3 conv then space-to-channel)
     upsample: str = "interpolate"  # "interpolate" (nearest x2 then 3x3) or "pixel_shuffle"
     encoder_out_shortcut: bool = True  # channel-averaging shortcut around the encoder head
@@ -183,8 +185,15 @@ class RMSNorm2d(nn.Module):
         return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels at every pixel (mean and variance), with weight and bias (eps 1e-5): DC-HT's."""
+
+    def forward(self, x):  # (B, C, H, W)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def make_norm(kind, channels):
-    return RMSNorm2d(channels) if kind == "rms" else nn.BatchNorm2d(channels)
+    return {"rms": RMSNorm2d, "ln": LayerNorm2d, "bn": nn.BatchNorm2d}[kind](channels)
 
 
 def make_act(kind):
@@ -226,7 +235,7 @@ class LiteMLA(nn.Module):
     output channels. Heads are consecutive groups of 3d channels laid out [q | k | v] (paper Fig. 4).
     """
 
-    def __init__(self, channels, head_dim=32, scales=()):
+    def __init__(self, channels, head_dim=32, scales=(), norm="rms"):
         super().__init__()
         self.d = head_dim
         inner = channels  # heads = channels / d
@@ -235,7 +244,7 @@ class LiteMLA(nn.Module):
         self.to_v = nn.Linear(channels, inner, bias=False)
         self.to_qkv_multiscale = nn.ModuleList(MultiScaleQKV(3 * inner, s, head_dim) for s in scales)
         self.to_out = nn.Linear(inner * (1 + len(scales)), channels, bias=False)
-        self.norm_out = RMSNorm2d(channels)
+        self.norm_out = make_norm(norm, channels)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
@@ -257,13 +266,13 @@ class LiteMLA(nn.Module):
 class GLUMBConv(nn.Module):
     """Gated MBConv: 1x1 expand to 2 x 4C + SiLU, 3x3 depthwise, value * SiLU(gate), 1x1 project, RMSNorm."""
 
-    def __init__(self, channels, expand=4):
+    def __init__(self, channels, expand=4, norm="rms"):
         super().__init__()
         hidden = channels * expand
         self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
-        self.norm = RMSNorm2d(channels)
+        self.norm = make_norm(norm, channels)
 
     def forward(self, x):
         x = self.conv_depth(F.silu(self.conv_inverted(x)))
@@ -274,10 +283,10 @@ class GLUMBConv(nn.Module):
 class EfficientViTBlock(nn.Module):
     """Global context by linear attention, then local mixing by GLUMBConv; post-norm inside each branch."""
 
-    def __init__(self, channels, head_dim=32, scales=()):
+    def __init__(self, channels, head_dim=32, scales=(), norm="rms"):
         super().__init__()
-        self.attn = LiteMLA(channels, head_dim, scales)
-        self.conv_out = GLUMBConv(channels)
+        self.attn = LiteMLA(channels, head_dim, scales, norm)
+        self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
         x = x + self.attn(x)
@@ -287,7 +296,7 @@ class EfficientViTBlock(nn.Module):
 def make_block(kind, channels, cfg, norm="rms", act="silu"):
     if kind == "ResBlock":
         return ResBlock(channels, norm, act)
-    return EfficientViTBlock(channels, cfg.head_dim, scales=(5,) if kind == "EViTS5" else ())
+    return EfficientViTBlock(channels, cfg.head_dim, (5,) if kind == "EViTS5" else (), norm)
 
 
 class DownBlock(nn.Module):
@@ -348,7 +357,7 @@ class Encoder(nn.Module):
             self.conv_in = DownBlock(cfg.in_channels, W[1], cfg.downsample, shortcut=False)
         stages = []
         for i in range(S):
-            blocks = [make_block(cfg.encoder_blocks[i], W[i], cfg) for _ in range(D[i])]
+            blocks = [make_block(cfg.encoder_blocks[i], W[i], cfg, cfg.encoder_norm) for _ in range(D[i])]
             if i < S - 1 and D[i] > 0:
                 blocks.append(DownBlock(W[i], W[i + 1], cfg.downsample))
             stages.append(nn.Sequential(*blocks))
@@ -380,7 +389,7 @@ class Decoder(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.up_blocks = nn.ModuleList(stages)
         head = W[0] if D[0] > 0 else W[1]
-        self.norm_out = RMSNorm2d(head)
+        self.norm_out = make_norm(cfg.decoder_head_norm, head)
         self.conv_act = make_act(cfg.decoder_head_act)
         if D[0] > 0:
             self.conv_out = nn.Conv2d(head, cfg.in_channels, 3, padding=1)

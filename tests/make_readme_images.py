@@ -10,6 +10,8 @@ assets/sana_sprint_tiny.png  the tiny SANA-Sprint student: one row per prompt, s
                        and 4 steps, then its teacher (the tiny SANA) at 20 steps
 assets/svdquant_tiny.png  the tiny SANA quantized to W4A4: one row per prompt, seed 0, columns: 16-bit, naive W4A4,
                        smoothing only, SVDQuant (the committed weights/svdquant_tiny.safetensors)
+assets/dcar_tiny.png   the tiny DC-AR: one row per prompt, four seeds per row, its default rounds and guidance, with
+                       what the scorer reads, as for the tiny SANA
 """
 import os
 import sys
@@ -21,6 +23,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (the repository root on sys.path)
 import dcae  # noqa: E402
+import dcar  # noqa: E402
 import sana  # noqa: E402
 import sana_sprint  # noqa: E402
 import svdquant  # noqa: E402
@@ -50,17 +53,27 @@ def grid(rows, gap=2, scale=2):
     return Image.fromarray(out).resize((out.shape[1] * scale, out.shape[0] * scale), Image.NEAREST)
 
 
+def seed_rows(generate, name):
+    """One row per prompt, one image per seed; prints how many of each row the scorer reads right."""
+    rows = []
+    for prompt in PROMPTS:
+        row = [generate(prompt, s) for s in SEEDS]
+        right = sum(shapes_score.fidelity([img], [prompt]) for img in row)
+        print(f"{name}, {prompt}: {right:.0f}/{len(SEEDS)} right")
+        rows.append(row)
+    return rows
+
+
 def main():
     torch.set_num_threads(1)
     os.makedirs(ASSETS, exist_ok=True)
     pipe = sana.load_tiny()
-    rows = []
-    for prompt in PROMPTS:
-        row = [pipe.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy() for s in SEEDS]
-        right = sum(shapes_score.fidelity([img], [prompt]) for img in row)
-        print(f"{prompt}: {right:.0f}/{len(SEEDS)} right")
-        rows.append(row)
-    grid(rows).save(os.path.join(ASSETS, "sana_tiny.png"))
+    grid(seed_rows(lambda p, s: pipe.generate([p], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy(),
+                   "SANA")).save(os.path.join(ASSETS, "sana_tiny.png"))
+    if os.path.isfile(dcar.TINY_WEIGHTS):
+        ar = dcar.load_tiny()
+        grid(seed_rows(lambda p, s: ar.generate([p], generator=torch.Generator().manual_seed(s))[0].numpy(),
+                       "DC-AR")).save(os.path.join(ASSETS, "dcar_tiny.png"))
     model = dcae.load_tiny()
     x, _ = dcae.shapes_batch(8, seed=2027)
     with torch.no_grad():

@@ -24,10 +24,13 @@ DCAE_DIFFUSERS = os.path.join(FIX, "dcae", "tiny-f16c16-sana-diffusers")
 LLADA = os.path.join(FIX, "fast_dllm", "llada_tiny_a")  # a LLaDA folder as published (it has no tokenizer.json)
 SANA_PIPE = os.path.join(FIX, "sana", "pipeline_flow_dpm_20step")  # a tiny SANA pipeline folder, without tokenizer/
 SANA_PROMPT = "a red circle on a white background"  # a prompt the tiny SANA draws
+DCAR_CASE = os.path.join(FIX, "dcar", "tiny_s0")  # a DC-AR --ckpt folder (config.yaml, dc-ht/, dc-ar/, t5-tiny/)
 
 # The functions that load or train a model, per file: `early` rows must never reach them.
 LOADERS = {
     "dcae": ("load_tiny", "from_pretrained", "train_tiny"),
+    "dcar": ("load_tiny", "load_tiny_dcht", "load_tiny_dcae", "load_pipeline", "load_dcht", "load_generator",
+             "load_t5_encoder", "train_tiny", "train_tiny_dcht"),
     "fast_dllm": ("load_tiny", "load_checkpoint", "train_tiny"),
     "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
              "train_tiny"),
@@ -106,6 +109,19 @@ def bad(tmp_path_factory):
             os.symlink(os.path.join(SANA_PIPE, sub), f / sub)
         (f / "tokenizer").mkdir()
         sana.build_tiny_tokenizer().save(str(f / "tokenizer" / "tokenizer.json"))
+    # DC-AR --ckpt folders: the fixture's with one part missing, or its generator replaced by code or by another
+    # model's weights
+    for name, change in [("dcar_no_t5", "t5-tiny"), ("dcar_code_bin", "dc-ar"), ("dcar_wrong_bin", "dc-ar")]:
+        f = path(name)
+        f.mkdir()
+        for part in ("config.yaml", "dc-ht", "dc-ar", "t5-tiny"):
+            if part != change:
+                os.symlink(os.path.join(DCAR_CASE, part), f / part)
+        if name != "dcar_no_t5":
+            (f / "dc-ar").mkdir()
+            (f / "dc-ar" / "pytorch_model.bin").write_bytes((d / "code.bin").read_bytes() if name == "dcar_code_bin"
+                                                           else (d / "whole.pth").read_bytes())
+    path("bad.yaml").write_text("model:\n  generator\n")
     paths["sana_transformer_only"] = os.path.join(FIX, "sana", "transformer_sana10")
     paths["dcae_diffusers"] = DCAE_DIFFUSERS
     paths["unwritable"] = "/proc/out.png"  # not writable even for root
@@ -135,6 +151,31 @@ CLI = [  # (file, argv, sentence, early)
     ("dcae", ["--model", "dc-ae-f32c32-sana-1.0"], "give --ckpt too", True),
     ("dcae", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("dcae", ["--train", "--train-out", "/proc/dcae.safetensors"], "cannot write to the folder /proc", True),
+    # dcar.py
+    ("dcar", ["--device", "banana"], "unknown device 'banana'", True),
+    ("dcar", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("dcar", ["--prompt", "  "], "the prompt is empty", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be at least 1", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
+    ("dcar", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
+    ("dcar", ["--prompt", "a red circle"], "'a red circle' is not one", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--out", "x.txt"], "the file name must end in .png", True),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "/no/such/folder"], "--ckpt /no/such/folder does not exist", True),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{folder}"], "has neither config.yaml nor pytorch_model.bin", False),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{whole.pth}"], "dc-ht not found (give --tokenizer and --text-encoder "
+                                                             "where", False),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{dcar_no_t5}"], "t5-tiny not found (named in ", False),
+    ("dcar", ["--prompt", SANA_PROMPT, "--tokenizer", "{folder}"], "--tokenizer and --text-encoder go with --ckpt",
+     True),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{whole.pth}", "--text-encoder", "/no/t5"],
+     "--text-encoder /no/t5 does not exist", True),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{dcar_code_bin}"], "holds pickled Python objects besides tensors; it "
+                                                                 "was not loaded", False),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{dcar_wrong_bin}"], "does not fit the model: ", False),
+    ("dcar", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("dcar", ["--train", "--train-out", "/proc/d.safetensors"], "cannot write to the folder /proc", True),
+    ("dcar", ["--train", "--train-out", "t.png"], "the file name must end in .safetensors", True),
     # sana.py
     ("sana", ["--device", "banana"], "unknown device 'banana'", True),
     ("sana", ["--device", "mps"], "no Apple GPU", True),
@@ -294,6 +335,16 @@ CALLS = [  # (file, call, sentence)
     ("dcae", lambda m, b: m.load_state_dict_strict(torch.nn.Linear(2, 3), {"weight": torch.zeros(3, 4),
                                                                            "bias": torch.zeros(3)}, "w.pt"),
      "w.pt does not fit the model: 1 with another shape: weight (3, 4) (model: (3, 2))"),
+    # dcar.py
+    ("dcar", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "does not fit the model: "),
+    ("dcar", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python dcar.py --train`"),
+    ("dcar", lambda m, b: m.load_tiny_dcht(b["whole.safetensors"]), "is not a tiny DC-HT written by"),
+    ("dcar", lambda m, b: m.load_tiny_dcht("/no/such.safetensors"), "is missing: run `python dcar.py --train`"),
+    ("dcar", lambda m, b: m.parse_yaml(b["bad.yaml"]), "bad.yaml:2 is not a `key: value` line"),
+    ("dcar", lambda m, b: m.dcar_config_from_yaml({"model": {}}), "the config has no 'generator' where DC-AR's "
+                                                                  "inference yaml has it"),
+    ("dcar", lambda m, b: m.load_dcht(b["folder"]), "config.json not found"),
+    ("dcar", lambda m, b: m.load_generator(b["code.pth"], m.TINY), "holds pickled Python objects besides tensors"),
     # sana.py
     ("sana", lambda m, b: m.load_transformer(b["code.pth"], preset="Sana_600M_512px"),
      "code.pth holds pickled Python objects besides tensors; it was not loaded"),

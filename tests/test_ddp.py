@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short run per file: enough steps for the loss to fall, small enough for a few seconds on 2 cores.
 SHORT = {
     "dcae": dict(steps=30, recipe=((1, 30, 4, 32, 2e-3),)),
+    "dcar": dict(steps=30, dcht_steps=2, batch=16, n_images=64),
     "sana": dict(steps=30, batch=16, n_images=256),
     "fast_dllm": dict(steps=30),
     "sana_sprint": dict(steps=3, teacher_steps=30, batch=8, n_images=256),
@@ -39,8 +40,8 @@ def state_dict_of(trained):
         trained = trained[0]
     if isinstance(trained, torch.nn.Module):
         return trained.state_dict()
-    return {f"{name}.{k}": v for name in ("transformer", "text_encoder")
-            for k, v in getattr(trained, name).state_dict().items()}
+    parts = [n for n in ("transformer", "text_encoder", "model", "head") if hasattr(trained, n)]  # a pipeline's
+    return {f"{name}.{k}": v for name in parts for k, v in getattr(trained, name).state_dict().items()}
 
 
 def worker(name, folder):
