@@ -18,7 +18,8 @@ Inside, top to bottom:
   4. Components, skip on first read: the Gemma-2 text encoder and the complex human instruction; the DC-AE and
      the synthetic shapes data, copied from dcae.py
   5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
-  6. Training: the official initialization, the flow-matching loss (runs under torchrun too)
+  6. Training: the official initialization, the flow-matching loss (runs under torchrun too), the CAME optimizer
+     and SANA 1.5's CAME-8bit
   7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline
   8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `load_tiny`
   9. CLI
@@ -38,9 +39,9 @@ Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels 
 Deviations from the official code: (1) the model follows diffusers' numerics (float timesteps for Euler, eps
 1e-15 in the linear attention) because the parity fixtures were produced with diffusers; (2) CFG dropout in
 training swaps in the encoded empty prompt (what inference uses as the unconditional input) instead of the
-original's learned null-caption buffer; (3) AdamW instead of CAME, no multi-scale bucketing; (4) the tiny
-default trains its text encoder with the DiT, so its y-norm starts at 1, not 0.01, and its output layer starts at
-zero, as DiT's (section 8).
+original's learned null-caption buffer; (3) the tiny default trains with AdamW (CAME is here too:
+tests/bench_came.py compares them), no multi-scale bucketing; (4) the tiny default trains its text encoder with
+the DiT, so its y-norm starts at 1, not 0.01, and its output layer starts at zero, as DiT's (section 8).
 """
 import argparse
 import glob
@@ -1356,6 +1357,105 @@ class JointLoss(nn.Module):
         te = self.text_encoder
         return training_loss(self.transformer, x0, te(ids, mask), mask, te(null_ids, null_mask), null_mask,
                              generator=generator, shift=self.transformer.cfg.flow_shift)
+
+
+class CAME(torch.optim.Optimizer):
+    """CAME (Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023, arXiv
+    2307.02047), the optimizer of the official recipe, as its CAMEWrapper; with `eight_bit`, SANA 1.5's
+    CAME8BitWrapper. For a weight matrix (a Linear, or a 1x1 convolution read as one) with gradient g (n, m):
+
+        v ~ r c^T / mean(r),  r, c = EMAs (beta2) of the row and column means of g^2 + eps1   (Adafactor's factoring)
+        u = g / sqrt(v), scaled down to RMS(u) <= clip_threshold
+        m = EMA (beta1) of u
+        S ~ R C^T / mean(R),  R, C = EMAs (beta3) of the row and column means of (u - m)^2 + eps2   (instability)
+        p <- p - lr (m / sqrt(S) + weight_decay p)
+
+    so the second moments cost n + m numbers instead of n m, and a step the recent updates disagree on (large
+    (u - m)^2) is taken with less confidence. Other tensors (biases, norms, 3x3 convolutions) keep a full v and
+    step by m. With eight_bit, m of the matrices above `min_8bit_size` elements is held in uint8, min-max
+    quantized per block of `block_size` rows (as the official code splits it), the row/column statistics in
+    float32."""
+
+    def __init__(self, params, lr, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999),
+                 weight_decay=0.0, eight_bit=False, block_size=2048, min_8bit_size=16384):
+        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas,
+                                      weight_decay=weight_decay))
+        self.eight_bit, self.block_size, self.min_8bit_size = eight_bit, block_size, min_8bit_size
+
+    @staticmethod
+    def factored(p):
+        return p.dim() == 2 or (p.dim() == 4 and p.shape[2:] == (1, 1))
+
+    def uses_8bit(self, p):
+        return self.eight_bit and self.factored(p) and p.shape[0] * p.shape[1] > self.min_8bit_size
+
+    def quantize(self, x):
+        """Per block of `block_size` rows: uint8 codes of (x - min) / step, step = (max - min) / 255."""
+        blocks = x.split(self.block_size)
+        lo = torch.stack([b.min() for b in blocks])
+        step = torch.stack([b.max() for b in blocks]) - lo
+        step = torch.where(step > 0, step / 255, torch.ones_like(step))  # a constant block: any step is exact
+        codes = torch.cat([((b - lo_i) / step_i).round().to(torch.uint8) for b, lo_i, step_i in zip(blocks, lo, step)])
+        return dict(codes=codes, lo=lo, step=step)
+
+    def dequantize(self, q):
+        return torch.cat([c.float() * step_i + lo_i
+                          for c, lo_i, step_i in zip(q["codes"].split(self.block_size), q["lo"], q["step"])])
+
+    def state_bytes(self):
+        """Bytes of every optimizer state tensor (uint8 codes count 1 byte each)."""
+        total = 0
+        for state in self.state.values():
+            for v in state.values():
+                for t in (v.values() if isinstance(v, dict) else [v]):
+                    total += t.numel() * t.element_size() if torch.is_tensor(t) else 0
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2, beta3 = group["betas"]
+            eps1, eps2 = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                g2d = g.view(g.shape[0], g.shape[1]) if self.factored(p) else None  # (n, m) of a 1x1 conv too
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = self.quantize(torch.zeros_like(g)) if self.uses_8bit(p) else torch.zeros_like(g)
+                    if g2d is not None:
+                        for name, size in (("row", g.shape[0]), ("col", g.shape[1])):
+                            state[f"exp_avg_sq_{name}"] = g.new_zeros(size)
+                            state[f"exp_avg_res_{name}"] = g.new_zeros(size)
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(g)
+                if g2d is not None:
+                    u = self.approx_rsqrt(state, "sq", g2d.pow(2) + eps1, beta2).view_as(g) * g
+                else:
+                    state["exp_avg_sq"].lerp_(g.pow(2) + eps1, 1 - beta2)
+                    u = state["exp_avg_sq"].rsqrt() * g
+                u /= (u.norm() / u.numel() ** 0.5 / group["clip_threshold"]).clamp(min=1.0)
+                m = self.dequantize(state["exp_avg"]) if self.uses_8bit(p) else state["exp_avg"]
+                m.lerp_(u, 1 - beta1)
+                state["exp_avg"] = self.quantize(m) if self.uses_8bit(p) else m
+                if g2d is not None:  # the confidence: m over the root of the factored instability
+                    res = (u - m).pow(2).view_as(g2d) + eps2
+                    update = self.approx_rsqrt(state, "res", res, beta3).view_as(g) * m
+                else:
+                    update = m
+                p.add_(p, alpha=-group["weight_decay"] * group["lr"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def approx_rsqrt(state, kind, x, beta):
+        """Updates the row and column EMAs of x (n, m) and returns 1 / sqrt(r c^T / mean(r)) (n, m)."""
+        row, col = state[f"exp_avg_{kind}_row"], state[f"exp_avg_{kind}_col"]
+        row.lerp_(x.mean(dim=1), 1 - beta)
+        col.lerp_(x.mean(dim=0), 1 - beta)
+        return (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
 
 
 # Copied from dcae.py: ddp_setup

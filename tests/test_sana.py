@@ -419,3 +419,66 @@ if __name__ == "__main__":  # the full scores for the README: python tests/test_
     print(f"({time.time() - t0:.0f}s)")
     print("fidelity when denoising encoded real scenes from noise level sigma0 (0 = the DC-AE alone):",
           ", ".join(f"{s0:.1f}: {f:.3f}" for s0, f in fidelity_from_noise_level().items()))
+
+
+def came_reference():
+    """came-pytorch's CAME (the package the official recipe installs), if this machine has it."""
+    try:
+        from came_pytorch import CAME
+    except ImportError:
+        pytest.skip("came-pytorch is not installed (pip install came-pytorch): the reference is optional")
+    return CAME
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.SiLU(), torch.nn.Linear(32, 5))
+
+
+def fit(model, opt, steps=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 12, generator=g), torch.randn(64, 5, generator=g)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_came_matches_came_pytorch():
+    """On Linear weights, biases and norms (where came-pytorch and the official CAMEWrapper agree), the same steps.
+    With weight decay, whose order (before the step) the official code fixes."""
+    Reference = came_reference()
+    ours, ref = mlp(), mlp()
+    fit(ours, sana.CAME(ours.parameters(), lr=1e-2, weight_decay=0.01))
+    fit(ref, Reference(ref.parameters(), lr=1e-2, weight_decay=0.01))
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(name, a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_came_learns_and_its_8_bit_state_tracks_it():
+    """CAME fits a small regression; CAME-8bit (every weight matrix in 8 bits: min_8bit_size 0, blocks of 8 rows)
+    follows it closely with about a third of the state bytes of the matrices' momentum."""
+    runs = {}
+    for eight_bit in (False, True):
+        model = mlp()
+        opt = sana.CAME(model.parameters(), lr=1e-2, eight_bit=eight_bit, block_size=8, min_8bit_size=0)
+        runs[eight_bit] = (fit(model, opt, steps=40), opt.state_bytes(), model)
+    (l32, b32, m32), (l8, b8, m8) = runs[False], runs[True]
+    assert l32[-1] < 0.5 * l32[0], l32
+    assert abs(l8[-1] - l32[-1]) < 0.05 * l32[-1], (l8[-1], l32[-1])
+    momentum = sum(p.numel() for p in m32.parameters() if p.dim() == 2)
+    assert b32 - b8 == momentum * 3 - sum(8 * -(-p.shape[0] // 8) for p in m8.parameters() if p.dim() == 2), (b32, b8)
+
+
+def test_came_quantization_error_is_half_a_step():
+    opt = sana.CAME([torch.nn.Parameter(torch.zeros(1))], lr=1.0, eight_bit=True, block_size=4)
+    x = torch.randn(10, 3) * torch.arange(1, 11)[:, None]  # blocks of very different ranges
+    q = opt.quantize(x)
+    assert q["codes"].dtype == torch.uint8 and len(q["lo"]) == 3
+    step = torch.cat([s.expand(min(4, 10 - 4 * i)) for i, s in enumerate(q["step"])])[:, None]
+    assert ((opt.dequantize(q) - x).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(opt.dequantize(opt.quantize(torch.zeros(5, 2))), torch.zeros(5, 2))  # a constant block
