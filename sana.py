@@ -20,7 +20,8 @@ Inside, top to bottom:
   5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
   6. Training: the official initialization, the flow-matching loss (runs under torchrun too), the CAME optimizer
      and SANA 1.5's CAME-8bit
-  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline
+  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline,
+     SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament)
   8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `load_tiny`
   9. CLI
 
@@ -1627,6 +1628,27 @@ class Sana:
             top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
             img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
         return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# SANA 1.5's inference-time scaling (paper Sec. 4): sample many candidates and let a judge pick the winner in
+# pairwise knockout rounds. The paper's judge is a VLM (VILA-Judge) asked whether an image matches the prompt;
+# any function that compares two images for a prompt can stand in.
+
+
+def tournament(candidates, prefer):
+    """Knockout rounds: candidates meet in pairs, the judge's preferred one of each pair goes on (an odd one out
+    passes free), until one is left. prefer(a, b) -> True when the judge prefers a (or has no preference)."""
+    while len(candidates) > 1:
+        odd = candidates[-1:] if len(candidates) % 2 else []
+        candidates = [a if prefer(a, b) else b for a, b in zip(candidates[0::2], candidates[1::2])] + odd
+    return candidates[0]
+
+
+def best_of_n(pipe, prompt, n, prefer, height, width, generator=None, **kw):
+    """n candidates for one prompt (n noises drawn from `generator`, one batch) -> the tournament's winner
+    (height, width, 3) uint8. prefer(a, b, prompt) is the judge; **kw goes to pipe.generate."""
+    images = list(pipe.generate([prompt] * n, height, width, generator=generator, **kw))
+    return tournament(images, lambda a, b: prefer(a, b, prompt))
 
 
 def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
