@@ -444,7 +444,7 @@ class DCAR(nn.Module):
 
     def forward(self, ids, y, mask, drop=None):
         """ids (B, N); y (B, L, context_dim) T5 features; mask (B, L) 1 = a real caption token; drop (B,) bool:
-        rows whose caption is replaced by the learned null caption (still cut to the real caption's length)."""
+        rows whose caption is replaced by the stored null caption (still cut to the real caption's length)."""
         drop = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device) if drop is None else drop
         x = self.x_embedder(ids) + self.pos_embed  # (B, N, D)
         y = self.y_embedder(y, drop)  # (B, L, D)

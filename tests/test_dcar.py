@@ -125,7 +125,8 @@ def test_diffusion_head_parity(case):
     with torch.no_grad():
         assert_close("diff.net_out", head(x, io["diff.t"], c), io["diff.net_out"], atol=1e-5, rtol=1e-5)
         # guided: the first half's x for both halves, (1 + s) eps_c - s eps_u. The case names s in prose only:
-        # recover it from the tensors by least squares, then every element must agree with that one scale
+        # recover it from the tensors by least squares, then every element must agree with that one scale (how the
+        # head uses a given scale is checked by test_sampler_parity, whose guidance meta.json records)
         half, C = len(x) // 2, x.shape[1]
         eps_c, eps_u = head(torch.cat([x[:half], x[:half]]), io["diff.t"], c)[:, :C].chunk(2)
         gap = eps_c - eps_u
