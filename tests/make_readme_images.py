@@ -12,6 +12,8 @@ assets/svdquant_tiny.png  the tiny SANA quantized to W4A4: one row per prompt, s
                        smoothing only, SVDQuant (the committed weights/svdquant_tiny.safetensors)
 assets/dcar_tiny.png   the tiny DC-AR: one row per prompt, four seeds per row, its default rounds and guidance, with
                        what the scorer reads, as for the tiny SANA
+assets/hart_tiny.png   the tiny HART: one row per prompt, four seeds per row, its default guidance, with what the
+                       scorer reads, as for the tiny SANA
 """
 import os
 import sys
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (the repository root on sys.path)
 import dcae  # noqa: E402
 import dcar  # noqa: E402
+import hart  # noqa: E402
 import sana  # noqa: E402
 import sana_sprint  # noqa: E402
 import svdquant  # noqa: E402
@@ -74,6 +77,10 @@ def main():
         ar = dcar.load_tiny()
         grid(seed_rows(lambda p, s: ar.generate([p], generator=torch.Generator().manual_seed(s))[0].numpy(),
                        "DC-AR")).save(os.path.join(ASSETS, "dcar_tiny.png"))
+    if os.path.isfile(hart.TINY_WEIGHTS):
+        ha = hart.load_tiny()
+        grid(seed_rows(lambda p, s: ha.generate([p], generator=torch.Generator().manual_seed(s))[0].numpy(),
+                       "HART")).save(os.path.join(ASSETS, "hart_tiny.png"))
     model = dcae.load_tiny()
     x, _ = dcae.shapes_batch(8, seed=2027)
     with torch.no_grad():

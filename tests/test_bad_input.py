@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import dcae
 import fast_dllm
+import hart
 import sana
 
 # torch warns about the pickle protocol of the legacy pickle below while it refuses to unpickle it: expected
@@ -25,6 +26,8 @@ LLADA = os.path.join(FIX, "fast_dllm", "llada_tiny_a")  # a LLaDA folder as publ
 SANA_PIPE = os.path.join(FIX, "sana", "pipeline_flow_dpm_20step")  # a tiny SANA pipeline folder, without tokenizer/
 SANA_PROMPT = "a red circle on a white background"  # a prompt the tiny SANA draws
 DCAR_CASE = os.path.join(FIX, "dcar", "tiny_s0")  # a DC-AR --ckpt folder (config.yaml, dc-ht/, dc-ar/, t5-tiny/)
+HART_CASE = os.path.join(FIX, "hart", "tiny_a")  # a HART --ckpt folder (llm/, tokenizer/)
+HART_QWEN2 = os.path.join(FIX, "hart", "qwen2_tiny_a")  # a Qwen2 folder without tokenizer.json
 
 # The functions that load or train a model, per file: `early` rows must never reach them.
 LOADERS = {
@@ -32,6 +35,8 @@ LOADERS = {
     "dcar": ("load_tiny", "load_tiny_dcht", "load_tiny_dcae", "load_pipeline", "load_dcht", "load_generator",
              "load_t5_encoder", "train_tiny", "train_tiny_dcht"),
     "fast_dllm": ("load_tiny", "load_checkpoint", "train_tiny"),
+    "hart": ("load_tiny", "load_pipeline", "load_hart", "load_hart_tokenizer", "load_qwen2", "train_tiny",
+             "train_tiny_tokenizer"),
     "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
              "train_tiny"),
     "sana_sprint": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
@@ -122,6 +127,25 @@ def bad(tmp_path_factory):
             (f / "dc-ar" / "pytorch_model.bin").write_bytes((d / "code.bin").read_bytes() if name == "dcar_code_bin"
                                                            else (d / "whole.pth").read_bytes())
     path("bad.yaml").write_text("model:\n  generator\n")
+    # HART --ckpt folders: the fixture's, its EMA weights replaced by code or by another model's weights, a config
+    # with a flag this file does not implement; a Qwen2 folder with a tokenizer.json (and the wrong width)
+    for name in ("hart_ckpt", "hart_code_bin", "hart_wrong_bin", "hart_gpt2"):
+        f = path(name)
+        f.mkdir()
+        os.symlink(os.path.join(HART_CASE, "tokenizer"), f / "tokenizer")
+        if name == "hart_ckpt":
+            os.symlink(os.path.join(HART_CASE, "llm"), f / "llm")
+            continue
+        (f / "llm").mkdir()
+        config = open(os.path.join(HART_CASE, "llm", "config.json")).read()
+        (f / "llm" / "config.json").write_text(config.replace('"llama"', '"gpt2"') if name == "hart_gpt2" else config)
+        (f / "llm" / "ema_model.bin").write_bytes((d / "code.bin").read_bytes() if name == "hart_code_bin"
+                                                  else (d / "whole.pth").read_bytes())
+    f = path("hart_qwen2")
+    f.mkdir()
+    for file in os.listdir(HART_QWEN2):
+        os.symlink(os.path.join(HART_QWEN2, file), f / file)
+    hart.build_tiny_tokenizer().save(str(f / "tokenizer.json"))
     paths["sana_transformer_only"] = os.path.join(FIX, "sana", "transformer_sana10")
     paths["dcae_diffusers"] = DCAE_DIFFUSERS
     paths["unwritable"] = "/proc/out.png"  # not writable even for root
@@ -297,6 +321,37 @@ CLI = [  # (file, argv, sentence, early)
     ("fast_dllm", ["--out", "{folder}"], "is a folder; give a file name", True),
     ("fast_dllm", ["--out", "answer.png"], "the file name must end in .txt", True),
     ("fast_dllm", ["--out", "/proc/answer.txt"], "cannot write to the folder /proc", True),
+    # hart.py
+    ("hart", ["--device", "banana"], "unknown device 'banana'", True),
+    ("hart", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
+    ("hart", ["--prompt", "  "], "the prompt is empty", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--top-k", "0"], "--top-k must be at least 1, not 0", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--top-p", "1.5"], "--top-p must be in [0, 1), not 1.5", True),
+    ("hart", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
+    ("hart", ["--prompt", "a red circle"], "'a red circle' is not one", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--out", "x.txt"], "the file name must end in .png", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--text-encoder", "{folder}"], "--text-encoder goes with --ckpt", True),
+    ("hart", ["--prompt", "a cat", "--ckpt", "/no/such/folder"], "--ckpt /no/such/folder does not exist", True),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{folder}"], "no tokenizer/ folder beside", False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_ckpt}"], "no Qwen2 text encoder given: pass --text-encoder",
+     False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_ckpt}", "--text-encoder", "{folder}"], "has no config.json",
+     False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_ckpt}", "--text-encoder", HART_QWEN2], "tokenizer.json not found",
+     False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_ckpt}", "--text-encoder", "{hart_qwen2}"],
+     "is 64 wide; the transformer reads 32", False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_code_bin}", "--text-encoder", "{hart_qwen2}"],
+     "ema_model.bin holds pickled Python objects besides tensors; it was not loaded", False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_wrong_bin}", "--text-encoder", "{hart_qwen2}"],
+     "ema_model.bin does not fit the model: ", False),
+    ("hart", ["--prompt", "a cat", "--ckpt", "{hart_gpt2}", "--text-encoder", "{hart_qwen2}"],
+     "has attn_type='gpt2'; this implementation supports only 'llama'", False),
+    ("hart", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("hart", ["--train", "--train-out", "/proc/h.safetensors"], "cannot write to the folder /proc", True),
+    ("hart", ["--train", "--train-out", "t.png"], "the file name must end in .safetensors", True),
     ("fast_dllm", ["--out", "/no/such/folder/answer.txt"], "the folder /no/such/folder does not exist", True),
     ("fast_dllm", ["--model", "LLaDA-8B-Instruct"], "give --ckpt too", True),
     ("fast_dllm", ["--ckpt", "{llada}"], "give --prompt", True),
@@ -391,6 +446,19 @@ CALLS = [  # (file, call, sentence)
     ("svdquant", lambda m, b: m.load_tiny_quantized("/no/such.safetensors"),
      "is missing: run `python svdquant.py --train`"),
     ("svdquant", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
+    # hart.py
+    ("hart", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python hart.py --train`"),
+    ("hart", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "does not fit the model: "),
+    ("hart", lambda m, b: m.load_tiny(dtype="float8"), "dtype 'float8' is not one of"),
+    ("hart", lambda m, b: m.load_hart_tokenizer(b["folder"]), "has no config.json"),
+    ("hart", lambda m, b: m.load_hart(os.path.join(HART_CASE, "tokenizer"), m.PRESETS["hart-0.7b-1024px-tokenizer"]),
+     "describes a 'hart_autoencoder_with_disc' model, not 'hart_transformer_t2i'"),
+    ("hart", lambda m, b: m.load_qwen2(os.path.join(HART_CASE, "llm")),
+     "describes a 'hart_transformer_t2i' model, not 'qwen2'"),
+    ("hart", lambda m, b: m.load_hart(b["folder"], m.PRESETS["hart-0.7b-1024px-tokenizer"]), "has no config.json"),
+    ("hart", lambda m, b: m.load_hart(os.path.join(b["hart_wrong_bin"], "llm"), m.PRESETS["hart-0.7b-1024px-tokenizer"]),
+     "does not fit the model: 63 missing: blocks.0.attn.proj.bias, "),
+    ("hart", lambda m, b: m.check_tiny_prompt("three red circles"), "'three red circles' is not one"),
     # fast_dllm.py
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_config"]), "config.json is not valid JSON"),
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada_cut_weights"]),

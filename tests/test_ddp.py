@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = {
     "dcae": dict(steps=30, recipe=((1, 30, 4, 32, 2e-3),)),
     "dcar": dict(steps=30, dcht_steps=2, batch=16, n_images=64),
+    "hart": dict(steps=30, tokenizer_steps=2, batch=16, n_images=64),
     "sana": dict(steps=30, batch=16, n_images=256),
     "fast_dllm": dict(steps=30),
     "sana_sprint": dict(steps=3, teacher_steps=30, batch=8, n_images=256),
