@@ -21,8 +21,8 @@ Inside, top to bottom:
      diffusion MLP and its IDDPM schedule (copied from dcar.py)
   3. Model: `HART` (teacher forcing with the block-causal mask; one scale at a time with a KV cache), and
      `HybridTokenizer`
-  4. Components, skip on first read: the tokenizer's convolutional encoder and decoder (LDM's); the Qwen2 text
-     encoder and its prompt encoding
+  4. Components, skip on first read: the tokenizer's convolutional encoder and decoder (LDM's); the DC-AE of
+     dcae.py (the tiny tokenizer's); the Qwen2 text encoder and its prompt encoding
   5. Checkpoint loading: the published `llm/` (EMA weights, as sample.py) and `tokenizer/` folders, Qwen2 folders
   6. Training (not released): the tokenizer's alternating discrete / continuous decoding, the transformer's
      cross-entropy plus the residual diffusion loss on its own samples (MAR's last-scale subsampling)
@@ -49,8 +49,9 @@ generator and torch's global one (the same numbers on the CPU, in the same order
 release fixes it at 600 / 300 and fails below 600 codes; the tiny model has 256); (4) training is not released:
 the last-scale subsampling ratio is drawn from a torch generator instead of scipy's truncated normal with
 numpy's shuffle, the cross-entropy on every predicted token and the tokenizer's loss (MSE + VQ, no perceptual or
-adversarial term) are this file's choices; (5) the tiny default trains its tokenizer from scratch and its Qwen2
-with the transformer (section 8).
+adversarial term) are this file's choices; (5) the tiny tokenizer is HART's quantizer on the encoder and decoder of
+the committed tiny DC-AE (as HART starts from VAR's tokenizer: a trained autoencoder; an LDM one trained from
+scratch reached only 20 dB in the time), and the tiny Qwen2 is trained with the transformer (section 8).
 """
 import argparse
 import json
@@ -1722,10 +1723,10 @@ class HARTPipeline:
 # ----------------------------------------------------------------------------------------------------------
 # The tiny HART, trained on the synthetic shapes of dcae.py by `python hart.py --train` (within 10 minutes on 2
 # CPU cores, reproducible from the seed), in two parts:
-#   1. the tiny hybrid tokenizer (f8, 64x64 images -> 8x8 latents of 8 channels, 256 codes over 6 scales), in
-#      three stages: a plain autoencoder (the continuous path), then the quantizer joins with its codebook started
-#      on the latents' own multi-scale rests (VAR pretraining), then the paper's hybrid stage: encoder and codes
-#      frozen, the decoder alternates 50/50 between f_hat and f      -> weights/hart_tiny_tokenizer.safetensors
+#   1. the tiny hybrid tokenizer: the committed tiny DC-AE (f8c4: 64x64 images -> 8x8 latents of 4 channels) with
+#      HART's quantizer (256 codes over 6 scales, started on the latents' own multi-scale rests), in two stages:
+#      the codes and phi learn while the decoder alternates 50/50 between f_hat and f (encoder frozen), then the
+#      paper's hybrid stage: codes frozen too, the decoder alone    -> weights/hart_tiny_tokenizer.safetensors
 #   2. the tiny Qwen2, transformer and diffusion MLP, trained together on the frozen tokenizer's codes
 #                                                                    -> weights/hart_tiny.safetensors
 

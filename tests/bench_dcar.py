@@ -4,8 +4,8 @@
 
 1. The paper's throughput claim in miniature: images per second of the tiny DC-AR (hybrid masked AR, its default
    rounds) against the tiny SANA (20 Flow-DPM steps with CFG) in the same run, batch 24 (the README's prompts), each
-   with its prompt fidelity on those prompts x `--seeds` seeds (tests/shapes_score.py). The tiny HART joins this
-   table when hart.py exists (issue 10); it does not yet.
+   with its prompt fidelity on those prompts x `--seeds` seeds (tests/shapes_score.py). tests/bench_hart.py puts
+   the tiny HART in the same table.
 2. The published-size dc-ar-512 generator at 512 px with random weights: one CFG forward of the masked transformer
    (batch 1, doubled for guidance: 2 x 256 tokens, 300 text tokens) and one call of the residual head on its 512
    tokens, and the whole 12-round sampler's transformer time estimated from them.
