@@ -757,7 +757,8 @@ def level(blocks, attn, resample=None, name="downsample"):
 
 def middle(channels):
     m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    m.block_1, m.attn_1 = ResnetBlock(channels, channels), AttnBlock(channels)
+    m.block_2 = ResnetBlock(channels, channels)
     return m
 
 

@@ -21,8 +21,9 @@ Inside, top to bottom:
   6. Training: the official initialization, the flow-matching loss (runs under torchrun too), the CAME optimizer
      and SANA 1.5's CAME-8bit
   7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline,
-     SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament)
-  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `load_tiny`
+     SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and depth pruning (block
+     importance measured while sampling, prune_blocks)
+  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny`
   9. CLI
 
 Run:
@@ -1651,6 +1652,43 @@ def best_of_n(pipe, prompt, n, prefer, height, width, generator=None, **kw):
     return tournament(images, lambda a, b: prefer(a, b, prompt))
 
 
+# SANA 1.5's depth pruning (paper Sec. 2.3): a block whose output is close to its input adds little. Importance =
+# 1 - the mean cosine similarity between a block's input and output tokens over calibration prompts and times; the
+# least important blocks go, and a short fine-tune (section 8, finetune_tiny) recovers what they did.
+
+
+@torch.no_grad()
+def block_importance(pipe, prompts, height, width, steps=20, generator=None):
+    """(depth,) importance of each block of pipe.transformer, measured while `pipe` samples the calibration
+    prompts: averaged over the tokens, both CFG halves and every sampler step. Needs no training data."""
+    blocks = pipe.transformer.transformer_blocks
+    sims, calls = torch.zeros(len(blocks), dtype=torch.float64), torch.zeros(len(blocks))
+
+    def record(i):
+        def hook(module, args, out):  # args[0]: the block's input (B, N, D), out: its output
+            sims[i] += F.cosine_similarity(args[0].float(), out.float(), dim=-1).mean().item()
+            calls[i] += 1
+        return hook
+
+    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
+    try:
+        pipe.generate(prompts, height, width, steps, generator=generator)
+    finally:
+        for h in handles:
+            h.remove()
+    return (1 - sims / calls).float()
+
+
+def prune_blocks(transformer, depth, importance):
+    """Keep the `depth` most important blocks, in their order (in place) -> the indices kept."""
+    if not 1 <= depth <= len(importance):
+        raise ValueError(f"cannot prune a {len(importance)}-block model to {depth} blocks")
+    keep = sorted(importance.topk(depth).indices.tolist())
+    transformer.transformer_blocks = nn.ModuleList(transformer.transformer_blocks[i] for i in keep)
+    transformer.cfg = replace(transformer.cfg, depth=depth)
+    return keep
+
+
 def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
     """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/, and the
     flow shift of scheduler/ when there is one."""
@@ -1746,6 +1784,33 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
                 max_len=TINY_TEXT_LEN, guidance_scale=2.0)
 
 
+def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0):
+    """The tiny recipe's loop over data = (latents, ids, mask, null ids, null mask): AdamW, linear warmup then
+    cosine decay to 10%, bf16 autocast (fp32 master weights), gradients clipped at 1, an EMA of the weights, which
+    ends in the parameters rounded to fp16 (what the weights file holds)."""
+    z, ids, mask, null_ids, null_mask = data
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
+            group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        idx = torch.randint(len(z), (batch,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 master weights
+            loss = net(z[idx], ids[idx], mask[idx], null_ids, null_mask, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights: what gets saved
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
+        for e, p in zip(ema, params):
+            p.copy_(e.half())
+
+
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=128, lr=3e-3, n_images=12288,
                ema_decay=0.995, bf16=None):
     """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
@@ -1791,27 +1856,8 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
         # DDP copies them into its buckets (a few small tensors): its warning about it says nothing to act on
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     params = list(model.parameters()) + list(te.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
-    for step in range(steps):
-        for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
-            group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        idx = torch.randint(len(z), (batch,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 master weights
-            loss = net(z[idx], ids[idx], mask[idx], null_ids, null_mask, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():  # EMA of the weights: what gets saved
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
-    with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
-        for e, p in zip(ema, params):
-            p.copy_(e.half())
+    fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, log, t0)
     if rank == 0:
         sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
         sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
@@ -1822,6 +1868,24 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
     if world > 1:
         dist.destroy_process_group()
     return tiny_pipeline(model, te, tok, vae)
+
+
+def finetune_tiny(pipe, steps, seed=0, log=print, *, batch=128, lr=1e-3, n_images=4096, bf16=None):
+    """A short fine-tune of a tiny pipeline (e.g. after prune_blocks) with the tiny recipe's loss and loop, on fresh
+    shapes latents; the text encoder trains along. Returns the pipeline, its weights the EMA rounded to fp16."""
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    if bf16 is None:
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    t0 = time.time()
+    model, te = pipe.transformer.train(), pipe.text_encoder.train()
+    z, caps = shapes_latents(pipe.vae, n_images, seed + 1)
+    ids, mask = tokenize(pipe.tokenizer, caps, TINY_TEXT_LEN)
+    null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
+    params = list(model.parameters()) + list(te.parameters())
+    fit(JointLoss(model, te), params, (z * pipe.vae_scale, ids, mask, null_ids, null_mask),
+        torch.Generator().manual_seed(seed), steps, batch, lr, 0.99, bf16, log, t0)
+    return tiny_pipeline(model, te, pipe.tokenizer, pipe.vae)
 
 
 def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
@@ -1924,6 +1988,8 @@ def main(argv=None):
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
                    "(default: %(default)s)")
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
+    p.add_argument("--prune-to", type=int, default=None, help="SANA 1.5's depth pruning: keep this many blocks, the "
+                   "most important ones as measured while sampling the prompt first (no fine-tune)")
     args = p.parse_args(argv)
     try:
         if args.train:
@@ -1953,6 +2019,8 @@ def main(argv=None):
         side = cfg.sample_size * vae_cfg.compression  # the training resolution (sample_size counts latent cells)
         h, w = args.height or side, args.width or side
         check_size(h, w, f)
+        if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
+            raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
         check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         need, free = generation_bytes(cfg, vae_cfg, h, w, dtype), available_memory(device)
@@ -1967,6 +2035,13 @@ def main(argv=None):
         if cut:
             print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "
                   f"its end was cut off")
+        if args.prune_to is not None:
+            t0 = time.time()
+            g = torch.Generator().manual_seed(args.seed)
+            importance = block_importance(pipe, [args.prompt], h, w, args.steps, g)
+            keep = prune_blocks(pipe.transformer, args.prune_to, importance)
+            scores = ", ".join(f"{v:.3f}" for v in importance)
+            print(f"pruned to blocks {keep} of {len(importance)} (importance {scores}, {time.time() - t0:.1f}s)")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
         img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, args.sampler, args.negative)[0]

@@ -232,6 +232,8 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--height", "17"], "positive multiples of 2", True),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--model", "Sana_9B"], "unknown preset 'Sana_9B'", True),
     ("sana", ["--prompt", SANA_PROMPT, "--model", "Sana_600M_512px"], "give --ckpt too", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--prune-to", "0"], "--prune-to must be between 1 and the model's 4 blocks, "
+                                                           "not 0", True),
     ("sana", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("sana", ["--train", "--train-out", "/proc/sana.safetensors"], "cannot write to the folder /proc", True),
     # sana_sprint.py

@@ -509,6 +509,48 @@ def test_best_of_n_returns_the_judges_pick():
     assert torch.equal(best, candidates[least])
 
 
+class PassThrough(torch.nn.Module):
+    """A block that returns its input: SANA 1.5's importance measure must give it 0."""
+
+    def forward(self, x, *args):
+        return x
+
+
+@needs_tiny
+def test_block_importance_of_an_identity_block_is_zero():
+    pipe = sana.load_tiny()
+    pipe.transformer.transformer_blocks[1] = PassThrough()
+    importance = sana.block_importance(pipe, ["two red circles on a blue background"], 64, 64, 4,
+                                       torch.Generator().manual_seed(0))
+    assert importance.shape == (4,) and abs(importance[1].item()) < 1e-6
+    assert (importance[[0, 2, 3]] > 1e-3).all(), importance
+
+
+@needs_tiny
+def test_pruning_removes_the_least_important_blocks():
+    """Pruning keeps the most important blocks in their order, and the pruned model still runs."""
+    pipe = sana.load_tiny()
+    blocks = list(pipe.transformer.transformer_blocks)
+    keep = sana.prune_blocks(pipe.transformer, 2, torch.tensor([0.3, 0.1, 0.5, 0.2]))
+    assert keep == [0, 2] and pipe.transformer.cfg.depth == 2
+    assert list(pipe.transformer.transformer_blocks) == [blocks[0], blocks[2]]
+    assert pipe.generate(["a red circle on a white background"], 64, 64, 2).shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="cannot prune a 2-block model to 3 blocks"):
+        sana.prune_blocks(pipe.transformer, 3, torch.zeros(2))
+
+
+@needs_tiny
+def test_finetune_tiny_trains_the_pruned_model():
+    """A few fine-tune steps move every kept weight (the text encoder's too) and keep the pipeline usable."""
+    pipe = sana.load_tiny()
+    sana.prune_blocks(pipe.transformer, 3, torch.tensor([0.3, 0.1, 0.5, 0.2]))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe = sana.finetune_tiny(pipe, 3, log=lambda *a: None, batch=8, n_images=32, bf16=False)
+    after = pipe.transformer.state_dict()
+    assert after.keys() == before.keys() and not torch.equal(after["proj_out.weight"], before["proj_out.weight"])
+    assert pipe.generate(["a red circle on a white background"], 64, 64, 2).shape == (1, 64, 64, 3)
+
+
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_came_first_step_on_a_rank_one_gradient(eight_bit):
     """Where the factored moments are exact (g = a b^T makes g^2 and (u - m)^2 rank one), the paper's equations give
