@@ -18,8 +18,8 @@ Inside, top to bottom:
   4. Components, skip on first read: the Gemma-2 text encoder and the complex human instruction; the DC-AE and
      the synthetic shapes data, copied from dcae.py
   5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
-  6. Training: the official initialization, the flow-matching loss (runs under torchrun too), the CAME optimizer
-     and SANA 1.5's CAME-8bit
+  6. Training: the official initialization, SANA 1.5's depth growth, the flow-matching loss (runs under torchrun
+     too), the CAME optimizer and SANA 1.5's CAME-8bit
   7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline,
      SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and depth pruning (block
      importance measured while sampling, prune_blocks)
@@ -1323,6 +1323,22 @@ def initialize_weights(model, y_norm_scale=0.01):
         nn.init.normal_(lin.weight, std=0.02)
     nn.init.constant_(model.caption_norm.weight, y_norm_scale)
     return model
+
+
+def grow_depth(transformer, depth, preserve=None):
+    """SANA 1.5's model growth (paper Sec. 2.2, "partial preservation"): a deeper model whose first `preserve`
+    blocks (default: all of the trained model's) and every weight outside the blocks are copied from the trained
+    `transformer`; the other blocks are newly initialised (the official initialization). -> the new model."""
+    old = transformer.cfg.depth
+    preserve = old if preserve is None else preserve
+    if not (old < depth and 1 <= preserve <= old):
+        raise ValueError(f"cannot grow a {old}-block model to {depth} blocks preserving {preserve}")
+    grown = initialize_weights(SanaTransformer(replace(transformer.cfg, depth=depth)))
+    sd = {k: v for k, v in transformer.state_dict().items()
+          if not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < preserve}
+    grown.load_state_dict(sd, strict=False)  # the new blocks keep their initialization
+    p = next(transformer.parameters())
+    return grown.to(device=p.device, dtype=p.dtype)
 
 
 def shift_sigma(sigma, s):

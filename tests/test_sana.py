@@ -509,6 +509,24 @@ def test_best_of_n_returns_the_judges_pick():
     assert torch.equal(best, candidates[least])
 
 
+@needs_tiny
+def test_grow_depth_copies_exactly_the_layers_it_says():
+    """Partial preservation: every weight outside the blocks and the first `preserve` blocks are the trained
+    model's; the later blocks are new (none equals the trained model's block in the same place)."""
+    small = sana.load_tiny().transformer
+    grown = sana.grow_depth(small, 6, preserve=3)
+    assert grown.cfg.depth == 6 and len(grown.transformer_blocks) == 6
+    old, new = small.state_dict(), grown.state_dict()
+    for k, v in new.items():
+        i = int(k.split(".")[1]) if k.startswith("transformer_blocks.") else None
+        if i is None or i < 3:
+            assert torch.equal(v, old[k]), k
+        elif i == 3:
+            assert not torch.equal(v, old[k]), k
+    with pytest.raises(ValueError, match="cannot grow a 4-block model to 4 blocks"):
+        sana.grow_depth(small, 4)
+
+
 class PassThrough(torch.nn.Module):
     """A block that returns its input: SANA 1.5's importance measure must give it 0."""
 
