@@ -1626,7 +1626,9 @@ def sample_top_k_top_p(logits, top_k, top_p, generator=None):
         remove = sorted_logits.softmax(-1).cumsum_(-1) <= 1 - top_p
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, order, remove), -torch.inf)
-    return torch.multinomial(logits.softmax(-1).view(-1, V), 1, replacement=True, generator=generator).view(B, l)
+    probs = logits.softmax(-1).view(-1, V)
+    where = generator.device if generator is not None else probs.device  # a CPU generator samples on the CPU
+    return torch.multinomial(probs.to(where), 1, replacement=True, generator=generator).view(B, l).to(logits.device)
 
 
 @torch.no_grad()
@@ -1675,7 +1677,8 @@ def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0
         idx = sample_top_k_top_p(logits, kk, top_p, generator)  # (B, l)
         if more_smooth:
             tau = max(0.27 * (1 - r * 0.95), 0.005)
-            g = -torch.empty_like(logits).exponential_(generator=generator).log()
+            where = generator.device if generator is not None else logits.device
+            g = -torch.empty(logits.shape, device=where).exponential_(generator=generator).log().to(logits.device)
             emb = ((logits * (1 + r) + g) / tau).softmax(-1) @ codebook[None]
         else:
             emb = codebook[idx]  # (B, l, Cv)
