@@ -755,6 +755,15 @@ def level(blocks, attn, resample=None, name="downsample"):
     return m
 
 
+def run_level(lvl, h, resample):
+    """One level: each ResBlock, followed by its attention block where the level has them, then the resampling."""
+    for i, block in enumerate(lvl.block):
+        h = block(h)
+        if len(lvl.attn):
+            h = lvl.attn[i](h)
+    return getattr(lvl, resample)(h) if hasattr(lvl, resample) else h
+
+
 def middle(channels):
     m = nn.Module()
     m.block_1, m.attn_1 = ResnetBlock(channels, channels), AttnBlock(channels)
@@ -779,12 +788,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for lvl in self.down:
-            for i, block in enumerate(lvl.block):
-                h = block(h)
-                if len(lvl.attn):
-                    h = lvl.attn[i](h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
+            h = run_level(lvl, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -811,12 +815,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for lvl in reversed(self.up):
-            for i, block in enumerate(lvl.block):
-                h = block(h)
-                if len(lvl.attn):
-                    h = lvl.attn[i](h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
+            h = run_level(lvl, h, "upsample")
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 import dcar  # noqa: E402
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
-from benchutil import timeit  # noqa: E402
+from benchutil import timeit, tiny_table  # noqa: E402
 
 
 def tiny(seeds, reps):
@@ -32,13 +32,7 @@ def tiny(seeds, reps):
              lambda s: sana_pipe.generate(prompts, 64, 64, 20, None, torch.Generator().manual_seed(s))),
             (f"tiny DC-AR, {dcar_pipe.steps} rounds + residual head",
              lambda s: dcar_pipe.generate(prompts, generator=torch.Generator().manual_seed(s)))]
-    print(f"tiny models, batch {len(prompts)} (64x64), fidelity on the README's {len(prompts)} prompts x {seeds} seeds")
-    base = None
-    for name, run in runs:
-        t = timeit(lambda: run(0), reps)
-        fid = shapes_score.fidelity([img.numpy() for s in range(seeds) for img in run(s)], prompts * seeds)
-        base = base or len(prompts) / t
-        print(f"  {name:40s} {len(prompts) / t:7.1f} images/s ({len(prompts) / t / base:4.2f}x)  fidelity {fid:.3f}")
+    tiny_table(runs, prompts, seeds, reps)
 
 
 def published(reps):

@@ -24,7 +24,7 @@ import dcar  # noqa: E402
 import hart  # noqa: E402
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
-from benchutil import timeit  # noqa: E402
+from benchutil import timeit, tiny_table  # noqa: E402
 
 
 def tiny(seeds, reps):
@@ -38,13 +38,7 @@ def tiny(seeds, reps):
         dcar_pipe = dcar.load_tiny()
         runs.append((f"tiny DC-AR, {dcar_pipe.steps} rounds + residual head",
                      lambda s: dcar_pipe.generate(prompts, generator=torch.Generator().manual_seed(s))))
-    print(f"tiny models, batch {len(prompts)} (64x64), fidelity on the README's {len(prompts)} prompts x {seeds} seeds")
-    base = None
-    for name, run in runs:
-        t = timeit(lambda: run(0), reps)
-        fid = shapes_score.fidelity([img.numpy() for s in range(seeds) for img in run(s)], prompts * seeds)
-        base = base or len(prompts) / t
-        print(f"  {name:44s} {len(prompts) / t:7.1f} images/s ({len(prompts) / t / base:4.2f}x)  fidelity {fid:.3f}")
+    tiny_table(runs, prompts, seeds, reps)
     spent, sample = [], hart.sample_residual
 
     def timed(*a, **k):

@@ -39,3 +39,16 @@ def matmul_peak(sizes=(1024, 2048, 4096), reps=5):
             a @ b
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def tiny_table(runs, prompts, seeds, reps):
+    """runs: [(name, generate(seed) -> uint8 images)] of tiny models on the same prompts. Prints each one's images
+    per second (and its ratio to the first's) and its prompt fidelity over `seeds` seeds."""
+    import shapes_score
+    print(f"tiny models, batch {len(prompts)} (64x64), fidelity on the README's {len(prompts)} prompts x {seeds} seeds")
+    base = None
+    for name, run in runs:
+        t = timeit(lambda: run(0), reps)
+        fid = shapes_score.fidelity([img.numpy() for s in range(seeds) for img in run(s)], prompts * seeds)
+        base = base or len(prompts) / t
+        print(f"  {name:44s} {len(prompts) / t:7.1f} images/s ({len(prompts) / t / base:4.2f}x)  fidelity {fid:.3f}")
