@@ -14,16 +14,18 @@ images cheap:
 Inside, top to bottom:
   1. Config and presets: `SanaConfig`, one preset per published checkpoint
   2. Modules: RMSNorm, adaLN-single, ReLU linear self-attention, cross-attention, Mix-FFN, the SANA block
-  3. Model: `SanaTransformer`, the Linear DiT (module names = the diffusers checkpoint keys)
+  3. Model: `SanaTransformer`, the Linear DiT (module names = the diffusers checkpoint keys), and `SanaControlNet`,
+     the published HED ControlNets, in the original wiring and in diffusers' (they differ; see there)
   4. Components, skip on first read: the Gemma-2 text encoder and the complex human instruction; the DC-AE and
-     the synthetic shapes data, copied from dcae.py
-  5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
+     the synthetic shapes data, copied from dcae.py; a Sobel edge map standing in for HED
+  5. Checkpoint loading: diffusers folders and the original NVlabs .pth (ControlNets too), strict key check
   6. Training: the official initialization, SANA 1.5's depth growth, the flow-matching loss (runs under torchrun
-     too), the CAME optimizer and SANA 1.5's CAME-8bit
-  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline,
-     SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and depth pruning (block
-     importance measured while sampling, prune_blocks)
-  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny`
+     too; with a ControlNet), the CAME optimizer and SANA 1.5's CAME-8bit
+  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline (with an
+     optional ControlNet), SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and
+     depth pruning (block importance measured while sampling, prune_blocks)
+  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny`; the
+     tiny ControlNet (`train_controlnet_tiny`, edge maps of the shapes scenes) and its metric, `control_iou`
   9. CLI
 
 Run:
@@ -32,6 +34,10 @@ Run:
   python sana.py --prompt "..." --ckpt DIR --height 768 --width 1344 --guidance 4.5 --sampler euler
   python sana.py --train                            # retrain the tiny default (weights/sana_tiny.safetensors)
   torchrun --nproc_per_node 2 sana.py --train --train-steps 20     # the same on 2 processes (DDP)
+  python sana.py --prompt "a cat" --ckpt Sana_600M_1024px_diffusers --controlnet Sana_600M_1024px_ControlNet_HED.pth \
+      --control photo.png            # ControlNet: the layout of photo.png's edges (the .pth carries its base model)
+  python sana.py --train-controlnet                 # the tiny ControlNet (weights/sana_controlnet_tiny.safetensors)
+  python sana.py --prompt "two red circles on a blue background" --control scene.png     # ... then steered by it
 
 Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels / f, f the DC-AE's compression;
         in the copied DC-AE, H/W are the image's), p patch size, h/w = H/p, W/p the token grid, N = h*w image
@@ -43,7 +49,9 @@ Deviations from the official code: (1) the model follows diffusers' numerics (fl
 training swaps in the encoded empty prompt (what inference uses as the unconditional input) instead of the
 original's learned null-caption buffer; (3) the tiny default trains with AdamW (CAME is here too:
 tests/bench_came.py compares them), no multi-scale bucketing; (4) the tiny default trains its text encoder with
-the DiT, so its y-norm starts at 1, not 0.01, and its output layer starts at zero, as DiT's (section 8).
+the DiT, so its y-norm starts at 1, not 0.01, and its output layer starts at zero, as DiT's (section 8); (5) the
+ControlNet's control image is a Sobel edge map, not HED's (a learned network; section 4), and its samples take a
+conditioning scale in the original wiring too (1 = the original, which has none).
 """
 import argparse
 import glob
@@ -87,6 +95,7 @@ except ImportError:  # this file was copied alone: use the in-file reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
 TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
+TINY_CONTROLNET = os.path.join(HERE, "weights", "sana_controlnet_tiny.safetensors")  # by --train-controlnet
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,6 +141,11 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
     "tiny": SanaConfig(in_channels=4, out_channels=4, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
                        caption_channels=64, sample_size=8, patch_size=2, flow_shift=3.0),
 }
+# The published ControlNets (SanaControlNet, section 3), HED edge maps as the control: (the base model's config, the
+# ControlNet's: its first 7 blocks copied, the original's copy_blocks_num). Their .pth holds both models.
+CONTROLNET_PRESETS = {name: (PRESETS[base], replace(PRESETS[base], depth=7)) for name, base in [
+    ("Sana_600M_1024px_ControlNet_HED", "Sana_600M_1024px"),
+    ("Sana_1600M_1024px_BF16_ControlNet_HED", "Sana_1600M_1024px_BF16")]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,9 +359,11 @@ class SanaTransformer(nn.Module):
         self.norm_out = ModulatedNorm()
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x, t, y, mask=None):
+    def forward(self, x, t, y, mask=None, controls=None):
         """x: (B, C, H, W) noisy latent; t: (B,) = 1000 sigma; y: (B, L, caption_channels); mask: (B, L) 1 = keep.
-        Returns the flow velocity v = eps - x0, (B, C_out, H, W)."""
+        controls (a ControlNet's, see SanaControlNet.controls): None; samples (B, N, D), the i-th added right after
+        block i + 1 (diffusers' wiring); or a function of the tokens after block 0 that returns the samples to add
+        after blocks 0, 1, ... (the original's). Returns the flow velocity v = eps - x0, (B, C_out, H, W)."""
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
@@ -360,13 +376,109 @@ class SanaTransformer(nn.Module):
                 y, mask = y[:, :L], mask[:, :L]
             bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
         y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
             x = block(x, y, bias, t6, (h, w))
+            if callable(controls):  # (i = 0) the original wiring: its ControlNet reads these tokens
+                first, *controls = controls(x)
+                x = x + first  # and the rest go in after blocks 1, 2, ... below
+            elif controls is not None and 0 < i <= len(controls):
+                x = x + controls[i - 1]
         # final layer: modulated by the D-dim t embedding (not the 6D vector)
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = self.proj_out(self.norm_out(x, shift, scale))  # (B, N, p*p*C)
         x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(B, -1, h * p, w * p)
+
+
+# ControlNet (Zhang et al., arXiv 2302.05543) as SANA's code has it: a trainable copy of the frozen model's first n
+# blocks reads the noisy latent plus the control (the DC-AE latent of an edge map, x vae_scale); each copied block's
+# output goes through a zero-initialized Linear and is added to the base model's tokens. The same weights have two
+# wirings, and they are NOT the same function (so no key mapping makes one layout compute the other's output):
+#   original (NVlabs diffusion/model/nets/sana_multi_scale_controlnet.py, SanaMSControlNet.forward and
+#     ControlSanaMSBlock): the base model runs its block 0 first; control block 0 reads those tokens +
+#     before_proj(x_embedder(control)); x = blocks[i + 1](x + after_proj_i(control block i)) for i = 0..n-1, so sample
+#     i goes in right after base block i. The embedders are the base model's own. No conditioning scale (here it
+#     scales the samples in both wirings; 1 is the original).
+#   diffusers (src/diffusers/models/controlnets/controlnet_sana.py, SanaControlNetModel.forward, and the loop of
+#     SanaTransformer2DModel.forward): control block 0 reads patch_embed(x) + input_block(patch_embed(control)), not
+#     the base model's block-0 tokens, and sample i (x conditioning_scale) goes in right after base block i + 1;
+#     the ControlNet holds its own copies of the embedders.
+# diffusers' scripts/convert_sana_controlnet_to_diffusers.py maps the keys one to one (convert_original_controlnet,
+# section 5), so a converted .pth runs there with the diffusers wiring. Here each layout runs its own code's wiring:
+# a diffusers folder the diffusers one, an original .pth the original one.
+
+
+class SanaControlNet(nn.Module):
+    """Module names = diffusers' SanaControlNetModel keys; cfg.depth = the number of copied blocks (7 published)."""
+
+    def __init__(self, cfg, wiring="diffusers"):
+        super().__init__()
+        if wiring not in ("diffusers", "original"):
+            raise ValueError(f"wiring must be 'diffusers' or 'original', not {wiring!r}")
+        self.cfg, self.wiring = cfg, wiring
+        D = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg)  # embeds x and the control alike (original: the base's x_embedder)
+        self.time_embed = AdaLNSingle(D)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.caption_norm = RMSNorm(D)
+        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])  # original: copied_block
+        self.input_block = nn.Linear(D, D)  # original: controlnet.0.before_proj
+        self.controlnet_blocks = nn.ModuleList([nn.Linear(D, D) for _ in range(cfg.depth)])  # original: after_proj
+
+    @classmethod
+    def from_transformer(cls, transformer, depth, wiring="original"):
+        """The official initialization (ControlSanaMSBlock.initialize_all_and_copy_from_base): the blocks start as
+        the base model's first `depth` blocks, the embedders as its own, input_block and controlnet_blocks at zero, so
+        that the controlled model starts as the base model exactly."""
+        net = cls(replace(transformer.cfg, depth=depth), wiring)
+        own = net.state_dict()
+        net.load_state_dict({k: v for k, v in transformer.state_dict().items() if k in own}, strict=False)
+        for linear in [net.input_block, *net.controlnet_blocks]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        p = next(transformer.parameters())
+        return net.to(device=p.device, dtype=p.dtype)
+
+    def check(self, transformer):
+        """One sentence unless this ControlNet fits the base model `transformer`."""
+        base, own = transformer.cfg, self.cfg
+        for field in ("in_channels", "hidden_size", "caption_channels", "patch_size"):
+            if getattr(base, field) != getattr(own, field):
+                raise ValueError(f"the ControlNet does not fit the base model: its {field} is {getattr(own, field)}, "
+                                 f"the base model's {getattr(base, field)}")
+        if own.depth >= base.depth:
+            raise ValueError(f"a ControlNet of {own.depth} blocks needs a base model of more than {own.depth} blocks, "
+                             f"not {base.depth}")
+
+    def controls(self, x, t, y, control, mask=None, scale=1.0):
+        """What SanaTransformer.forward takes as `controls` in this wiring: the samples (diffusers), or the function
+        of the base model's tokens after its block 0 that returns them (original)."""
+        if self.wiring == "diffusers":
+            return self(x, t, y, control, mask, scale)
+        return lambda tokens: self(x, t, y, control, mask, scale, tokens)
+
+    def forward(self, x, t, y, control, mask=None, scale=1.0, tokens=None):
+        """x, t, y, mask: as SanaTransformer's; control: (B, C, H, W) the control latent; tokens: the original
+        wiring's input, the base model's tokens after its block 0 (B, N, D). Returns the n samples (B, N, D) x scale."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if self.wiring == "original" and tokens is None:
+            raise ValueError("the original wiring reads the base model's tokens after its block 0: pass tokens")
+        h = self.patch_embed(x) if self.wiring == "diffusers" else tokens  # (B, N, D)
+        h = h + self.input_block(self.patch_embed(control))  # zero at the start of training: h is the base's input
+        t6, _ = self.time_embed(t.expand(B))  # (B, 6D)
+        bias = None
+        if mask is not None:  # as in SanaTransformer.forward
+            if mask.any(dim=1).all():
+                L = int(mask.nonzero()[:, 1].max()) + 1
+                y, mask = y[:, :L], mask[:, :L]
+            bias = ((1 - mask.to(h.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
+        samples = []
+        for block, out in zip(self.transformer_blocks, self.controlnet_blocks):
+            h = block(h, y, bias, t6, (H // p, W // p))
+            samples.append(out(h) * scale)  # (B, N, D)
+        return samples
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -936,6 +1048,23 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
+def edge_map(images, threshold=0.1):
+    """The control image of the HED ControlNets, standing in for HED (Xie & Tu, "Holistically-Nested Edge Detection",
+    ICCV 2015), a learned edge network whose weights are not downloadable here: the Sobel gradient magnitude of each
+    colour channel (the largest of the three: red on blue has almost no luminance edge), thresholded to white edges on
+    black, as the official app binarizes its HED map (get_scribble_map, which app/sana_controlnet_pipeline.py imports
+    from tools/controlnet/utils.py). The shapes scenes are flat colours with crisp edges, which this finds exactly;
+    on photographs it also keeps texture that HED would drop. images: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) in
+    {-1, 1}."""
+    B, C, H, W = images.shape
+    x = (images.float().reshape(B * C, 1, H, W) + 1) / 2  # each channel in [0, 1]
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4  # a unit step reads 1
+    kernels = torch.stack([sobel, sobel.T])[:, None].to(x)  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)  # (B C, 2, H, W)
+    magnitude = g.norm(dim=1).view(B, C, H, W).amax(dim=1, keepdim=True)  # (B, 1, H, W)
+    return ((magnitude > threshold).float() * 2 - 1).expand(B, 3, H, W).to(images.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
@@ -943,6 +1072,7 @@ def shapes_batch(n, seed, size=64):
 #            plus safetensors (one file, shards with an index, or an fp16/bf16 variant). Our names are its names.
 # NVlabs:    one .pth per transformer, no config (the preset comes from the file name or `preset`), renamed on
 #            load and its fused q|k|v and k|v projections split (the mapping of diffusers' conversion script).
+#            A ControlNet's .pth holds its base model too.
 
 
 # Copied from dcae.py: get_preset
@@ -1205,6 +1335,68 @@ def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
     return model.to(device=device, dtype=dtype).eval()
 
 
+# An original ControlNet .pth holds the whole base model plus controlnet.{i}.copied_block.* (block i's keys),
+# controlnet.0.before_proj.* and controlnet.{i}.after_proj.*: the mapping of diffusers'
+# scripts/convert_sana_controlnet_to_diffusers.py, whose ControlNet gets copies of the base model's embedders.
+CONTROLNET_RENAMES = [(r"^controlnet\.(\d+)\.copied_block\.", r"blocks.\1."),  # then the base blocks' renames
+                      (r"^controlnet\.0\.before_proj\.", "input_block."),
+                      (r"^controlnet\.(\d+)\.after_proj\.", r"controlnet_blocks.\1.")]
+SHARED_EMBEDDERS = ("patch_embed.", "time_embed.", "caption_projection.", "caption_norm.")
+
+
+def convert_original_controlnet(sd):
+    """An original ControlNet .pth state dict -> (the base model's, the ControlNet's) state dicts in our keys."""
+    ctrl = {}
+    for key, value in sd.items():
+        if key.startswith("controlnet."):
+            for pattern, repl in CONTROLNET_RENAMES:
+                key = re.sub(pattern, repl, key)
+            ctrl[key] = value
+    base = convert_original({k: v for k, v in sd.items() if not k.startswith("controlnet.")})
+    ctrl = convert_original(ctrl)  # the copied blocks' renames and q|k|v, k|v splits
+    ctrl.update({k: v.clone() for k, v in base.items() if k.startswith(SHARED_EMBEDDERS)})  # copies, not aliases
+    return base, ctrl
+
+
+def controlnet_preset_from_name(path):
+    """The ControlNet preset whose name is in the file name (longest match): Sana_600M_1024px_ControlNet_HED.pth."""
+    names = [n for n in CONTROLNET_PRESETS if n in os.path.basename(os.path.normpath(path))]
+    return max(names, key=len) if names else None
+
+
+def load_controlnet(path, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published ControlNet -> (SanaControlNet, the base SanaTransformer it carries or None). A diffusers
+    SanaControlNetModel folder (or the pipeline folder above its controlnet/) holds the ControlNet alone and runs the
+    diffusers wiring; an original .pth holds the base model too (the official pipeline uses both) and runs the
+    original wiring. `preset` (a name in CONTROLNET_PRESETS) gives a .pth its architecture."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ControlNet {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "controlnet")):
+            path = os.path.join(path, "controlnet")
+        c = read_json(os.path.join(path, "config.json"))
+        if c.get("_class_name") != "SanaControlNetModel":
+            raise ValueError(f"{path} holds a {c.get('_class_name') or 'model of unknown type'}, not a "
+                             f"SanaControlNetModel")
+        with torch.device("meta"):
+            controlnet = SanaControlNet(config_from_diffusers(c), wiring="diffusers")
+        load_state_dict_strict(controlnet, load_safetensors_dir(path), path)
+        return controlnet.to(device=device, dtype=dtype).eval(), None
+    preset = preset or controlnet_preset_from_name(path)
+    if preset not in CONTROLNET_PRESETS:
+        raise ValueError(f"cannot tell which ControlNet {path} is from its name: pass preset= (one of "
+                         f"{', '.join(CONTROLNET_PRESETS)})")
+    base_cfg, cfg = CONTROLNET_PRESETS[preset]
+    base_sd, sd = convert_original_controlnet(read_weights(path))
+    with torch.device("meta"):
+        controlnet, transformer = SanaControlNet(cfg, wiring="original"), SanaTransformer(base_cfg)
+    for model, part, what in ((controlnet, sd, "ControlNet"), (transformer, base_sd, "base model")):
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, part, path, f"the {preset} {what}")
+        model.load_state_dict(part, strict=True, assign=True)
+    return controlnet.to(device=device, dtype=dtype).eval(), transformer.to(device=device, dtype=dtype).eval()
+
+
 def gemma_config_from_json(c):
     """A transformers Gemma2 config.json -> Gemma2Config."""
     return Gemma2Config(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
@@ -1375,6 +1567,21 @@ class JointLoss(nn.Module):
         te = self.text_encoder
         return training_loss(self.transformer, x0, te(ids, mask), mask, te(null_ids, null_mask), null_mask,
                              generator=generator, shift=self.transformer.cfg.flow_shift)
+
+
+class ControlLoss(nn.Module):
+    """The flow-matching loss of a frozen base model steered by a ControlNet, the part that trains. x0, control:
+    (B, C, H, W) scaled latents of the images and of their control images; y: (B, L, D) text states, mask: (B, L)."""
+
+    def __init__(self, transformer, controlnet):
+        super().__init__()
+        self.transformer, self.controlnet = transformer, controlnet
+
+    def forward(self, x0, control, y, mask, null_y, null_mask, generator):
+        def model(x, t, y, m):
+            return self.transformer(x, t, y, m, controls=self.controlnet.controls(x, t, y, control, m))
+        return training_loss(model, x0, y, mask, null_y, null_mask, generator=generator,
+                             shift=self.transformer.cfg.flow_shift)
 
 
 class CAME(torch.optim.Optimizer):
@@ -1607,6 +1814,7 @@ class Sana:
     chi: str = CHI  # None: no complex human instruction (the tiny default)
     max_len: int = MAX_TEXT_LEN
     guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+    controlnet: nn.Module = None  # a SanaControlNet, for generate(control=...)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1614,8 +1822,11 @@ class Sana:
 
     @torch.no_grad()
     def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True):
-        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`."""
+                 negative_prompt="", resolution_binning=True, control=None, conditioning_scale=1.0):
+        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
+        control: for self.controlnet, the control image (1 or B, 3, height, width) in [-1, 1] (white edges on black
+        for the HED models): as in the official pipelines it is resized to the generation size, encoded by the DC-AE
+        and scaled like the latents, and the ControlNet runs on both CFG halves (diffusers' SanaControlNetPipeline)."""
         if any(not p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         f, cfg = self.compression, self.transformer.cfg
@@ -1624,6 +1835,18 @@ class Sana:
         height, width = generation_size(cfg, f, height, width, resolution_binning)
         device = self.transformer.proj_out.weight.device
         dtype = self.transformer.proj_out.weight.dtype
+        if control is not None:
+            if self.controlnet is None:
+                raise ValueError("a control image needs a ControlNet: set pipe.controlnet")
+            self.controlnet.check(self.transformer)
+            if control.ndim != 4 or control.shape[0] not in (1, len(prompts)) or control.shape[1:] != (3, *out_hw):
+                raise ValueError(f"the control image must be (1 or {len(prompts)}, 3, {out_hw[0]}, {out_hw[1]}) for "
+                                 f"{len(prompts)} {out_hw[1]}x{out_hw[0]} image(s), not {tuple(control.shape)}")
+            if (height, width) != out_hw:  # binned: the control image is resized to the generation size
+                control = F.interpolate(control.float(), size=(height, width), mode="bilinear")
+            vae_dtype = next(self.vae.parameters()).dtype
+            control = self.vae.encode(control.to(device=device, dtype=vae_dtype)) * self.vae_scale  # (1|B, C, h, w)
+            control = control.to(dtype).expand(len(prompts), -1, -1, -1)
         cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
         # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
         uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
@@ -1635,7 +1858,14 @@ class Sana:
         schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
                            "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
         sigmas, timesteps = schedule(steps, cfg.flow_shift)
-        model = lambda x, t, y, m: self.transformer(x.to(dtype), t, y, m)  # noqa: E731
+
+        def model(x, t, y, m):  # x: both CFG halves [uncond, cond], each with the control
+            x, controls = x.to(dtype), None
+            if control is not None:
+                c = control.repeat(len(x) // len(control), 1, 1, 1)
+                controls = self.controlnet.controls(x, t, y, c, m, conditioning_scale)
+            return self.transformer(x, t, y, m, controls=controls)
+
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         x = solve(guided_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
         img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
@@ -1801,18 +2031,18 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
 
 
 def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0):
-    """The tiny recipe's loop over data = (latents, ids, mask, null ids, null mask): AdamW, linear warmup then
-    cosine decay to 10%, bf16 autocast (fp32 master weights), gradients clipped at 1, an EMA of the weights, which
-    ends in the parameters rounded to fp16 (what the weights file holds)."""
-    z, ids, mask, null_ids, null_mask = data
+    """The tiny recipe's loop over data = (per-sample tensors (latents, ids, mask, ...), null ids, null mask): AdamW,
+    linear warmup then cosine decay to 10%, bf16 autocast (fp32 master weights), gradients clipped at 1, an EMA of the
+    weights, which ends in the parameters rounded to fp16 (what the weights file holds)."""
+    *samples, null_ids, null_mask = data
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        idx = torch.randint(len(z), (batch,), generator=g)
+        idx = torch.randint(len(samples[0]), (batch,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 master weights
-            loss = net(z[idx], ids[idx], mask[idx], null_ids, null_mask, g)
+            loss = net(*(d[idx] for d in samples), null_ids, null_mask, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1926,6 +2156,80 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
                          tokenizer, load_tiny_dcae(device=device, dtype=dtype))
 
 
+# The tiny ControlNet: the shapes data gives the control for free, since each scene's edge map (edge_map, section 4)
+# is known. Trained by `python sana.py --train-controlnet` on the committed tiny SANA, which stays frozen.
+
+TINY_CONTROLNET_STEPS = 1000  # the recipe's
+
+
+def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CONTROLNET, log=print, *, depth=2,
+                          batch=32, lr=3e-3, n_images=4096, ema_decay=0.99, bf16=None, threads=2):
+    """SANA's ControlNet training on a tiny pipeline: the base model frozen (SanaMSControlNet.initialize_all freezes
+    it and trains the copied blocks and projections), the text encoder too; a ControlNet of `depth` copied blocks
+    (SanaControlNet.from_transformer, original wiring) learns the flow-matching loss on fresh shapes scenes whose
+    control is their edge map, encoded by the tiny DC-AE and scaled like the latents. Writes the ControlNet (its EMA
+    in fp16) to `out` unless None; returns the pipeline with it as pipe.controlnet."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    if bf16 is None:
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    t0 = time.time()
+    transformer, te = pipe.transformer.eval().requires_grad_(False), pipe.text_encoder.eval().requires_grad_(False)
+    controlnet = SanaControlNet.from_transformer(transformer, depth).train()
+    z, control, captions = [], [], []
+    with torch.no_grad():
+        for i in range(0, n_images, 256):  # scenes apart from train_tiny's and finetune_tiny's
+            x, caps = shapes_batch(min(256, n_images - i), seed=(seed + 2) * 1_000_003 + i)
+            z.append(pipe.vae.encode(x) * pipe.vae_scale)
+            control.append(pipe.vae.encode(edge_map(x)) * pipe.vae_scale)
+            captions += caps
+        ids, mask = tokenize(pipe.tokenizer, captions, TINY_TEXT_LEN)
+        null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
+        y, null_y = te(ids, mask), te(null_ids, null_mask)
+    log(f"encoded {n_images} scenes and their edge maps in {time.time() - t0:.0f}s")
+    fit(ControlLoss(transformer, controlnet), list(controlnet.parameters()),
+        (torch.cat(z), torch.cat(control), y, mask, null_y, null_mask), torch.Generator().manual_seed(seed), steps,
+        batch, lr, ema_decay, bf16, log, t0)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_file({k: v.half() for k, v in controlnet.state_dict().items()}, out,
+                  metadata={"depth": str(depth), "wiring": controlnet.wiring, "seed": str(seed), "steps": str(steps),
+                            "batch": str(batch), "lr": str(lr)})
+        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    pipe.controlnet = controlnet.eval()
+    return pipe
+
+
+def load_tiny_controlnet(path=TINY_CONTROLNET, *, device="cpu", dtype=torch.float32):
+    """A tiny ControlNet written by `python sana.py --train-controlnet` (its depth and wiring in the metadata)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train-controlnet` to create it")
+    meta = read_metadata(path)
+    if not meta.get("depth", "").isdigit() or meta.get("wiring") not in ("diffusers", "original"):
+        raise ValueError(f"{path} is not a tiny ControlNet written by `python sana.py --train-controlnet` (its "
+                         f"metadata has no depth and wiring)")
+    controlnet = SanaControlNet(replace(PRESETS["tiny"], depth=int(meta["depth"])), meta["wiring"])
+    load_state_dict_strict(controlnet, read_weights(path), path)
+    return controlnet.to(device=device, dtype=dtype).eval()
+
+
+def object_mask(image):
+    """(H, W) bool: the pixels whose nearest shapes colour is not the background's, the most common one (as
+    tests/shapes_score.py reads a scene). image: (H, W, 3) uint8."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    palette = np.array(list(SHAPE_COLORS.values()), dtype=np.float32)  # (K, 3)
+    labels = ((img[:, :, None] - palette) ** 2).sum(-1).argmin(-1)  # (H, W)
+    return labels != np.bincount(labels.ravel()).argmax()
+
+
+def control_iou(scene, generated):
+    """How well an image generated from a scene's edge map follows it: the IoU of the two object masks (1 when every
+    object pixel lands where the control put one). scene, generated: (H, W, 3) uint8."""
+    a, b = object_mask(scene), object_mask(generated)
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 9. CLI
 # ----------------------------------------------------------------------------------------------------------
@@ -1981,6 +2285,30 @@ def available_memory(device):
     return None
 
 
+# Copied from dcae.py: load_image
+def load_image(path, multiple):
+    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
+    are scaled to 8 bits (Pillow would clip them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        img = Image.open(path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    w, h = img.size
+    W, H = w - w % multiple, h - h % multiple
+    if W == 0 or H == 0:
+        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
+    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
+        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
+        left, top = (w - W) // 2, (h - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="SANA text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
@@ -1998,21 +2326,39 @@ def main(argv=None):
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="sana.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
+    p.add_argument("--train-out", default=None,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train or --train-controlnet: train this many "
+                   "steps instead of the recipe's (a quick check)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
                    "(default: %(default)s)")
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
     p.add_argument("--prune-to", type=int, default=None, help="SANA 1.5's depth pruning: keep this many blocks, the "
                    "most important ones as measured while sampling the prompt first (no fine-tune)")
+    p.add_argument("--control", help="ControlNet: an image whose edges steer the layout (edges are always extracted: "
+                   "a Sobel edge map standing in for HED, as the official pipeline runs HED on its reference image); "
+                   "it sets the output size")
+    p.add_argument("--controlnet", help="with --control and --ckpt: a published SANA ControlNet, an original .pth "
+                   "(it carries its base model, which then replaces the folder's) or a diffusers SanaControlNetModel "
+                   "folder; without --ckpt: a tiny ControlNet (default: the one --train-controlnet writes in weights/)")
+    p.add_argument("--conditioning-scale", type=float, default=1.0, help="with --control: the weight of the "
+                   "ControlNet's samples (default: %(default)s)")
+    p.add_argument("--train-controlnet", action="store_true", help="train the tiny ControlNet on the committed tiny "
+                   "model, its edge maps from the shapes data (writes weights/sana_controlnet_tiny.safetensors, or "
+                   "--train-out)")
     args = p.parse_args(argv)
     try:
-        if args.train:
+        if args.train or args.train_controlnet:
+            if args.train and args.train_controlnet:
+                raise ValueError("--train and --train-controlnet train different models: give one")
             if args.train_steps is not None and args.train_steps < 1:
                 raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
-            train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS)
+            out = args.train_out or (TINY_WEIGHTS if args.train else TINY_CONTROLNET)
+            check_out_path(out, (".safetensors",), "--train-out")
+            if args.train:
+                train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS)
+            else:
+                train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out)
             return
         resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
         if args.prompt is None or not args.prompt.strip():
@@ -2030,10 +2376,28 @@ def main(argv=None):
                 raise ValueError("--model names the preset of a --ckpt folder; give --ckpt too")
         if not args.ckpt:
             check_tiny_prompt(args.prompt)
+        if not math.isfinite(args.conditioning_scale):
+            raise ValueError(f"--conditioning-scale must be a finite number, not {args.conditioning_scale}")
+        if args.controlnet and not args.control:
+            raise ValueError("--controlnet goes with --control IMAGE, the image whose edges steer the layout")
+        if args.control and args.ckpt and not args.controlnet:
+            raise ValueError("--control with --ckpt needs --controlnet, a published SANA ControlNet (.pth or folder)")
+        controlnet_path = args.controlnet or (TINY_CONTROLNET if args.control else None)
+        if controlnet_path and not os.path.exists(controlnet_path):
+            hint = "; run `python sana.py --train-controlnet` to create it" * (controlnet_path == TINY_CONTROLNET)
+            raise FileNotFoundError(f"ControlNet {controlnet_path} does not exist{hint}")
         cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
         f = vae_cfg.compression * cfg.patch_size
         side = cfg.sample_size * vae_cfg.compression  # the training resolution (sample_size counts latent cells)
         h, w = args.height or side, args.width or side
+        control = None
+        if args.control:
+            control = load_image(args.control, f)  # (1, 3, H, W): its size is the output's
+            h, w = control.shape[-2:]
+            if (args.height or h, args.width or w) != (h, w):
+                raise ValueError(f"the control image is {w}x{h} and sets the output size, not {args.width or w}x"
+                                 f"{args.height or h}: leave out --height/--width or resize the image")
+            control = edge_map(control)
         check_size(h, w, f)
         if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
             raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
@@ -2046,6 +2410,16 @@ def main(argv=None):
         t0 = time.time()
         pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
             load_tiny(device=device, dtype=dtype)
+        if control is not None:
+            if args.ckpt:
+                pipe.controlnet, base = load_controlnet(controlnet_path, device=device, dtype=dtype)
+                if base is not None:  # an original .pth: its ControlNet steers the base model it was trained with
+                    base.cfg = replace(base.cfg, flow_shift=pipe.transformer.cfg.flow_shift)
+                    pipe.transformer = base
+                    print(f"note: {controlnet_path} carries its base model, which replaces {args.ckpt}'s")
+            else:
+                pipe.controlnet = load_tiny_controlnet(controlnet_path, device=device, dtype=dtype)
+            pipe.controlnet.check(pipe.transformer)
         print(f"loaded in {time.time() - t0:.1f}s")
         cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
         if cut:
@@ -2060,11 +2434,13 @@ def main(argv=None):
             print(f"pruned to blocks {keep} of {len(importance)} (importance {scores}, {time.time() - t0:.1f}s)")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
-        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, args.sampler, args.negative)[0]
+        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, args.sampler, args.negative,
+                            control=control, conditioning_scale=args.conditioning_scale)[0]
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance_scale if args.guidance is None else args.guidance
-        print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} steps, guidance {guidance}, "
-              f"{time.time() - t0:.1f}s)")
+        steered = f", steered by the edges of {args.control} x {args.conditioning_scale}" if args.control else ""
+        print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} steps, guidance {guidance}"
+              f"{steered}, {time.time() - t0:.1f}s)")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

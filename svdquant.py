@@ -665,9 +665,11 @@ class SanaTransformer(nn.Module):
         self.norm_out = ModulatedNorm()
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x, t, y, mask=None):
+    def forward(self, x, t, y, mask=None, controls=None):
         """x: (B, C, H, W) noisy latent; t: (B,) = 1000 sigma; y: (B, L, caption_channels); mask: (B, L) 1 = keep.
-        Returns the flow velocity v = eps - x0, (B, C_out, H, W)."""
+        controls (a ControlNet's, see SanaControlNet.controls): None; samples (B, N, D), the i-th added right after
+        block i + 1 (diffusers' wiring); or a function of the tokens after block 0 that returns the samples to add
+        after blocks 0, 1, ... (the original's). Returns the flow velocity v = eps - x0, (B, C_out, H, W)."""
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
@@ -680,8 +682,13 @@ class SanaTransformer(nn.Module):
                 y, mask = y[:, :L], mask[:, :L]
             bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
         y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
             x = block(x, y, bias, t6, (h, w))
+            if callable(controls):  # (i = 0) the original wiring: its ControlNet reads these tokens
+                first, *controls = controls(x)
+                x = x + first  # and the rest go in after blocks 1, 2, ... below
+            elif controls is not None and 0 < i <= len(controls):
+                x = x + controls[i - 1]
         # final layer: modulated by the D-dim t embedding (not the 6D vector)
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = self.proj_out(self.norm_out(x, shift, scale))  # (B, N, p*p*C)
@@ -1695,6 +1702,7 @@ class Sana:
     chi: str = CHI  # None: no complex human instruction (the tiny default)
     max_len: int = MAX_TEXT_LEN
     guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+    controlnet: nn.Module = None  # a SanaControlNet, for generate(control=...)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1702,8 +1710,11 @@ class Sana:
 
     @torch.no_grad()
     def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True):
-        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`."""
+                 negative_prompt="", resolution_binning=True, control=None, conditioning_scale=1.0):
+        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
+        control: for self.controlnet, the control image (1 or B, 3, height, width) in [-1, 1] (white edges on black
+        for the HED models): as in the official pipelines it is resized to the generation size, encoded by the DC-AE
+        and scaled like the latents, and the ControlNet runs on both CFG halves (diffusers' SanaControlNetPipeline)."""
         if any(not p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         f, cfg = self.compression, self.transformer.cfg
@@ -1712,6 +1723,18 @@ class Sana:
         height, width = generation_size(cfg, f, height, width, resolution_binning)
         device = self.transformer.proj_out.weight.device
         dtype = self.transformer.proj_out.weight.dtype
+        if control is not None:
+            if self.controlnet is None:
+                raise ValueError("a control image needs a ControlNet: set pipe.controlnet")
+            self.controlnet.check(self.transformer)
+            if control.ndim != 4 or control.shape[0] not in (1, len(prompts)) or control.shape[1:] != (3, *out_hw):
+                raise ValueError(f"the control image must be (1 or {len(prompts)}, 3, {out_hw[0]}, {out_hw[1]}) for "
+                                 f"{len(prompts)} {out_hw[1]}x{out_hw[0]} image(s), not {tuple(control.shape)}")
+            if (height, width) != out_hw:  # binned: the control image is resized to the generation size
+                control = F.interpolate(control.float(), size=(height, width), mode="bilinear")
+            vae_dtype = next(self.vae.parameters()).dtype
+            control = self.vae.encode(control.to(device=device, dtype=vae_dtype)) * self.vae_scale  # (1|B, C, h, w)
+            control = control.to(dtype).expand(len(prompts), -1, -1, -1)
         cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
         # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
         uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
@@ -1723,7 +1746,14 @@ class Sana:
         schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
                            "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
         sigmas, timesteps = schedule(steps, cfg.flow_shift)
-        model = lambda x, t, y, m: self.transformer(x.to(dtype), t, y, m)  # noqa: E731
+
+        def model(x, t, y, m):  # x: both CFG halves [uncond, cond], each with the control
+            x, controls = x.to(dtype), None
+            if control is not None:
+                c = control.repeat(len(x) // len(control), 1, 1, 1)
+                controls = self.controlnet.controls(x, t, y, c, m, conditioning_scale)
+            return self.transformer(x, t, y, m, controls=controls)
+
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         x = solve(guided_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
         img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()

@@ -25,6 +25,7 @@ DCAE_DIFFUSERS = os.path.join(FIX, "dcae", "tiny-f16c16-sana-diffusers")
 LLADA = os.path.join(FIX, "fast_dllm", "llada_tiny_a")  # a LLaDA folder as published (it has no tokenizer.json)
 SANA_PIPE = os.path.join(FIX, "sana", "pipeline_flow_dpm_20step")  # a tiny SANA pipeline folder, without tokenizer/
 SANA_PROMPT = "a red circle on a white background"  # a prompt the tiny SANA draws
+SANA_CONTROLNET = os.path.join(FIX, "sana", "controlnet_forward", "controlnet")  # a diffusers ControlNet of 2 blocks
 DCAR_CASE = os.path.join(FIX, "dcar", "tiny_s0")  # a DC-AR --ckpt folder (config.yaml, dc-ht/, dc-ar/, t5-tiny/)
 HART_CASE = os.path.join(FIX, "hart", "tiny_a")  # a HART --ckpt folder (llm/, tokenizer/)
 HART_QWEN2 = os.path.join(FIX, "hart", "qwen2_tiny_a")  # a Qwen2 folder without tokenizer.json
@@ -38,7 +39,7 @@ LOADERS = {
     "hart": ("load_tiny", "load_pipeline", "load_hart", "load_hart_tokenizer", "load_qwen2", "train_tiny",
              "train_tiny_tokenizer"),
     "sana": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder", "load_vae",
-             "train_tiny"),
+             "train_tiny", "load_controlnet", "load_tiny_controlnet", "train_controlnet_tiny"),
     "sana_sprint": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
                     "load_vae", "train_tiny"),
     "svdquant": ("load_tiny", "load_tiny_dcae", "load_pipeline", "load_transformer", "load_text_encoder",
@@ -74,6 +75,8 @@ def bad(tmp_path_factory):
         pickle.dump({"obj": Pickled()}, f)
     path("text.pth").write_text("this is not a checkpoint\n")
     path("text.png").write_text("this is not an image\n")
+    Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(path("scene.png"))  # a 64x64 control image
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path("small.png"))  # smaller than a latent cell
     path("folder").mkdir()
     # DC-AE folders: a config.json cut short, and whole config + weights cut short
     for name, config, weights in [("dcae_cut_config", "cut.json", None), ("dcae_cut_weights", None, "cut")]:
@@ -236,6 +239,31 @@ CLI = [  # (file, argv, sentence, early)
                                                            "not 0", True),
     ("sana", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("sana", ["--train", "--train-out", "/proc/sana.safetensors"], "cannot write to the folder /proc", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--conditioning-scale", "nan"], "--conditioning-scale must be a finite number, "
+                                                                       "not nan", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--controlnet", "{whole.safetensors}"], "--controlnet goes with --control IMAGE",
+     True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--control", "{scene.png}"],
+     "--control with --ckpt needs --controlnet", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{scene.png}", "--controlnet", "/no/such.safetensors"],
+     "ControlNet /no/such.safetensors does not exist", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "/no/such.png", "--controlnet", "{whole.safetensors}"],
+     "image /no/such.png does not exist", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{text.png}", "--controlnet", "{whole.safetensors}"], "cannot read",
+     True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{small.png}", "--controlnet", "{whole.safetensors}"],
+     "is 8x8: smaller than 16", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{scene.png}", "--controlnet", "{whole.safetensors}", "--height",
+              "32"], "the control image is 64x64 and sets the output size, not 64x32", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{scene.png}", "--controlnet", "{whole.safetensors}"],
+     "is not a tiny ControlNet written by `python sana.py --train-controlnet`", False),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--control", "{scene.png}", "--controlnet",
+              "{code.pth}"], "cannot tell which ControlNet", False),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--control", "{scene.png}", "--controlnet",
+              SANA_CONTROLNET], "a ControlNet of 2 blocks needs a base model of more than 2 blocks, not 2", False),
+    ("sana", ["--train", "--train-controlnet"], "--train and --train-controlnet train different models", True),
+    ("sana", ["--train-controlnet", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("sana", ["--train-controlnet", "--train-out", "/proc/c.safetensors"], "cannot write to the folder /proc", True),
     # sana_sprint.py
     ("sana_sprint", ["--device", "banana"], "unknown device 'banana'", True),
     ("sana_sprint", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
@@ -429,6 +457,20 @@ CALLS = [  # (file, call, sentence)
     ("sana", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
     ("sana", lambda m, b: m.check_tiny_prompt("a purple hexagon on a white background"),
      'does not know "purple", "hexagon"'),
+    ("sana", lambda m, b: m.load_controlnet("/no/such.pth"), "ControlNet /no/such.pth does not exist"),
+    ("sana", lambda m, b: m.load_controlnet(b["code.pth"]), "cannot tell which ControlNet"),
+    ("sana", lambda m, b: m.load_controlnet(b["code.pth"], preset="Sana_600M_1024px_ControlNet_HED"),
+     "code.pth holds pickled Python objects besides tensors; it was not loaded"),
+    ("sana", lambda m, b: m.load_controlnet(b["folder"]), "config.json not found"),
+    ("sana", lambda m, b: m.load_controlnet(os.path.join(b["sana_pipe"], "transformer")),
+     "holds a SanaTransformer2DModel, not a SanaControlNetModel"),
+    ("sana", lambda m, b: m.load_controlnet(SANA_CONTROLNET, dtype="float8"), "dtype 'float8' is not one of"),
+    ("sana", lambda m, b: m.load_tiny_controlnet("/no/such.safetensors"),
+     "is missing: run `python sana.py --train-controlnet`"),
+    ("sana", lambda m, b: m.load_tiny_controlnet(b["whole.safetensors"]), "is not a tiny ControlNet written by"),
+    ("sana", lambda m, b: m.load_tiny_controlnet(b["text.pth"]), "is not a readable safetensors file"),
+    ("sana", lambda m, b: m.SanaControlNet(m.PRESETS["tiny"], wiring="nvlabs"),
+     "wiring must be 'diffusers' or 'original', not 'nvlabs'"),
     # sana_sprint.py
     ("sana_sprint", lambda m, b: m.load_transformer(b["code.pth"], preset="Sana_Sprint_0.6B_1024px"),
      "code.pth holds pickled Python objects besides tensors; it was not loaded"),
