@@ -465,7 +465,9 @@ class SanaControlNet(nn.Module):
         if self.wiring == "original" and tokens is None:
             raise ValueError("the original wiring reads the base model's tokens after its block 0: pass tokens")
         h = self.patch_embed(x) if self.wiring == "diffusers" else tokens  # (B, N, D)
-        h = h + self.input_block(self.patch_embed(control))  # zero at the start of training: h is the base's input
+        # input_block starts at zero, so training starts from the base model's input. (With a sincos PE, 2K/4K, the
+        # original would embed the control without it; the published ControlNets are 1024 px, without PE.)
+        h = h + self.input_block(self.patch_embed(control))
         t6, _ = self.time_embed(t.expand(B))  # (B, 6D)
         bias = None
         if mask is not None:  # as in SanaTransformer.forward
