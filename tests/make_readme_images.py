@@ -12,6 +12,9 @@ assets/svdquant_tiny.png  the tiny SANA quantized to W4A4: one row per prompt, s
                        smoothing only, SVDQuant (the committed weights/svdquant_tiny.safetensors)
 assets/dcar_tiny.png   the tiny DC-AR: one row per prompt, four seeds per row, its default rounds and guidance, with
                        what the scorer reads, as for the tiny SANA
+assets/sana_controlnet_tiny.png  the tiny ControlNet on the tiny SANA: one row per held-out scene, columns: the scene,
+                       its edge map (the control image), the output steered by it, the output without control (the
+                       same noise and caption)
 assets/hart_tiny.png   the tiny HART: one row per prompt, four seeds per row, its default guidance, with what the
                        scorer reads, as for the tiny SANA
 """
@@ -81,6 +84,20 @@ def main():
         ha = hart.load_tiny()
         grid(seed_rows(lambda p, s: ha.generate([p], generator=torch.Generator().manual_seed(s))[0].numpy(),
                        "HART")).save(os.path.join(ASSETS, "hart_tiny.png"))
+    if os.path.isfile(sana.TINY_CONTROLNET):
+        controlled = sana.load_tiny()
+        controlled.controlnet = sana.load_tiny_controlnet()
+        x, captions = sana.shapes_batch(4, seed=2028)
+        edges = sana.edge_map(x)
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        steered = controlled.generate(captions, 64, 64, 20, None, g(), control=edges).numpy()
+        free = controlled.generate(captions, 64, 64, 20, None, g()).numpy()
+        u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+        for cap, scene, a, b in zip(captions, u8(x), steered, free):
+            print(f"ControlNet, {cap}: IoU with the scene {sana.control_iou(scene, a):.2f} steered, "
+                  f"{sana.control_iou(scene, b):.2f} without control")
+        grid([list(r) for r in zip(u8(x), u8(edges), steered, free)]).save(
+            os.path.join(ASSETS, "sana_controlnet_tiny.png"))
     model = dcae.load_tiny()
     x, _ = dcae.shapes_batch(8, seed=2027)
     with torch.no_grad():
