@@ -36,6 +36,10 @@ Run:
   torchrun --nproc_per_node 2 sana.py --train --train-steps 20     # the same on 2 processes (DDP)
   python sana.py --prompt "a cat" --ckpt Sana_600M_1024px_diffusers --controlnet Sana_600M_1024px_ControlNet_HED.pth \
       --control photo.png            # ControlNet: the layout of photo.png's edges (the .pth carries its base model)
+  python sana.py --prompt "a white square on a red background" --samples 8    # SANA 1.5: the judge's pick of 8
+  python sana.py --prompt "..." --prune-to 3       # SANA 1.5: the 3 most important blocks, measured on the prompt
+  python sana.py --train --grow 6                  # SANA 1.5: the tiny model grown to 6 blocks, trained 400 steps
+  python sana.py --prompt "..." --tiny-weights weights/sana_tiny_grown.safetensors   # ... then sampled
   python sana.py --train-controlnet                 # the tiny ControlNet (weights/sana_controlnet_tiny.safetensors)
   python sana.py --prompt "two red circles on a blue background" --control scene.png     # ... then steered by it
 
@@ -96,6 +100,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
 TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
 TINY_CONTROLNET = os.path.join(HERE, "weights", "sana_controlnet_tiny.safetensors")  # by --train-controlnet
+TINY_GROWN = os.path.join(HERE, "weights", "sana_tiny_grown.safetensors")  # by --train --grow N (not committed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1961,6 +1966,7 @@ def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
 TINY_STEPS = 1700  # the recipe's
+TINY_GROW_STEPS = 400  # --grow's training steps (tests/bench_sana_growth.py's)
 TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + BOS
 TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
                     | {"on", "background"})  # the captions' vocabulary
@@ -2107,11 +2113,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
     g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
     fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, log, t0)
     if rank == 0:
-        sd = {f"transformer.{k}": v.half() for k, v in model.state_dict().items()}
-        sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
-        tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
+        save_tiny(tiny_pipeline(model, te, tok, vae), out, seed=seed, steps=steps, batch=batch, lr=lr)
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     if world > 1:
         dist.destroy_process_group()
@@ -2136,26 +2138,126 @@ def finetune_tiny(pipe, steps, seed=0, log=print, *, batch=128, lr=1e-3, n_image
     return tiny_pipeline(model, te, pipe.tokenizer, pipe.vae)
 
 
-def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
-    """The committed tiny default (trained by `python sana.py --train`): the DiT, the Gemma-2-shaped text encoder,
-    the word-level tokenizer beside the weights, and the tiny DC-AE."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+def save_tiny(pipe, out, **metadata):
+    """A tiny pipeline's DiT and text encoder in fp16 to `out`, its tokenizer beside it (what load_tiny reads)."""
+    sd = {f"transformer.{k}": v.half() for k, v in pipe.transformer.state_dict().items()}
+    sd.update({f"text_encoder.{k}": v.half() for k, v in pipe.text_encoder.state_dict().items()})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(sd, out, metadata={k: str(v) for k, v in metadata.items()})
+    pipe.tokenizer.save(os.path.splitext(out)[0] + "_tokenizer.json")
+
+
+def read_tiny(path=TINY_WEIGHTS):
+    """A tiny weights file -> {"transformer": state dict, "text_encoder": state dict}."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
+        hint = ": run `python sana.py --train` to create it" if os.path.abspath(path) == TINY_WEIGHTS else ""
+        raise FileNotFoundError(f"{path} is missing{hint}")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
              for name in ("transformer", "text_encoder")}
     if not all(parts.values()):
         raise ValueError(f"{path} is not a tiny SANA written by `python sana.py --train` (it holds no "
                          f"transformer.* and text_encoder.* weights)")
+    return parts
+
+
+def tiny_depth(parts):
+    """The DiT's blocks in read_tiny's parts: the recipe's 4, or more or fewer when grown (--grow) or pruned."""
+    return len({k.split(".")[1] for k in parts["transformer"] if k.startswith("transformer_blocks.")})
+
+
+def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
+    """The committed tiny default (trained by `python sana.py --train`), or another tiny weights file: the DiT, the
+    Gemma-2-shaped text encoder, the word-level tokenizer beside the weights, and the tiny DC-AE."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    parts = read_tiny(path)
     # built on the CPU (3 MB of weights initialize in 30 ms; a first use of the meta device imports PyTorch's
     # Python decompositions, 2 s)
-    transformer, text_encoder = SanaTransformer(PRESETS["tiny"]), Gemma2(TINY_GEMMA)
+    transformer = SanaTransformer(replace(PRESETS["tiny"], depth=tiny_depth(parts)))
+    text_encoder = Gemma2(TINY_GEMMA)
     load_state_dict_strict(transformer, parts["transformer"], path)
     load_state_dict_strict(text_encoder, parts["text_encoder"], path)
     tokenizer = load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")
     return tiny_pipeline(transformer.to(device=device, dtype=dtype), text_encoder.to(device=device, dtype=dtype),
                          tokenizer, load_tiny_dcae(device=device, dtype=dtype))
+
+
+# The tiny model's judge for SANA 1.5's inference-time scaling (`--samples`): the project's shapes scorer, which reads
+# colour, shape and count back from the pixels, standing in offline for the paper's VLM judge (VILA-Judge).
+
+# Copied from tests/shapes_score.py: _NAMES
+_NAMES = list(SHAPE_COLORS)
+# Copied from tests/shapes_score.py: _PALETTE
+_PALETTE = np.array([SHAPE_COLORS[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
+
+
+# Copied from tests/shapes_score.py: parse_caption
+def parse_caption(caption):
+    """'two red circles on a blue background' -> dict(count=2, color='red', shape='circle', background='blue')."""
+    words = caption.lower().split()
+    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}[words[0]]
+    shape = words[2][:-1] if words[2].endswith("s") else words[2]
+    background = words[words.index("background") - 1] if "background" in words else None
+    return dict(count=count, color=words[1], shape=shape, background=background)
+
+
+# Copied from tests/shapes_score.py: _components
+def _components(mask):
+    """4-connected components of a boolean mask, as arrays of (row, col) indices."""
+    seen = np.zeros_like(mask, dtype=bool)
+    H, W = mask.shape
+    comps = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        stack, pix = [(r0, c0)], []
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            pix.append((r, c))
+            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= rr < H and 0 <= cc < W and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+        comps.append(np.array(pix))
+    return comps
+
+
+# Copied from tests/shapes_score.py: read_scene
+def read_scene(image):
+    """image: (H, W, 3) uint8 array or PIL image."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    H, W, _ = img.shape
+    labels = ((img[:, :, None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)  # (H, W) nearest palette colour
+    counts = np.bincount(labels.ravel(), minlength=len(_NAMES))
+    bg = int(counts.argmax())
+    counts[bg] = 0
+    fg = int(counts.argmax())
+    min_area = max(6, int(0.004 * H * W))  # anti-aliased edges leave specks of in-between colours
+    objects = [c for c in _components(labels == fg) if len(c) >= min_area]
+    shapes = []
+    for comp in objects:
+        top, bottom = comp[:, 0].min(), comp[:, 0].max()
+        h = bottom - top + 1
+        w = comp[:, 1].max() - comp[:, 1].min() + 1
+        fill = len(comp) / (h * w)
+        drop = (comp[:, 0].mean() - (top + bottom) / 2) / h  # apex-up triangles are bottom-heavy (1/6 of h)
+        shapes.append("triangle" if drop > 0.05 else "square" if fill > 0.87 else "circle")
+    shape = shapes[0] if len(set(shapes)) == 1 else "mixed" if shapes else None  # "three squares" = all three
+    return dict(background=_NAMES[bg], color=_NAMES[fg] if objects else None, shape=shape, count=len(objects))
+
+
+# Copied from tests/shapes_score.py: score
+def score(image, caption):
+    want, got = parse_caption(caption), read_scene(image)
+    return {k: want[k] == got[k] for k in ("color", "shape", "count", "background") if want[k] is not None}
+
+
+def shapes_judge(a, b, prompt):
+    """prefer(a, b, prompt) for best_of_n: True when image a has at least as many of colour, shape, count and
+    background right as image b. a, b: (H, W, 3) uint8."""
+    right = lambda img: sum(score(np.asarray(img), prompt).values())  # noqa: E731
+    return right(a) >= right(b)
 
 
 # The tiny ControlNet: the shapes data gives the control for free, since each scene's edge map (edge_map, section 4)
@@ -2337,6 +2439,15 @@ def main(argv=None):
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
     p.add_argument("--prune-to", type=int, default=None, help="SANA 1.5's depth pruning: keep this many blocks, the "
                    "most important ones as measured while sampling the prompt first (no fine-tune)")
+    p.add_argument("--samples", type=int, default=1, help="SANA 1.5's inference-time scaling: draw this many candidates "
+                   "and keep the judge's pick of a knockout tournament (the tiny model's judge: the shapes scorer; "
+                   "default: %(default)s)")
+    p.add_argument("--grow", type=int, default=None, help="with --train: SANA 1.5's depth growth: grow the tiny model "
+                   "of --tiny-weights to this many blocks (its blocks and the weights outside them copied, the new "
+                   "blocks initialised) and train it --train-steps steps (default 400); writes --train-out (default "
+                   "weights/sana_tiny_grown.safetensors)")
+    p.add_argument("--tiny-weights", default=TINY_WEIGHTS, help="without --ckpt: the tiny model's weights, e.g. "
+                   "a grown one (default: the committed ones)")
     p.add_argument("--control", help="ControlNet: an image whose edges steer the layout (edges are always extracted: "
                    "a Sobel edge map standing in for HED, as the official pipeline runs HED on its reference image); "
                    "it sets the output size")
@@ -2355,9 +2466,24 @@ def main(argv=None):
                 raise ValueError("--train and --train-controlnet train different models: give one")
             if args.train_steps is not None and args.train_steps < 1:
                 raise ValueError("--train-steps must be at least 1")
-            out = args.train_out or (TINY_WEIGHTS if args.train else TINY_CONTROLNET)
+            if args.grow is not None and not args.train:
+                raise ValueError("--grow goes with --train: the grown model trains before it is written")
+            out = args.train_out or (TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None
+                                     else TINY_WEIGHTS)
             check_out_path(out, (".safetensors",), "--train-out")
-            if args.train:
+            if args.grow is not None:
+                depth = tiny_depth(read_tiny(args.tiny_weights))
+                if args.grow <= depth:
+                    raise ValueError(f"--grow must be more than the model's {depth} blocks, not {args.grow}")
+                pipe = load_tiny(args.tiny_weights)
+                grown = tiny_pipeline(grow_depth(pipe.transformer, args.grow), pipe.text_encoder, pipe.tokenizer,
+                                      pipe.vae)
+                steps = args.train_steps or TINY_GROW_STEPS
+                save_tiny(finetune_tiny(grown, steps, seed=args.seed, lr=3e-3), out, seed=args.seed, steps=steps,
+                          lr=3e-3, grown_from=os.path.basename(args.tiny_weights))
+                print(f"grew {os.path.basename(args.tiny_weights)} to {args.grow} blocks, trained {steps} steps: "
+                      f"wrote {out}")
+            elif args.train:
                 train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS)
             else:
                 train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out)
@@ -2401,6 +2527,17 @@ def main(argv=None):
                                  f"{args.height or h}: leave out --height/--width or resize the image")
             control = edge_map(control)
         check_size(h, w, f)
+        if args.grow is not None:
+            raise ValueError("--grow goes with --train: the grown model trains before it is written")
+        if args.ckpt and args.tiny_weights != TINY_WEIGHTS:
+            raise ValueError("--tiny-weights is the tiny model's; --ckpt loads a published one: give one of them")
+        if args.samples < 1:
+            raise ValueError(f"--samples must be at least 1, not {args.samples}")
+        if args.samples > 1 and args.ckpt:
+            raise ValueError("--samples needs a judge, and a published model has none offline (the paper's is a VLM, "
+                             "VILA-Judge); the tiny model's is the shapes scorer")
+        if not args.ckpt:
+            cfg = replace(cfg, depth=tiny_depth(read_tiny(args.tiny_weights)))
         if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
             raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
         check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
@@ -2411,7 +2548,7 @@ def main(argv=None):
                              f"is available on {device}: ask for a smaller --height/--width")
         t0 = time.time()
         pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
-            load_tiny(device=device, dtype=dtype)
+            load_tiny(args.tiny_weights, device=device, dtype=dtype)
         if control is not None:
             if args.ckpt:
                 pipe.controlnet, base = load_controlnet(controlnet_path, device=device, dtype=dtype)
@@ -2436,13 +2573,15 @@ def main(argv=None):
             print(f"pruned to blocks {keep} of {len(importance)} (importance {scores}, {time.time() - t0:.1f}s)")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
-        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, args.sampler, args.negative,
-                            control=control, conditioning_scale=args.conditioning_scale)[0]
+        kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, negative_prompt=args.negative,
+                  control=control, conditioning_scale=args.conditioning_scale)
+        img = best_of_n(pipe, args.prompt, args.samples, shapes_judge, h, w, g, **kw)  # 1 sample: no judge needed
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance_scale if args.guidance is None else args.guidance
         steered = f", steered by the edges of {args.control} x {args.conditioning_scale}" if args.control else ""
+        best = f", the judge's pick of {args.samples}" if args.samples > 1 else ""
         print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} steps, guidance {guidance}"
-              f"{steered}, {time.time() - t0:.1f}s)")
+              f"{steered}{best}, {time.time() - t0:.1f}s)")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

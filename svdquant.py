@@ -1847,22 +1847,37 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
                 max_len=TINY_TEXT_LEN, guidance_scale=2.0)
 
 
-# Copied from sana.py: load_tiny with TINY_WEIGHTS->TINY_SANA, PRESETS->SANA_PRESETS
-def load_tiny(path=TINY_SANA, *, device="cpu", dtype=torch.float32):
-    """The committed tiny default (trained by `python sana.py --train`): the DiT, the Gemma-2-shaped text encoder,
-    the word-level tokenizer beside the weights, and the tiny DC-AE."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+# Copied from sana.py: read_tiny with TINY_WEIGHTS->TINY_SANA
+def read_tiny(path=TINY_SANA):
+    """A tiny weights file -> {"transformer": state dict, "text_encoder": state dict}."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
+        hint = ": run `python sana.py --train` to create it" if os.path.abspath(path) == TINY_SANA else ""
+        raise FileNotFoundError(f"{path} is missing{hint}")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
              for name in ("transformer", "text_encoder")}
     if not all(parts.values()):
         raise ValueError(f"{path} is not a tiny SANA written by `python sana.py --train` (it holds no "
                          f"transformer.* and text_encoder.* weights)")
+    return parts
+
+
+# Copied from sana.py: tiny_depth
+def tiny_depth(parts):
+    """The DiT's blocks in read_tiny's parts: the recipe's 4, or more or fewer when grown (--grow) or pruned."""
+    return len({k.split(".")[1] for k in parts["transformer"] if k.startswith("transformer_blocks.")})
+
+
+# Copied from sana.py: load_tiny with TINY_WEIGHTS->TINY_SANA, PRESETS->SANA_PRESETS
+def load_tiny(path=TINY_SANA, *, device="cpu", dtype=torch.float32):
+    """The committed tiny default (trained by `python sana.py --train`), or another tiny weights file: the DiT, the
+    Gemma-2-shaped text encoder, the word-level tokenizer beside the weights, and the tiny DC-AE."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    parts = read_tiny(path)
     # built on the CPU (3 MB of weights initialize in 30 ms; a first use of the meta device imports PyTorch's
     # Python decompositions, 2 s)
-    transformer, text_encoder = SanaTransformer(SANA_PRESETS["tiny"]), Gemma2(TINY_GEMMA)
+    transformer = SanaTransformer(replace(SANA_PRESETS["tiny"], depth=tiny_depth(parts)))
+    text_encoder = Gemma2(TINY_GEMMA)
     load_state_dict_strict(transformer, parts["transformer"], path)
     load_state_dict_strict(text_encoder, parts["text_encoder"], path)
     tokenizer = load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")

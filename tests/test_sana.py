@@ -813,6 +813,40 @@ def test_best_of_n_returns_the_judges_pick():
 
 
 @needs_tiny
+@needs_tiny
+def test_cli_samples_writes_the_judges_pick(tmp_path):
+    """`--samples 4`: the image written is the shapes judge's tournament winner among the 4 candidates that the seed's
+    noise gives, and the judge in sana.py scores as tests/shapes_score.py does."""
+    from PIL import Image
+    prompt, out = "two gray squares on a white background", tmp_path / "best.png"
+    sana.main(["--prompt", prompt, "--samples", "4", "--seed", "3", "--out", str(out), "--device", "cpu"])
+    candidates = sana.load_tiny().generate([prompt] * 4, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
+    right = [sum(shapes_score.score(c, prompt).values()) for c in candidates]
+    assert [sum(sana.score(c, prompt).values()) for c in candidates] == right
+    written = np.asarray(Image.open(out))
+    assert any(np.array_equal(written, c) for c in candidates)
+    assert sum(shapes_score.score(written, prompt).values()) == max(right), right
+
+
+@pytest.mark.skipif(not os.path.isfile(sana.TINY_DCAE), reason="weights/dcae_tiny.safetensors (the latents) missing")
+@needs_tiny
+def test_cli_grow_trains_and_writes_a_deeper_model(tmp_path):
+    """`--train --grow 5`: the committed 4-block model grown to 5 blocks and trained, written where --train-out says;
+    `--tiny-weights` then samples it."""
+    from PIL import Image
+    grown = tmp_path / "grown.safetensors"
+    sana.main(["--train", "--grow", "5", "--train-steps", "2", "--train-out", str(grown)])
+    pipe = sana.load_tiny(str(grown))
+    assert pipe.transformer.cfg.depth == 5
+    base = sana.load_tiny().transformer.state_dict()
+    moved = [k for k, v in pipe.transformer.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert moved  # it trained
+    out = tmp_path / "grown.png"
+    sana.main(["--prompt", "a red circle on a blue background", "--tiny-weights", str(grown), "--out", str(out),
+               "--device", "cpu"])
+    assert Image.open(out).size == (64, 64)
+
+
 def test_grow_depth_copies_exactly_the_layers_it_says():
     """Partial preservation: every weight outside the blocks and the first `preserve` blocks are the trained
     model's; the later blocks are new (none equals the trained model's block in the same place)."""
