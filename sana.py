@@ -24,8 +24,9 @@ Inside, top to bottom:
   7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline (with an
      optional ControlNet), SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and
      depth pruning (block importance measured while sampling, prune_blocks)
-  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny`; the
-     tiny ControlNet (`train_controlnet_tiny`, edge maps of the shapes scenes) and its metric, `control_iou`
+  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny` (any
+     depth: grown or pruned too); the judge of `--samples` (the shapes scorer); the tiny ControlNet
+     (`train_controlnet_tiny`, edge maps of the shapes scenes) and its metric, `control_iou`
   9. CLI
 
 Run:
