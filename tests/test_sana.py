@@ -634,12 +634,11 @@ needs_tiny = pytest.mark.skipif(not os.path.isfile(sana.TINY_WEIGHTS), reason="w
 
 @needs_tiny
 def test_tiny_prompt_fidelity():
-    """The README's score (24 prompts x 4 seeds: 0.75) on its first two seeds (measured 0.75, 36 of 48 images; the
-    bar leaves two images of slack for other CPUs' numerics). The issue's bar is 0.8; the committed model does
-    not reach it on these prompts (colour and background are always right; squares mostly are not, see the
-    README), so this guards the level reached, with colours checked exactly."""
+    """The README's score (24 prompts x 4 seeds: 0.823, above the issue's bar of 0.8) on its first two seeds
+    (measured 0.875, 42 of 48 images; the bar leaves two images of slack for other CPUs' numerics), with colours
+    checked exactly: what fails is a few squares and counts, never a colour (see the README)."""
     score, images, captions = tiny_fidelity(shapes_score.readme_prompts(), seeds=[0, 1])
-    assert score >= 34 / 48, score
+    assert score >= 40 / 48, score
     assert all(shapes_score.score(img, cap)["color"] for img, cap in zip(images, captions))
 
 
@@ -801,14 +800,20 @@ def test_tournament_finds_the_judges_favourite():
 @needs_tiny
 def test_best_of_n_returns_the_judges_pick():
     """Best of 4 with a judge that prefers fewer red pixels returns the least red of the 4 images the same generator
-    draws (the candidates are the pipeline's own batch; at this seed that one is unique, and not the first)."""
+    draws (the candidates are the pipeline's own batch), at the first seed where that one is unique and not the
+    first (so that the test can tell a right pick from a default)."""
     pipe = sana.load_tiny()
     prompt = "two red circles on a blue background"
     red = lambda img: int(((img[..., 0] > 150) & (img[..., 2] < 100)).sum())  # noqa: E731
-    best = sana.best_of_n(pipe, prompt, 4, lambda a, b, p: red(a) <= red(b), 64, 64, torch.Generator().manual_seed(3))
-    candidates = pipe.generate([prompt] * 4, 64, 64, generator=torch.Generator().manual_seed(3))
-    least = min(range(4), key=lambda i: red(candidates[i]))
-    assert least > 0 and sorted(red(c) for c in candidates)[1] > red(candidates[least])  # the test can tell
+    for seed in range(16):
+        candidates = pipe.generate([prompt] * 4, 64, 64, generator=torch.Generator().manual_seed(seed))
+        least = min(range(4), key=lambda i: red(candidates[i]))
+        if least > 0 and sorted(red(c) for c in candidates)[1] > red(candidates[least]):
+            break
+    else:
+        pytest.fail("no seed of 16 has a unique least-red candidate after the first")
+    best = sana.best_of_n(pipe, prompt, 4, lambda a, b, p: red(a) <= red(b), 64, 64,
+                          torch.Generator().manual_seed(seed))
     assert torch.equal(best, candidates[least])
 
 
@@ -1000,7 +1005,7 @@ def test_cli_tiny_control(tmp_path):
 @needs_tiny
 def test_committed_tiny_controlnet_steers_the_layout():
     """The committed tiny ControlNet on 16 held-out scenes (seed 0): the outputs' objects land where the control
-    scene's are. tests/bench_sana_controlnet.py measured a mean IoU of 0.879 with control and 0.190 without on 96
+    scene's are. tests/bench_sana_controlnet.py measured a mean IoU of 0.892 with control and 0.200 without on 96
     scenes; the bars leave room for 16 scenes and other CPUs' numerics."""
     import bench_sana_controlnet as bench
     pipe = sana.load_tiny()

@@ -344,11 +344,11 @@ def test_image_to_image_keeps_what_strength_leaves(tmp_path):
 
 @needs_tiny
 def test_tiny_student_fidelity():
-    """The committed student on the README's 24 prompts x 4 seeds scored 0.469 / 0.427 / 0.615 at 1 / 2 / 4 steps
-    (the 20-step teacher: 0.750): guarded with slack, and four steps must beat one."""
+    """The committed student on the README's 24 prompts x 4 seeds scored 0.500 / 0.552 / 0.698 at 1 / 2 / 4 steps
+    (the 20-step teacher: 0.823): guarded with about six images of slack, and four steps must beat one."""
     import shapes_score
     fid = {steps: tiny_fidelity(shapes_score.readme_prompts(), range(4), steps)[0] for steps in (1, 2, 4)}
-    assert fid[1] >= 0.41 and fid[2] >= 0.37 and fid[4] >= 0.55, fid
+    assert fid[1] >= 0.44 and fid[2] >= 0.49 and fid[4] >= 0.63, fid
     assert fid[4] > fid[1], fid
 
 
