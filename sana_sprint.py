@@ -1781,7 +1781,7 @@ TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s
 TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <colour> background" with the colours '
                 f'{", ".join(COLORS)} and the shapes {", ".join(SHAPES)}, e.g. "two red circles on a blue background"')
 TINY_TEACHER_STEPS = 100  # the dense-time fine-tune of the teacher
-TINY_STEPS = 560  # sCM + LADD: 8 min 28 s with the teacher on 2026-12-03 (700 steps: 11 min 8 s, no better)
+TINY_STEPS = 560  # sCM + LADD: 8 min 28 s on 2026-12-03's EPYC, 5 min 26 s on 2026-12-04's Xeon (700 steps: no better)
 TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_blocks=(1, 3))
 
 
