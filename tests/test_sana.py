@@ -540,6 +540,45 @@ def test_training_step_learns():
     assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses
 
 
+def test_training_loss_time_shifts_alternate_over_the_batch():
+    """A tuple of shifts is taken by the batch's samples in turn (the tiny recipe's (3, 1)): with the same draws,
+    the even samples see the times of shift 3 and the odd ones the unshifted times; a single shift moves them all."""
+    x0, y = torch.randn(6, 4, 4, 4), torch.randn(6, 5, 16)
+    mask = torch.ones(6, 5, dtype=torch.long)
+    seen = {}
+
+    def model(x, t, y, m):  # records the model times 1000 sigma, predicts zero velocity
+        seen[key] = t.clone()
+        return torch.zeros_like(x)
+
+    for key in [1.0, 3.0, (3.0, 1.0)]:
+        sana.training_loss(model, x0, y, mask, y[:1], mask[:1], torch.Generator().manual_seed(0), shift=key)
+    u = seen[1.0] / 1000
+    assert torch.allclose(seen[3.0], 1000 * sana.shift_sigma(u, 3.0))
+    assert torch.allclose(seen[(3.0, 1.0)][0::2], seen[3.0][0::2])
+    assert torch.equal(seen[(3.0, 1.0)][1::2], seen[1.0][1::2])
+    assert (seen[3.0] > seen[1.0]).all()  # the shift moves every time towards noise
+
+
+@pytest.mark.skipif(not os.path.isfile(sana.TINY_DCAE), reason="weights/dcae_tiny.safetensors (the latents) missing")
+def test_tiny_recipe_trains_with_both_shifts(tmp_path, monkeypatch):
+    """train_tiny's loss (and finetune_tiny's, which --grow and pruning use) draws its times at the recipe's shifts
+    (3, 1), not at the sampler's 3 alone: one step of each, with the loss's shift recorded."""
+    shifts, loss = [], sana.training_loss
+
+    def recording_loss(*args, shift=1.0, **kwargs):
+        shifts.append(shift)
+        return loss(*args, shift=shift, **kwargs)
+
+    monkeypatch.setattr(sana, "training_loss", recording_loss)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    pipe = sana.train_tiny(out=str(tmp_path / "t.safetensors"), log=lambda *a: None, steps=1, batch=4, n_images=8)
+    sana.finetune_tiny(pipe, 1, log=lambda *a: None, batch=4, n_images=8)
+    torch.set_num_threads(threads)  # both set the recipe's 2 threads and deterministic algorithms
+    torch.use_deterministic_algorithms(deterministic)
+    assert shifts == [(3.0, 1.0)] * 2 and pipe.transformer.cfg.flow_shift == 3.0, shifts
+
+
 class RecordingEncoder(torch.nn.Module):
     """Wraps a text encoder and keeps the token ids it was called with."""
 
