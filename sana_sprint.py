@@ -1781,9 +1781,10 @@ TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s
 TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <colour> background" with the colours '
                 f'{", ".join(COLORS)} and the shapes {", ".join(SHAPES)}, e.g. "two red circles on a blue background"')
 TINY_TEACHER_STEPS = 100  # the dense-time fine-tune of the teacher
-TINY_STEPS = 560  # sCM + LADD: 8 min 28 s on 2026-12-03's EPYC, 5 min 26 s on 2026-12-04's Xeon (700 steps: no better)
+TINY_STEPS = 560  # sCM + LADD: 8 min 28 s on 2026-12-03's EPYC, 5 min 26 s on 2026-12-04's Xeon (~630: collapse)
 TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_blocks=(1, 3))
-
+TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the shapes scorer's choice set: the
+# published 1.3 leaves 8x8 latents so noisy that the second step cannot fix what the first got wrong
 
 # Copied from sana.py: check_tiny_prompt
 def check_tiny_prompt(prompt):
@@ -1863,9 +1864,10 @@ def read_tiny_sana(path=TINY_TEACHER):
 
 
 def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
-    """The tiny default as a `SanaSprint` pipeline: no CHI, 10 text tokens, guidance 2.0 (the tiny SANA's)."""
+    """The tiny default as a `SanaSprint` pipeline: no CHI, 10 text tokens, guidance 2.0 (the tiny SANA's), and
+    its own 2-step intermediate time (TINY_INTERMEDIATE_TIME)."""
     return SanaSprint(transformer.eval(), text_encoder.eval(), tokenizer, vae, vae_scale=vae.cfg.scaling_factor,
-                      chi=None, max_len=TINY_TEXT_LEN, guidance_scale=2.0)
+                      chi=None, max_len=TINY_TEXT_LEN, guidance_scale=2.0, intermediate_time=TINY_INTERMEDIATE_TIME)
 
 
 def average_gradients(params, world):
@@ -1919,9 +1921,13 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
     """Distils the committed tiny SANA into a 1-4 step student, deterministically from the seed on 2 threads, in
     float32 (forward-mode AD through bf16 autocast is not worth its risk at this size): the teacher's conversion
     and `teacher_steps` of dense-time fine-tune (`tiny_teacher`), then `steps` of sCM + LADD, keeping an EMA of
-    the student (the official recipe keeps none; at batch 32 the raw weights are noisy). The discriminator's lr is
-    the student's: at 5x more it won late in the run (hinge loss 0.3) and the saved student drew noise. Under
-    torchrun each rank draws its own batches and rank 0 writes the weights. Returns the student's pipeline."""
+    the student (the official recipe keeps none; at batch 32 the raw weights are noisy). The lrs are constant,
+    as the official ones (2e-6 there, over tens of thousands of steps), and the run must stop in time: at 2e-4 the
+    game collapsed after about 630 steps in two runs (the one-step output turned into its input noise, the EMA
+    following within 30 steps), so do not raise `steps` far past 560 without lowering the lr. The discriminator's
+    lr is the student's: at 5x more it won late in the run (hinge loss 0.3) and the saved student drew noise.
+    Under torchrun each rank draws its own batches and rank 0 writes the weights. Returns the student's
+    pipeline."""
     rank, world = ddp_setup()
     torch.set_num_threads(max(1, 2 // world))
     torch.use_deterministic_algorithms(True)
@@ -2087,6 +2093,9 @@ def main(argv=None):
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
+    p.add_argument("--intermediate-time", type=float, default=None, help="with --steps 2: the TrigFlow time of the "
+                   "second step, in (0, pi/2) (default: the model's: 1.3 for the published models, "
+                   f"{TINY_INTERMEDIATE_TIME} for the tiny one)")
     p.add_argument("--image", help="image-to-image: start from this picture instead of pure noise")
     p.add_argument("--strength", type=float, default=0.6, help="with --image: how much to change it, in (0, 1]: "
                    "the start time is strength x pi/2 (default: %(default)s)")
@@ -2106,6 +2115,8 @@ def main(argv=None):
             raise ValueError(f"--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 step model), not {args.steps}")
         if args.guidance is not None and not math.isfinite(args.guidance):
             raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+        if args.intermediate_time is not None and not 0 < args.intermediate_time < math.pi / 2:
+            raise ValueError(f"--intermediate-time must be in (0, pi/2), not {args.intermediate_time}")
         if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
             raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
         for name, value in (("--height", args.height), ("--width", args.width)):
@@ -2135,6 +2146,8 @@ def main(argv=None):
         pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
             load_tiny(device=device, dtype=dtype)
         print(f"loaded in {time.time() - t0:.1f}s")
+        if args.intermediate_time is not None:
+            pipe.intermediate_time = args.intermediate_time
         cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
         if cut:
             print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "

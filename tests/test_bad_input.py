@@ -283,6 +283,10 @@ CLI = [  # (file, argv, sentence, early)
                                                                 "step model), not 20", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "inf"], "--guidance must be a finite number", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--intermediate-time", "2"], "--intermediate-time must be in (0, pi/2), "
+                                                                           "not 2.0", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--intermediate-time", "nan"], "--intermediate-time must be in (0, pi/2)",
+     True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "0"], "--strength must be in (0, 1], not 0.0", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "1.5"], "--strength must be in (0, 1], not 1.5", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "nan"], "--strength must be in (0, 1], not nan", True),

@@ -325,6 +325,21 @@ def test_cli_tiny_default_one_step(tmp_path):
 
 
 @needs_tiny
+def test_two_steps_pass_through_the_intermediate_time(tmp_path, monkeypatch):
+    """Two steps visit pi/2, then the model's intermediate time (the tiny one's own, or --intermediate-time)."""
+    visited = []
+    sample = sp.sample_scm
+    monkeypatch.setattr(sp, "sample_scm", lambda F_fn, x, times, *a, **k: visited.append(times.tolist()) or
+                        sample(F_fn, x, times, *a, **k))
+    out = str(tmp_path / "s.png")
+    sp.main(["--prompt", "a red circle on a white background", "--steps", "2", "--out", out, "--device", "cpu"])
+    sp.main(["--prompt", "a red circle on a white background", "--steps", "2", "--out", out, "--device", "cpu",
+             "--intermediate-time", "1.1"])
+    assert [t[1] for t in visited] == pytest.approx([sp.TINY_INTERMEDIATE_TIME, 1.1]), visited
+    assert all(t[0] == pytest.approx(1.5708) and t[2] == 0 for t in visited), visited
+
+
+@needs_tiny
 def test_image_to_image_keeps_what_strength_leaves(tmp_path):
     """From a rendering of one scene, a low strength keeps its layout (the picture changes little) and a high
     one redraws it: the mean change grows with the strength. Through the command line, so --image is tested."""
@@ -344,11 +359,11 @@ def test_image_to_image_keeps_what_strength_leaves(tmp_path):
 
 @needs_tiny
 def test_tiny_student_fidelity():
-    """The committed student on the README's 24 prompts x 4 seeds scored 0.500 / 0.552 / 0.698 at 1 / 2 / 4 steps
+    """The committed student on the README's 24 prompts x 4 seeds scored 0.500 / 0.635 / 0.698 at 1 / 2 / 4 steps
     (the 20-step teacher: 0.823): guarded with about six images of slack, and four steps must beat one."""
     import shapes_score
     fid = {steps: tiny_fidelity(shapes_score.readme_prompts(), range(4), steps)[0] for steps in (1, 2, 4)}
-    assert fid[1] >= 0.44 and fid[2] >= 0.49 and fid[4] >= 0.63, fid
+    assert fid[1] >= 0.44 and fid[2] >= 0.57 and fid[4] >= 0.63, fid
     assert fid[4] > fid[1], fid
 
 
