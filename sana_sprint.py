@@ -1786,6 +1786,7 @@ TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_
 TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the shapes scorer's choice set: the
 # published 1.3 leaves 8x8 latents so noisy that the second step cannot fix what the first got wrong
 
+
 # Copied from sana.py: check_tiny_prompt
 def check_tiny_prompt(prompt):
     """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
@@ -2117,6 +2118,9 @@ def main(argv=None):
             raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
         if args.intermediate_time is not None and not 0 < args.intermediate_time < math.pi / 2:
             raise ValueError(f"--intermediate-time must be in (0, pi/2), not {args.intermediate_time}")
+        if args.intermediate_time is not None and (args.steps != 2 or args.image):
+            raise ValueError("--intermediate-time sets the second of two text-to-image steps: use it with --steps 2 "
+                             "and no --image")
         if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
             raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
         for name, value in (("--height", args.height), ("--width", args.width)):

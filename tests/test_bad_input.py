@@ -287,6 +287,8 @@ CLI = [  # (file, argv, sentence, early)
                                                                            "not 2.0", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--intermediate-time", "nan"], "--intermediate-time must be in (0, pi/2)",
      True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--steps", "1", "--intermediate-time", "1.1"], "--intermediate-time sets "
+                                                           "the second of two text-to-image steps", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "0"], "--strength must be in (0, 1], not 0.0", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "1.5"], "--strength must be in (0, 1], not 1.5", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "nan"], "--strength must be in (0, 1], not nan", True),
