@@ -61,6 +61,7 @@ conditioning scale in the original wiring too (1 = the original, which has none)
 """
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -81,22 +82,39 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-try:  # Triton kernel on CUDA, PyTorch reference elsewhere
-    from kernels.linear_attention import relu_linear_attention
-except ImportError:  # this file was copied alone: use the in-file reference
 
-    # Copied from kernels/linear_attention.py: relu_linear_attention_ref
-    def relu_linear_attention_ref(q, k, v, eps=1e-15):
-        """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-        dtype = v.dtype
-        q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-        kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-        k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-        num = q @ kv  # (B, H, N, d)
-        den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-        return (num / (den + eps)).to(dtype)
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
-    relu_linear_attention = relu_linear_attention_ref
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")

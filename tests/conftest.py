@@ -1,13 +1,17 @@
 """Shared test set-up and helpers.
 
-Makes the repository root importable (`import dcae`, `import kernels.linear_attention`) and this folder too
+Makes the repository root importable (`import dcae`) and this folder too
 (`import shapes_score`, `from conftest import assert_close`), from pytest or from `python tests/<file>.py`.
+Holds the helpers every test file shares: assert_close, cases, committed, kernel, tiny_fidelity.
 Runs Triton kernels in Triton's CPU interpreter when there is no GPU: TRITON_INTERPRET must be set before
 Triton is first imported, and any root file may import it, so it is set here, before any test module loads.
 Every test gets back the thread count and determinism flag it started with (training sets its own)."""
+import functools
+import glob
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +22,19 @@ for path in (ROOT, HERE):
         sys.path.insert(0, path)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def kernel(name):
+    """kernels/<name>.py loaded by its path, as the root files load it (the same module object): a package named
+    `kernels` elsewhere on sys.path, such as Hugging Face's, is never reached."""
+    import importlib.util
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, "kernels", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def assert_close(name, got, want, atol=1e-4, rtol=1e-4):
@@ -36,3 +53,42 @@ def restore_torch_threads():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+
+
+def cases(method, *required, forbidden=(), key=None):
+    """pytest's parametrize over the case folders of tests/fixtures/<method>/ that hold every path in `required`
+    (default: io.safetensors), none in `forbidden`, and, if `key` is given, that tensor in required[0]."""
+    from safetensors import safe_open
+    required = required or ("io.safetensors",)
+    dirs = sorted(d for d in glob.glob(os.path.join(HERE, "fixtures", method, "*")) if os.path.isdir(d))
+    dirs = [d for d in dirs if all(os.path.exists(os.path.join(d, r)) for r in required)
+            and not any(os.path.exists(os.path.join(d, f)) for f in forbidden)]
+    if key:
+        dirs = [d for d in dirs if key in safe_open(os.path.join(d, required[0]), "pt").keys()]
+    return pytest.mark.parametrize("case", dirs, ids=[os.path.basename(d) for d in dirs])
+
+
+def committed(*paths):
+    """Marks a test that needs committed weight files: where one is missing the test fails, naming it (a clone
+    without its weights is broken, not a reason to skip)."""
+    def mark(test):
+        missing = [os.path.relpath(p, ROOT) for p in paths if not os.path.isfile(p)]
+        if not missing:
+            return test
+
+        @functools.wraps(test)
+        def fail(*args, **kwargs):
+            pytest.fail(f"committed weights missing: {', '.join(missing)}")
+        return fail
+    return mark
+
+
+def tiny_fidelity(generate, prompts, seeds):
+    """(fidelity, images, captions) of the shapes scorer over prompts x seeds. `generate(prompts, generator)` returns
+    one (H, W, 3) uint8 image per prompt; one generator per seed draws the noise of the whole batch of prompts."""
+    import shapes_score
+    images, captions = [], []
+    for seed in seeds:
+        images += [np.asarray(img) for img in generate(prompts, torch.Generator().manual_seed(seed))]
+        captions += prompts
+    return shapes_score.fidelity(images, captions), images, captions

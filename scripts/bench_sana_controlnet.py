@@ -1,6 +1,6 @@
 """How well the tiny ControlNet steers the tiny SANA (not collected by pytest).
 
-    python tests/bench_sana_controlnet.py [--scenes 96] [--scales 0 0.5 1 1.5]
+    python scripts/bench_sana_controlnet.py [--scenes 96] [--scales 0 0.5 1 1.5]
 
 Held-out shapes scenes (seeded apart from every training set) are rendered; each scene's Sobel edge map
 (`sana.edge_map`) is the control image, and its caption the prompt. For each conditioning scale the tiny SANA
@@ -22,6 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
 

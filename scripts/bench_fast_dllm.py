@@ -7,7 +7,7 @@ Part 2: batches. The baseline and parallel + DualCache at batch 1, 4 and 16 (pro
 Runs are interleaved problem group by problem group, so that machine load hits every method alike. Throughput =
 generated non-EOS tokens / wall time (as in the paper); speed-ups are against the model's baseline in the same run.
 
-    python tests/bench_fast_dllm.py [--n 48] [--lengths 32 128] [--batch-length 128] [--archs llada dream]
+    python scripts/bench_fast_dllm.py [--n 48] [--lengths 32 128] [--batch-length 128] [--archs llada dream]
                                     [--threads 1] [--device cpu]
 
 Cost grows with --n (rounded up to a multiple of 16): most of it is the non-parallel samplers at length 128.

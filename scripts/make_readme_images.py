@@ -1,6 +1,6 @@
 """The README's pictures of the tiny default models, written to assets/ (rerun after retraining a tiny model):
 
-    python tests/make_readme_images.py
+    python scripts/make_readme_images.py
 
 assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four seeds per row, 20 Flow-DPM steps at
                        the tiny model's default guidance; each row's caption and how many of its four images the
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (the repository root on sys.path)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the root files; tests/shapes_score.py
 import dcae  # noqa: E402
 import dcar  # noqa: E402
 import hart  # noqa: E402
@@ -35,7 +35,7 @@ import sana_sprint  # noqa: E402
 import svdquant  # noqa: E402
 import shapes_score  # noqa: E402
 
-ASSETS = os.path.join(conftest.ROOT, "assets")
+ASSETS = os.path.join(ROOT, "assets")
 PROMPTS = [  # the tiny model's grammar: "a/two/three <colour> <shape>[s] on a <colour> background"
     "a red circle on a white background",
     "two blue squares on a yellow background",

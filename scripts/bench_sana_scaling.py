@@ -1,6 +1,6 @@
 """SANA 1.5's inference-time scaling on the tiny SANA (not collected by pytest):
 
-    python tests/bench_sana_scaling.py [--threads 2] [--seeds 4]
+    python scripts/bench_sana_scaling.py [--threads 2] [--seeds 4]
 
 For N = 1, 2, 4, 8, 16 candidates per prompt (sana.best_of_n: N noises, then the judge's knockout tournament),
 the prompt fidelity of the winners on the README's 24 prompts x `--seeds` seeds, and the time per prompt. The
@@ -18,6 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
 

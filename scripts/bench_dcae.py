@@ -1,7 +1,7 @@
 """Benchmark: DC-AE f32c32 encode + decode at 512x512 on the CPU, ours against diffusers' AutoencoderDC.
 
     pip install diffusers        # the baseline (not a project requirement)
-    python tests/bench_dcae.py [--model dc-ae-f32c32-sana-1.0] [--size 512] [--reps 3] [--threads 2]
+    python scripts/bench_dcae.py [--model dc-ae-f32c32-sana-1.0] [--size 512] [--reps 3] [--threads 2]
 
 Both models get the same random weights (ours are loaded into diffusers' module tree, which has the same
 keys), and are timed in the same run, alternating, median of --reps. Also prints the decoder's achieved
@@ -51,7 +51,7 @@ def main():
             t_enc, t_dec = timeit(lambda: ours.encode(x), args.reps), timeit(lambda: ours.decode(z), args.reps)
             print(f"ours:      encode {t_enc:.3f} s  decode {t_dec:.3f} s  total {t_enc + t_dec:.3f} s")
         else:
-            manifest = os.path.join(os.path.dirname(__file__), "fixtures", "dcae", "manifests", f"{args.model}.json")
+            manifest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "dcae", "manifests", f"{args.model}.json")
             kwargs = json.load(open(manifest))["diffusers_format"]["config_json_init_kwargs"]
             ref = AutoencoderDC(**kwargs).eval()
             ref.load_state_dict(ours.state_dict())

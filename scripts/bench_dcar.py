@@ -1,10 +1,10 @@
 """Benchmark of dcar.py on the CPU (not collected by pytest).
 
-    python tests/bench_dcar.py [--threads 2] [--reps 3] [--seeds 4] [--no-published]
+    python scripts/bench_dcar.py [--threads 2] [--reps 3] [--seeds 4] [--no-published]
 
 1. The paper's throughput claim in miniature: images per second of the tiny DC-AR (hybrid masked AR, its default
    rounds) against the tiny SANA (20 Flow-DPM steps with CFG) in the same run, batch 24 (the README's prompts), each
-   with its prompt fidelity on those prompts x `--seeds` seeds (tests/shapes_score.py). tests/bench_hart.py puts
+   with its prompt fidelity on those prompts x `--seeds` seeds (tests/shapes_score.py). scripts/bench_hart.py puts
    the tiny HART in the same table.
 2. The published-size dc-ar-512 generator at 512 px with random weights: one CFG forward of the masked transformer
    (batch 1, doubled for guidance: 2 x 256 tokens, 300 text tokens) and one call of the residual head on its 512
@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import dcar  # noqa: E402
 import sana  # noqa: E402
 import shapes_score  # noqa: E402

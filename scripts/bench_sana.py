@@ -1,6 +1,6 @@
 """Benchmark of sana.py's Linear DiT on the CPU (not collected by pytest).
 
-    python tests/bench_sana.py [--threads 2] [--reps 3] [--sizes 512 1024]
+    python scripts/bench_sana.py [--threads 2] [--reps 3] [--sizes 512 1024]
 
 1. Sana_600M transformer forward (batch 1, fp32, 300 text tokens) at 512 and 1024 px against diffusers'
    SanaTransformer2DModel holding the SAME random weights, timed in the same run: ratio = diffusers / ours

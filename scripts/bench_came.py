@@ -1,6 +1,6 @@
 """CAME and CAME-8bit (sana.CAME, the official recipe's optimizer and SANA 1.5's 8-bit variant) on the CPU:
 
-    python tests/bench_came.py [--steps 300] [--threads 2]
+    python scripts/bench_came.py [--steps 300] [--threads 2]
 
 1. The tiny SANA trained from scratch (the tiny recipe's model, init, data and loss; batch 64, a 100-step warm-up,
    no EMA) with AdamW (lr 3e-3, the tiny recipe's), CAME and CAME-8bit (lr 5e-4: CAME has no bias correction, and

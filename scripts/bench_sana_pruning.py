@@ -1,6 +1,6 @@
 """SANA 1.5's depth pruning on the tiny SANA (not collected by pytest).
 
-    python tests/bench_sana_pruning.py [--steps 200] [--seeds 4]
+    python scripts/bench_sana_pruning.py [--steps 200] [--seeds 4]
 
 Block importance (1 - the mean cosine similarity of each block's input and output tokens) is measured while the
 committed tiny SANA samples 16 calibration prompts (a set apart from the README's, 20 steps, both CFG halves);
@@ -20,6 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
 

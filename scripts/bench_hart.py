@@ -1,6 +1,6 @@
 """Benchmark of hart.py on the CPU (not collected by pytest).
 
-    python tests/bench_hart.py [--threads 2] [--reps 3] [--seeds 4] [--resolutions 256 512] [--no-published]
+    python scripts/bench_hart.py [--threads 2] [--reps 3] [--seeds 4] [--resolutions 256 512] [--no-published]
 
 1. Tiny models in the same run, batch 24 (the README's prompts, 64x64): images per second of the tiny HART (6 scales
    + 8 residual-diffusion steps) against the tiny SANA (20 Flow-DPM steps with CFG) and, when its weights are there,
@@ -20,6 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import dcar  # noqa: E402
 import hart  # noqa: E402
 import sana  # noqa: E402

@@ -19,7 +19,7 @@ script from a separate environment:
     python3 -m venv /tmp/qwenref
     /tmp/qwenref/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
     /tmp/qwenref/bin/pip install -q "transformers==4.42.2" safetensors numpy
-    /tmp/qwenref/bin/python tests/make_hart_qwen2_fixture.py
+    /tmp/qwenref/bin/python scripts/make_hart_qwen2_fixture.py
 
 Made with torch 2.13.0+cpu, transformers 4.42.2, safetensors 0.8.0, numpy 1.26.4 (Python 3.11). Everything runs on
 the CPU, one thread, float32, with fixed seeds, in a few seconds; a rerun with the same versions rewrites the same
@@ -39,7 +39,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.modeling_attn_mask_utils import AttentionMaskConverter
 from transformers.models.qwen2 import modeling_qwen2
 
-FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hart", "qwen2_tiny_a")
+FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "hart", "qwen2_tiny_a")
 TRANSFORMERS_VERSION = "4.42.2"  # pinned by HART
 
 SEED_WEIGHTS = 0
@@ -290,7 +290,7 @@ def readme(record, tensors, stored):
     head_dim = CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
     return f"""# qwen2_tiny_a: Qwen2 text-encoder parity fixture (HART)
 
-Made by `tests/make_hart_qwen2_fixture.py` with Hugging Face transformers {versions['transformers']} (the version
+Made by `scripts/make_hart_qwen2_fixture.py` with Hugging Face transformers {versions['transformers']} (the version
 HART pins), torch {versions['torch']}, Python {versions['python']}; CPU, one thread, float32, seeds
 {record['checkpoint']['seed_weights']} (weights) and {record['seed_inputs']} (inputs). Rerun (rewrites the same data):
 
@@ -298,7 +298,7 @@ HART pins), torch {versions['torch']}, Python {versions['python']}; CPU, one thr
 python3 -m venv /tmp/qwenref
 /tmp/qwenref/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 /tmp/qwenref/bin/pip install -q "transformers==4.42.2" safetensors numpy
-/tmp/qwenref/bin/python tests/make_hart_qwen2_fixture.py
+/tmp/qwenref/bin/python scripts/make_hart_qwen2_fixture.py
 ```
 
 The reference is the base decoder `Qwen2Model` (what HART's text encoder runs): causal attention, output

@@ -1,6 +1,6 @@
 """Benchmark of sana_sprint.py on the CPU (not collected by pytest).
 
-    python tests/bench_sana_sprint.py [--threads 1] [--reps 3] [--seeds 4] [--no-diffusers]
+    python scripts/bench_sana_sprint.py [--threads 1] [--reps 3] [--seeds 4] [--no-diffusers]
 
 1. The paper's speed/quality frontier in miniature: images per second of the tiny student at 1, 2 and 4 steps
    against the tiny teacher (sana.py's tiny SANA) at 20 Flow-DPM steps with CFG, in the same run, batch 24 (the
@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import sana_sprint  # noqa: E402
 import shapes_score  # noqa: E402

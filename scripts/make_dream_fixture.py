@@ -1,6 +1,6 @@
 """The Dream parity fixtures of tests/fixtures/fast_dllm/, made by running the OFFICIAL NVlabs/Fast-dLLM Dream code:
 
-    python tests/make_dream_fixture.py --official /path/to/Fast-dLLM [--commit HASH]
+    python scripts/make_dream_fixture.py --official /path/to/Fast-dLLM [--commit HASH]
 
 dream_tiny_a/               2 layers, hidden 64, GQA 4 heads / 2 KV heads, vocab 384; float32 weights in one
                             model.safetensors; prompt 10, 32 new tokens in blocks of 8
@@ -23,7 +23,7 @@ transformers==4.49.0 (what Fast-dLLM's requirements.txt pins) besides torch, saf
 requirements of this project, so run the script from a separate environment, e.g.
 
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch transformers==4.49.0 safetensors numpy
-    /tmp/refvenv/bin/python tests/make_dream_fixture.py --official /tmp/Fast-dLLM \
+    /tmp/refvenv/bin/python scripts/make_dream_fixture.py --official /tmp/Fast-dLLM \
         --commit 24cc59e75f20a6384bae8c905965bb090b96388e
 
 Everything runs on the CPU (one thread) in float32 with batch size 1, temperature 0 and fixed seeds, in a few seconds;
@@ -42,7 +42,7 @@ import types
 import torch
 from safetensors.torch import save_file
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "fast_dllm")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "fast_dllm")
 MANIFEST_CONFIG = os.path.join(FIXTURES, "manifests", "dream_v0_7b_config_assumed.json")
 TRANSFORMERS_VERSION = "4.49.0"  # pinned by Fast-dLLM's requirements.txt
 EPS = 1e-3  # DreamGenerationConfig's default eps, passed explicitly so that runs.json holds every parameter
@@ -463,10 +463,10 @@ def readme(case, record, tensors, config):
     lines = [
         f"# Fast-dLLM / Dream parity fixture `{case.name}`",
         "",
-        f"Produced by `tests/make_dream_fixture.py`, which runs the official {up['repo']} Dream code (commit "
+        f"Produced by `scripts/make_dream_fixture.py`, which runs the official {up['repo']} Dream code (commit "
         f"`{up['commit']}`, `dream/model/`) on the CPU with torch {up['torch']}, transformers {up['transformers']}, "
         "float32 compute, batch size 1, temperature 0. Rerun from an environment with transformers "
-        f"{up['transformers']}: `python tests/make_dream_fixture.py --official /path/to/Fast-dLLM --commit "
+        f"{up['transformers']}: `python scripts/make_dream_fixture.py --official /path/to/Fast-dLLM --commit "
         f"{up['commit']}`.",
         "",
         "## Checkpoint directory",

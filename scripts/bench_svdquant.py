@@ -1,6 +1,6 @@
 """Benchmark of svdquant.py on the CPU (not collected by pytest).
 
-    python tests/bench_svdquant.py [--threads 2] [--seeds 4] [--precision int4] [--rank 16] [--skip-tiny]
+    python scripts/bench_svdquant.py [--threads 2] [--seeds 4] [--precision int4] [--rank 16] [--skip-tiny]
 
 1. Memory: bytes of SANA-1.6B's transformer in nunchaku's packed INT4 r32 layout (the published
    svdq-int4_r32-sana1.6b.safetensors) against bf16, counted from the tensors of a model built on the meta
@@ -22,6 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import shapes_score  # noqa: E402
 import svdquant as sq  # noqa: E402
 

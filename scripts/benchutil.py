@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts tests/bench_*.py (not a test module)."""
+"""Timing helpers shared by the benchmark scripts scripts/bench_*.py (not a test module)."""
 import statistics
 import time
 

@@ -1,6 +1,6 @@
 """SANA 1.5's depth growth on the tiny SANA (not collected by pytest).
 
-    python tests/bench_sana_growth.py [--depth 6] [--steps 400] [--seeds 4]
+    python scripts/bench_sana_growth.py [--depth 6] [--steps 400] [--seeds 4]
 
 A `--depth`-block tiny SANA trained for `--steps` steps two ways, with the same loop (the tiny recipe's loss, batch
 128, lr 3e-3 with its warmup and cosine decay, fresh shapes latents): grown from the committed 4-block model
@@ -17,6 +17,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 from bench_sana_pruning import fidelity  # noqa: E402
 
