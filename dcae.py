@@ -8,18 +8,20 @@ arXiv 2410.10733. A deterministic convolutional autoencoder that compresses imag
      parameter-free shortcut, space-to-channel + channel averaging going down, channel duplication +
      channel-to-space going up. The network only has to learn what the shortcut cannot carry.
   2. Decoupled high-resolution adaptation (Sec. 3.3): train at low resolution, adapt only the layers around
-     the latent at high resolution, then refine only the decoder head with a GAN loss (section 5).
+     the latent at high resolution, then refine only the decoder head with a GAN loss (section 4).
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-4 are the whole method; an autoencoder has no sampler and no pipeline):
   1. Config and presets: `DCAEConfig`, one preset per published checkpoint, with its latent scaling factor
   2. Modules: RMSNorm2d, ResBlock, LiteMLA (ReLU linear attention), GLUMBConv, EfficientViT block, and the
      residual down/up-sampling blocks (the heart of the method: `DownBlock`, `UpBlock`)
   3. Model: Encoder, Decoder, DCAE
-  4. Checkpoint loading: both published layouts (mit-han-lab and diffusers), strict key check
-  5. Training: losses, the paper's three phases, one training step (runs under torchrun too)
-  6. Tiny default: synthetic "shapes" data (the training data of every tiny demo in this project),
-     `train_tiny`, `load_tiny`
-  7. CLI
+  4. Training: the losses, the paper's three phases, one training step
+  ---- skip on first read ----
+  5. Components: the linear-attention kernel loader, device/dtype and file-reading helpers, torchrun set-up
+  6. Checkpoint loading: both published layouts (mit-han-lab and diffusers), strict key check
+  7. Tiny default: synthetic "shapes" data (the training data of every tiny demo in this project),
+     `train_tiny` (runs under torchrun too), `load_tiny`
+  8. CLI: main = parse, check, load, run, write
 
 Run:
   python dcae.py                                   # reconstruct a synthetic image with the tiny default model
@@ -28,12 +30,17 @@ Run:
   python dcae.py --train                           # retrain the tiny default (weights/dcae_tiny.safetensors)
   torchrun --nproc_per_node 2 dcae.py --train --train-steps 20    # the same on 2 processes (DDP)
 
+From Python:
+  model = from_pretrained("dc-ae-f32c32-sana-1.1-diffusers", device="cuda")  # a downloaded folder; or load_tiny()
+  z = model.encode(x)          # x: (B, 3, H, W) in [-1, 1]; z: (B, c, H/f, W/f), the raw latent
+  x_rec = model.decode(z)      # a diffusion model works on z * model.cfg.scaling_factor
+
 Shapes: B batch, C channels (widths[i] at stage i), H/W image height/width, f spatial compression
         (2^(stages - 1)), c latent channels, h/w = H/f, W/f the latent grid, T heads x head dim d (LiteMLA).
 
 Deviations from the official code: (1) parameter names follow diffusers' AutoencoderDC, and a mit-han-lab
-file is renamed on load (section 4); (2) the training code was never released: the three phases follow the
-paper and the maintainers' description, with a Laplacian-pyramid loss standing in for LPIPS (section 5).
+file is renamed on load (section 6); (2) the training code was never released: the three phases follow the
+paper and the maintainers' description, with a Laplacian-pyramid loss standing in for LPIPS (section 4).
 """
 import argparse
 import importlib.util
@@ -53,39 +60,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
-
-
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "dcae_tiny.safetensors")
@@ -169,7 +143,7 @@ PRESETS = {
     # scaling factor is not published; calibrate it on your data (1 / std of the latents) before diffusion.
     "dc-ae-f32c128-1.5": _v15((128, 256, 512, 512, 1024, 1024)),
     "dc-ae-f64c128-1.5": _v15((128, 256, 512, 512, 1024, 1024, 1024)),
-    # The tiny default of this project: f8c4 on 64x64 synthetic shapes (section 6), in/mix-style resampling.
+    # The tiny default of this project: f8c4 on 64x64 synthetic shapes (section 7), in/mix-style resampling.
     "tiny-f8c4-shapes": DCAEConfig(
         latent_channels=4, widths=(16, 32, 64, 128), encoder_depths=(0, 1, 1, 2), decoder_depths=(0, 1, 2, 3),
         encoder_blocks=("ResBlock",) * 3 + ("EViTS5",), decoder_blocks=("ResBlock",) * 3 + ("EViTS5",),
@@ -180,6 +154,14 @@ PRESETS = {
 # The Hugging Face repo of DC-AE-Lite is named without the "-sana-1.1" of its registry name.
 PRESETS["dc-ae-lite-f32c32"] = PRESETS["dc-ae-lite-f32c32-sana-1.1"]
 
+
+def get_preset(name):
+    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
+    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
+    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,103 +432,132 @@ class DCAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training: the losses, the paper's three phases, one step
+# ----------------------------------------------------------------------------------------------------------
+# The AE training code was never released; the paper and the maintainers (efficientvit issue #143) give:
+#   phase 1  low-resolution full training: all weights, L1 + LPIPS
+#   phase 2  high-resolution latent adaptation: only the layers around the latent (encoder's last stage and
+#            head, decoder's stem and first stage), L1 + LPIPS at high resolution. Cheap, and it removes the
+#            generalisation penalty when a high-compression AE meets larger images than it was trained on.
+#   phase 3  low-resolution local refinement: only the decoder head, L1 + LPIPS + GAN, latent space frozen.
+# LPIPS needs a pretrained VGG/AlexNet that cannot be downloaded here, so a Laplacian-pyramid L1 loss
+# (Bojanowski et al. 2018) stands in for it: it weighs edges and textures at every scale, which is what
+# LPIPS adds on top of L1, with no network. Pass a callable as `perceptual` to use the real LPIPS.
+
+
+def psnr(x, y):
+    """PSNR in dB of images in [-1, 1] (computed on [0, 1], clamped), per image."""
+    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-12))
+
+
+def laplacian_pyramid_loss(x, y, levels=4):
+    """Mean L1 distance between the Laplacian pyramids of x and y, every level weighted per pixel alike."""
+    loss = 0.0
+    for _ in range(levels - 1):
+        xd, yd = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        band_x = x - F.interpolate(xd, scale_factor=2, mode="nearest")  # detail lost by downsampling
+        band_y = y - F.interpolate(yd, scale_factor=2, mode="nearest")
+        loss = loss + F.l1_loss(band_x, band_y)
+        x, y = xd, yd
+    return loss + F.l1_loss(x, y)
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (pix2pix): one real/fake logit per overlapping patch."""
+
+    def __init__(self, channels=32, layers=3):
+        super().__init__()
+        mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        mods.append(nn.Conv2d(c, 1, 3, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def trainable_parameters(model, phase):
+    """Which weights each phase of the paper trains (Sec. 3.3): 1 everything, 2 both sides of the latent, 3 the
+    decoder's head; and 4, phase 3's refinement widened to the whole decoder (ours, for the tiny model: the
+    encoder stays frozen, so its latents, and any diffusion model trained on them, stay as they are)."""
+    if phase == 1:
+        return list(model.parameters())
+    if phase == 2:  # around the latent
+        enc, dec = model.encoder, model.decoder
+        mods = [enc.down_blocks[-1], enc.conv_out, dec.conv_in, dec.up_blocks[-1]]
+        return [p for m in mods for p in m.parameters()]
+    if phase == 3:
+        return list(model.decoder.norm_out.parameters()) + list(model.decoder.conv_out.parameters())
+    return list(model.decoder.parameters())  # phase 4
+
+
+def train_step(model, x, opt, perceptual=laplacian_pyramid_loss, perceptual_weight=0.3, mse_weight=10.0,
+               disc=None, disc_opt=None, gan_weight=0.1):
+    """One reconstruction step: L1 + MSE + perceptual (+ hinge GAN on the decoder head when `disc` is given).
+
+    The MSE term is ours: it speeds up the convergence of short CPU runs such as the tiny default's (docs/dcae.md
+    gives the figure); at full scale the paper's L1 + LPIPS is the objective.
+    """
+    rec = model(x)
+    loss = F.l1_loss(rec, x) + mse_weight * F.mse_loss(rec, x) + perceptual_weight * perceptual(rec, x)
+    if disc is not None:
+        loss = loss - gan_weight * disc(rec).mean()  # generator hinge loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if disc is not None:
+        d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+        disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_opt.step()
+    return loss.item(), rec.detach()
+
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Checkpoint loading
+# 5. Components: skip on first read
 # ----------------------------------------------------------------------------------------------------------
-# mit-han-lab layout: config.json = {"model_name": ...} + model.safetensors with efficientvit module names.
-# diffusers layout:   config.json = AutoencoderDC kwargs + diffusion_pytorch_model.safetensors (our names).
-# Original -> ours: drop the OpSequential/ResidualBlock levels ("op_list.", "main."), rename the stems and
-# heads, collapse ConvLayer wrappers, and cut the fused 1x1 qkv conv into to_q | to_k | to_v.
+# What the method uses but did not invent: the linear-attention kernel loaded by path (with the pure-PyTorch
+# reference it falls back to), device/dtype choice, weight-file readers that fail in one sentence, a strict
+# state-dict loader, torchrun set-up. The other files carry marked copies of these.
 
 
-
-def config_from_diffusers(cfg):
-    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
-    n = len(cfg["encoder_block_out_channels"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
-
-    def blocks(types, scales):
-        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
-                     for t, s in zip(per_stage(types), scales))
-
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
-        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
-        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
-        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
-        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
-        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
-        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
-        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
-        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
-        scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
-def config_from_efficientvit(cfg):
-    """A resolved efficientvit `DCAEConfig` (dict, as in the official model zoo) -> DCAEConfig."""
-    enc, dec = cfg["encoder"], cfg["decoder"]
-    n = len(enc["width_list"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    block = {"ResBlock": "ResBlock", "EViT_GLU": "EViT", "EViTGLU": "EViT", "EViTS5_GLU": "EViTS5", "EViTS5GLU": "EViTS5"}
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(enc["width_list"]),
-        encoder_depths=tuple(enc["depth_list"]), decoder_depths=tuple(dec["depth_list"]),
-        encoder_blocks=tuple(block[b] for b in per_stage(enc["block_type"])),
-        decoder_blocks=tuple(block[b] for b in per_stage(dec["block_type"])),
-        decoder_norms=tuple({"trms2d": "rms", "rms2d": "rms", "bn2d": "bn"}[x] for x in per_stage(dec["norm"])),
-        decoder_acts=per_stage(dec["act"]), decoder_head_act=dec["out_act"],
-        downsample={"Conv": "conv", "ConvPixelUnshuffle": "pixel_unshuffle"}[enc["downsample_block_type"]],
-        upsample={"InterpolateConv": "interpolate", "ConvPixelShuffle": "pixel_shuffle"}[dec["upsample_block_type"]],
-        encoder_out_shortcut=enc.get("out_shortcut") is not None, decoder_in_shortcut=dec.get("in_shortcut") is not None,
-        in_channels=cfg.get("in_channels", 3), scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
 
 
-_RENAMES = [  # applied in order, after "main." and "op_list." are dropped
-    ("encoder.project_in.conv.", "encoder.conv_in."), ("decoder.project_in.conv.", "decoder.conv_in."),
-    ("encoder.project_out.0.conv.", "encoder.conv_out."), ("decoder.project_out.0.", "decoder.norm_out."),
-    ("decoder.project_out.2.conv.", "decoder.conv_out."),
-    ("encoder.stages.", "encoder.down_blocks."), ("decoder.stages.", "decoder.up_blocks."),
-    ("context_module.", "attn."), ("local_module.", "conv_out."),
-    ("aggreg.0.0.", "to_qkv_multiscale.0.proj_in."), ("aggreg.0.1.", "to_qkv_multiscale.0.proj_out."),
-    ("inverted_conv.conv.", "conv_inverted."), ("depth_conv.conv.", "conv_depth."),
-    ("point_conv.conv.", "conv_point."), ("point_conv.norm.", "norm."),
-    ("conv1.conv.", "conv1."), ("conv2.conv.", "conv2."), ("conv2.norm.", "norm."),
-    ("proj.conv.", "to_out."), ("proj.norm.", "norm_out."), ("conv.conv.", "conv."),
-]
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
 
 
-def convert_original_state_dict(sd):
-    """mit-han-lab (efficientvit) state dict -> our (diffusers) names."""
-    out = {}
-    for key, value in sd.items():
-        k = key.replace("main.", "").replace("op_list.", "")
-        for old, new in _RENAMES:
-            k = k.replace(old, new)
-        if k.endswith("attn.qkv.conv.weight"):  # (3T, C, 1, 1) -> three (T, C)
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[k.replace("qkv.conv.weight", f"to_{name}.weight")] = part[:, :, 0, 0]
-        elif k.endswith("attn.to_out.weight"):  # (C, T', 1, 1) -> (C, T')
-            out[k] = value[:, :, 0, 0]
-        else:
-            out[k] = value
-    return out
-
-
-def get_preset(name):
-    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
-    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
-    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[key]
-
-
-# Every loader takes `device` and `dtype` as keywords and checks them first; the CLI's defaults come from
-# best_dtype (section 7 prints the choice).
+# best_dtype (section 8 prints the choice).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -667,6 +678,102 @@ def load_state_dict_strict(model, sd, source):
     return model
 
 
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------
+# mit-han-lab layout: config.json = {"model_name": ...} + model.safetensors with efficientvit module names.
+# diffusers layout:   config.json = AutoencoderDC kwargs + diffusion_pytorch_model.safetensors (our names).
+# Original -> ours: drop the OpSequential/ResidualBlock levels ("op_list.", "main."), rename the stems and
+# heads, collapse ConvLayer wrappers, and cut the fused 1x1 qkv conv into to_q | to_k | to_v.
+
+
+def config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+def config_from_efficientvit(cfg):
+    """A resolved efficientvit `DCAEConfig` (dict, as in the official model zoo) -> DCAEConfig."""
+    enc, dec = cfg["encoder"], cfg["decoder"]
+    n = len(enc["width_list"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    block = {"ResBlock": "ResBlock", "EViT_GLU": "EViT", "EViTGLU": "EViT", "EViTS5_GLU": "EViTS5", "EViTS5GLU": "EViTS5"}
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(enc["width_list"]),
+        encoder_depths=tuple(enc["depth_list"]), decoder_depths=tuple(dec["depth_list"]),
+        encoder_blocks=tuple(block[b] for b in per_stage(enc["block_type"])),
+        decoder_blocks=tuple(block[b] for b in per_stage(dec["block_type"])),
+        decoder_norms=tuple({"trms2d": "rms", "rms2d": "rms", "bn2d": "bn"}[x] for x in per_stage(dec["norm"])),
+        decoder_acts=per_stage(dec["act"]), decoder_head_act=dec["out_act"],
+        downsample={"Conv": "conv", "ConvPixelUnshuffle": "pixel_unshuffle"}[enc["downsample_block_type"]],
+        upsample={"InterpolateConv": "interpolate", "ConvPixelShuffle": "pixel_shuffle"}[dec["upsample_block_type"]],
+        encoder_out_shortcut=enc.get("out_shortcut") is not None, decoder_in_shortcut=dec.get("in_shortcut") is not None,
+        in_channels=cfg.get("in_channels", 3), scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
+_RENAMES = [  # applied in order, after "main." and "op_list." are dropped
+    ("encoder.project_in.conv.", "encoder.conv_in."), ("decoder.project_in.conv.", "decoder.conv_in."),
+    ("encoder.project_out.0.conv.", "encoder.conv_out."), ("decoder.project_out.0.", "decoder.norm_out."),
+    ("decoder.project_out.2.conv.", "decoder.conv_out."),
+    ("encoder.stages.", "encoder.down_blocks."), ("decoder.stages.", "decoder.up_blocks."),
+    ("context_module.", "attn."), ("local_module.", "conv_out."),
+    ("aggreg.0.0.", "to_qkv_multiscale.0.proj_in."), ("aggreg.0.1.", "to_qkv_multiscale.0.proj_out."),
+    ("inverted_conv.conv.", "conv_inverted."), ("depth_conv.conv.", "conv_depth."),
+    ("point_conv.conv.", "conv_point."), ("point_conv.norm.", "norm."),
+    ("conv1.conv.", "conv1."), ("conv2.conv.", "conv2."), ("conv2.norm.", "norm."),
+    ("proj.conv.", "to_out."), ("proj.norm.", "norm_out."), ("conv.conv.", "conv."),
+]
+
+
+def convert_original_state_dict(sd):
+    """mit-han-lab (efficientvit) state dict -> our (diffusers) names."""
+    out = {}
+    for key, value in sd.items():
+        k = key.replace("main.", "").replace("op_list.", "")
+        for old, new in _RENAMES:
+            k = k.replace(old, new)
+        if k.endswith("attn.qkv.conv.weight"):  # (3T, C, 1, 1) -> three (T, C)
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[k.replace("qkv.conv.weight", f"to_{name}.weight")] = part[:, :, 0, 0]
+        elif k.endswith("attn.to_out.weight"):  # (C, T', 1, 1) -> (C, T')
+            out[k] = value[:, :, 0, 0]
+        else:
+            out[k] = value
+    return out
+
+
 def from_pretrained(path, config=None, *, device="cpu", dtype=torch.float32):
     """Load a published DC-AE folder as downloaded, in either layout (detected from its files).
 
@@ -704,106 +811,7 @@ def from_pretrained(path, config=None, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Training
-# ----------------------------------------------------------------------------------------------------------
-# The AE training code was never released; the paper and the maintainers (efficientvit issue #143) give:
-#   phase 1  low-resolution full training: all weights, L1 + LPIPS
-#   phase 2  high-resolution latent adaptation: only the layers around the latent (encoder's last stage and
-#            head, decoder's stem and first stage), L1 + LPIPS at high resolution. Cheap, and it removes the
-#            generalisation penalty when a high-compression AE meets larger images than it was trained on.
-#   phase 3  low-resolution local refinement: only the decoder head, L1 + LPIPS + GAN, latent space frozen.
-# LPIPS needs a pretrained VGG/AlexNet that cannot be downloaded here, so a Laplacian-pyramid L1 loss
-# (Bojanowski et al. 2018) stands in for it: it weighs edges and textures at every scale, which is what
-# LPIPS adds on top of L1, with no network. Pass a callable as `perceptual` to use the real LPIPS.
-
-
-def psnr(x, y):
-    """PSNR in dB of images in [-1, 1] (computed on [0, 1], clamped), per image."""
-    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-12))
-
-
-def laplacian_pyramid_loss(x, y, levels=4):
-    """Mean L1 distance between the Laplacian pyramids of x and y, every level weighted per pixel alike."""
-    loss = 0.0
-    for _ in range(levels - 1):
-        xd, yd = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-        band_x = x - F.interpolate(xd, scale_factor=2, mode="nearest")  # detail lost by downsampling
-        band_y = y - F.interpolate(yd, scale_factor=2, mode="nearest")
-        loss = loss + F.l1_loss(band_x, band_y)
-        x, y = xd, yd
-    return loss + F.l1_loss(x, y)
-
-
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN (pix2pix): one real/fake logit per overlapping patch."""
-
-    def __init__(self, channels=32, layers=3):
-        super().__init__()
-        mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
-        for _ in range(layers - 1):
-            mods += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
-            c *= 2
-        mods.append(nn.Conv2d(c, 1, 3, 1, 1))
-        self.net = nn.Sequential(*mods)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def trainable_parameters(model, phase):
-    """Which weights each phase of the paper trains (Sec. 3.3): 1 everything, 2 both sides of the latent, 3 the
-    decoder's head; and 4, phase 3's refinement widened to the whole decoder (ours, for the tiny model: the
-    encoder stays frozen, so its latents, and any diffusion model trained on them, stay as they are)."""
-    if phase == 1:
-        return list(model.parameters())
-    if phase == 2:  # around the latent
-        enc, dec = model.encoder, model.decoder
-        mods = [enc.down_blocks[-1], enc.conv_out, dec.conv_in, dec.up_blocks[-1]]
-        return [p for m in mods for p in m.parameters()]
-    if phase == 3:
-        return list(model.decoder.norm_out.parameters()) + list(model.decoder.conv_out.parameters())
-    return list(model.decoder.parameters())  # phase 4
-
-
-def train_step(model, x, opt, perceptual=laplacian_pyramid_loss, perceptual_weight=0.3, mse_weight=10.0,
-               disc=None, disc_opt=None, gan_weight=0.1):
-    """One reconstruction step: L1 + MSE + perceptual (+ hinge GAN on the decoder head when `disc` is given).
-
-    The MSE term is ours: with a few thousand steps on the CPU it speeds convergence markedly (measured on the
-    tiny model: 16 -> 22 dB after 400 steps); at full scale the paper's L1 + LPIPS is the objective.
-    """
-    rec = model(x)
-    loss = F.l1_loss(rec, x) + mse_weight * F.mse_loss(rec, x) + perceptual_weight * perceptual(rec, x)
-    if disc is not None:
-        loss = loss - gan_weight * disc(rec).mean()  # generator hinge loss
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if disc is not None:
-        d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
-        disc_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        disc_opt.step()
-    return loss.item(), rec.detach()
-
-
-
-
-def ddp_setup(device="cpu"):
-    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
-    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
-    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Tiny default: synthetic shapes, train_tiny, load_tiny
+# 7. Tiny default: synthetic shapes, train_tiny, load_tiny
 # ----------------------------------------------------------------------------------------------------------
 # 1-3 objects of one shape and colour on a plain background, with a caption: the training data of every tiny
 # demo in this project, deterministic from the seed.
@@ -877,20 +885,19 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
-
 # The tiny default recipe: (phase, steps, batch, resolution, lr). Phase 2 adapts to 128 px; phase 4 refines the
 # whole decoder with the encoder frozen (a superset of phase 3's head), with the reconstruction loss only unless
 # --gan: the GAN trades PSNR for sharpness, and the tiny model's bars are PSNR and the shapes read back from its
-# reconstructions (0.99 of the README's prompts with this recipe; 0.72 for the f16c16 design it replaced).
+# reconstructions (docs/dcae.md gives both, and the designs this recipe replaced).
 TINY_RECIPE = ((1, 1300, 16, 64, 1.5e-3), (2, 40, 8, 128, 2e-4), (4, 500, 16, 64, 5e-4))
 TINY_THREADS = 2  # the recipe's: the result depends on the thread count
-
 
 
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_RECIPE, gan=False):
     """Trains the tiny default DC-AE on synthetic shapes, deterministically from the seed on the recipe's 2
     threads, in float32 on every CPU (bfloat16 autocast saves only ~15% a step with AVX512-BF16 and costs ~9x
-    without it); `steps` caps every phase (a quick check). Under torchrun each rank draws its own images."""
+    without it); `steps` replaces every phase's count of the recipe (a quick check). Under torchrun each rank
+    draws its own images."""
     rank, world = ddp_setup()
     # the recipe's threads, shared among the processes: more threads than cores stall OpenMP
     threads = max(1, TINY_THREADS // world)
@@ -904,7 +911,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_R
     disc = PatchDiscriminator() if gan else None
     t0 = time.time()
     for phase, phase_steps, batch, res, lr in recipe:
-        phase_steps = min(phase_steps, steps or phase_steps)
+        phase_steps = steps or phase_steps
         params = trainable_parameters(model, phase)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -967,7 +974,7 @@ def evaluate_tiny(model, n=64, seed=123_456, size=64):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. CLI
+# 8. CLI
 # ----------------------------------------------------------------------------------------------------------
 # Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
 # --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
@@ -1034,7 +1041,7 @@ def save_image(x, path):
     Image.fromarray(arr).save(path)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="DC-AE: reconstruct an image (the tiny built-in model without --ckpt)")
     p.add_argument("--ckpt", help="published DC-AE folder (mit-han-lab or diffusers layout); default: the tiny model")
     p.add_argument("--model", help=f"preset for a --ckpt folder whose config does not name one: {', '.join(PRESETS)}")
@@ -1045,44 +1052,65 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train: at most this many steps per phase (a quick check)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
+                   "the recipe in place of its own counts (a quick check)")
     p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image, written beside --out)")
-    p.add_argument("--gan", action="store_true", help="with --train: add the PatchGAN loss in the decoder phases (3, 4)")
-    args = p.parse_args(argv)
+    research = p.add_argument_group("research options")
+    research.add_argument("--gan", action="store_true",
+                          help="with --train: add the PatchGAN loss in the decoder phases (3, 4)")
+    return p
+
+
+def check_args(args):
+    """Refuse bad input in one sentence (ValueError or FileNotFoundError) before anything is loaded or trained, and
+    fill in --out's default."""
+    if args.train:
+        if args.train_steps is not None and args.train_steps < 1:
+            raise ValueError("--train-steps must be at least 1")
+        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        return
+    if args.image and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"image {args.image} does not exist")
+    if args.model and not args.ckpt:
+        raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
+    if args.model:
+        get_preset(args.model)  # an unknown name is refused here, not after the device is set up
+    if not args.out:
+        args.out = os.path.splitext(os.path.basename(args.image))[0] + "_rec.png" if args.image else "shapes_rec.png"
+    check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+
+
+def input_image(args, multiple):
+    """(1, 3, H, W) in [-1, 1]: --image, or a synthetic shapes image drawn from --seed (written beside --out, never
+    over a file in the working folder)."""
+    if args.image:
+        return load_image(args.image, multiple)
+    x, caption = shapes_batch(1, seed=args.seed)
+    source = os.path.splitext(args.out)[0] + "_input.png"
+    save_image(x, source)
+    print(f"input: synthetic image '{caption[0]}' -> {source}")
+    return x
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
             model = train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps, gan=args.gan)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"held-out PSNR {evaluate_tiny(model):.2f} dB")
             return
-        if args.image and not os.path.isfile(args.image):
-            raise FileNotFoundError(f"image {args.image} does not exist")
-        if args.model and not args.ckpt:
-            raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
-        config = get_preset(args.model) if args.model else None
-        if args.image:
-            out = args.out or os.path.splitext(os.path.basename(args.image))[0] + "_rec.png"
-        else:
-            out = args.out or "shapes_rec.png"
-        check_out_path(out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
+        config = get_preset(args.model) if args.model else None
         model = from_pretrained(args.ckpt, config, device=device, dtype=dtype) if args.ckpt else \
             load_tiny(device=device, dtype=dtype)
-        if args.image:
-            x = load_image(args.image, model.cfg.compression)
-        else:
-            x, caption = shapes_batch(1, seed=args.seed)
-            source = os.path.splitext(out)[0] + "_input.png"  # beside --out, never over a file in the working folder
-            save_image(x, source)
-            print(f"input: synthetic image '{caption[0]}' -> {source}")
+        x = input_image(args, model.cfg.compression)
         with torch.no_grad():
-            z = model.encode(x.to(device, dtype))
+            z = model.encode(x.to(device, dtype))  # (1, c, H/f, W/f)
             rec = model.decode(z).float().cpu()
-        save_image(rec, out)
-        print(f"{tuple(x.shape[2:])} -> latent {tuple(z.shape[1:])} -> {out}: PSNR {psnr(rec, x).item():.2f} dB")
+        save_image(rec, args.out)
+        print(f"{tuple(x.shape[2:])} -> latent {tuple(z.shape[1:])} -> {args.out}: PSNR {psnr(rec, x).item():.2f} dB")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
