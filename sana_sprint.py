@@ -14,16 +14,20 @@ Official code: github.com/NVlabs/Sana (train_scripts/train_scm_ladd.py). The bac
   3. LADD (Sec. 3.3): a latent adversarial loss whose discriminator reads the frozen teacher's hidden states,
      which sharpens the one-step samples that the consistency loss alone leaves soft.
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-5 are the whole method; the rest is what it uses and plumbing):
   1. Config and presets: `SprintConfig`, one preset per published checkpoint (students and their teachers)
-  2. Modules: SANA's blocks (copied from sana.py) and Sprint's time + guidance embedding
-  3. Model: `SprintTransformer`, `trigflow` (the flow -> TrigFlow conversion)
-  4. Components, skip on first read: the Gemma-2 text encoder, the DC-AE and the shapes data, copied
-  5. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
-  6. Training: the dense-time teacher, the sCM loss with its JVP, LADD's discriminator and losses
-  7. Sampler: the sCM schedule and loop (text-to-image and image-to-image), the `SanaSprint` pipeline
-  8. Tiny default: `train_tiny` distils the committed tiny SANA (weights/sana_tiny.safetensors), `load_tiny`
-  9. CLI
+  2. Modules: `TimeGuidanceEmbedding`, the one module Sprint changes in SANA (dense time + guidance embedder)
+  3. Model: `SprintTransformer`, SANA's linear DiT with that embedding and the adaptive weight's logvar head
+  4. Training: `trigflow` (the flow -> TrigFlow conversion), the dense-time teacher, the sCM loss with its JVP,
+     LADD's discriminator heads and hinge losses, `distill_step` (one step of sCM + LADD)
+  5. Sampler: `scm_times` and `sample_scm`, the 1-4 step sCM sampler
+  ---- skip on first read ----
+  6. Components: marked copies of SANA's blocks, the Gemma-2 text encoder, the DC-AE, the shapes data, loaders
+  7. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
+  8. Pipeline: `SanaSprint` (prompts -> sampler -> image), `load_pipeline`
+  9. Beyond the paper's core: `image_to_image`
+ 10. Tiny default: `train_tiny` distils the committed tiny SANA (weights/sana_tiny.safetensors), `load_tiny`
+ 11. CLI
 
 Run:
   python sana_sprint.py --prompt "two red circles on a blue background" --steps 1     # tiny default, 64x64 PNG
@@ -40,7 +44,7 @@ cross-attention, which the original runs at 1e-6, and SDPA instead of its fp32 a
 fixtures come from diffusers; (2) AdamW instead of CAME; (3) image-to-image starts at t = strength * pi/2 and
 spaces the steps evenly from there, where diffusers' img2img pipeline drops whole steps of the text-to-image
 schedule; (4) the tiny default's teacher is converted before its brief fine-tune: the dense-time embedding is
-fitted to the old one by regression and the new qk-norm weights are set to the RMS of q and k (section 6); the
+fitted to the old one by regression and the new qk-norm weights are set to the RMS of q and k (section 4); the
 published teachers were fine-tuned at length from qk-norm weights at 1; (5) the discriminator's negatives are the
 generator step's samples, where the official code samples them again with the updated student; (6) the teacher's
 unconditional input is the encoded empty prompt (what SANA's inference uses), not the learned null caption.
@@ -67,39 +71,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
-
-
-# Copied from dcae.py: load_kernel
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -142,7 +113,7 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
     "Sana_Sprint_1.6B_1024px": SprintConfig(**_1600M),
     "SANA_Sprint_0.6B_1024px_teacher": SprintConfig(**_600M, guidance_embeds=False),
     "SANA_Sprint_1.6B_1024px_teacher": SprintConfig(**_1600M, guidance_embeds=False),
-    # the tiny default (section 8): the tiny SANA of sana.py, distilled
+    # the tiny default (section 10): the tiny SANA of sana.py, distilled
     "tiny": SprintConfig(in_channels=4, out_channels=4, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
                          caption_channels=64, sample_size=8, patch_size=2),
 }
@@ -151,9 +122,442 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
 # ----------------------------------------------------------------------------------------------------------
 # 2. Modules
 # ----------------------------------------------------------------------------------------------------------
-# SANA's linear DiT blocks, unchanged (sana.py explains them), then the one module Sprint changes.
+# Sprint keeps SANA's linear DiT and changes one module, the time embedding. SANA's blocks are copied from sana.py
+# into section 6 (sana.py explains them); what SprintTransformer needs to know of them: PatchEmbed turns the latent
+# into N tokens of width D, CaptionProjection + RMSNorm the text states into L tokens of width D, and each SanaBlock
+# computes x + gate1 LinearAttn(adaLN(x)), then x + CrossAttn(x, text), then x + gate2 MixFFN(adaLN(x)), with the
+# six adaLN shift/scale/gate vectors from the time embedding (t6) plus the block's own learned table.
 
 
+class TimeGuidanceEmbedding(nn.Module):
+    """Sprint's adaLN-single (paper Sec. 3.1 and 4.1): the flow time s in [0, 1] enters the sinusoid directly (SANA
+    feeds 1000 s: the derivative dF/dt of training would be 1000x larger), and the guidance scale w, as 0.1 w,
+    through a second embedder of the same form, added. The sum drives every block's modulation and the final
+    layer, so one model serves every guidance scale without a CFG batch."""
+
+    def __init__(self, dim, guidance):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+        self.guidance_embedder = TimestepEmbedder(dim) if guidance else None
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, s, guidance=None):  # s, guidance: (B,)
+        emb = self.timestep_embedder(s)  # (B, D)
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("a Sprint student needs the guidance scale (guidance=0.1 w)")
+            emb = emb + self.guidance_embedder(guidance)
+        return self.linear(F.silu(emb)), emb  # (B, 6D), (B, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SprintTransformer(nn.Module):
+    """SANA's linear DiT with Sprint's time + guidance embedding and the logvar head. A flow model: it predicts
+    the velocity v = eps - x0 of x_s = (1 - s) x0 + s eps; `trigflow` turns it into the TrigFlow model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embed = TimeGuidanceEmbedding(D, cfg.guidance_embeds)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.caption_norm = RMSNorm(D)
+        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.norm_out = ModulatedNorm()
+        self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+        # the adaptive weight w(t) of the sCM loss (sCM paper Sec. 4.3) reads the time embedding
+        self.logvar_linear = nn.Linear(D, 1) if cfg.logvar else None
+
+    def forward(self, x, s, y, mask=None, guidance=None, features=()):
+        """x: (B, C, H, W) = x_s; s: (B,) flow time in [0, 1]; y: (B, L, caption_channels); mask: (B, L) 1 = keep;
+        guidance: (B,) = 0.1 w (students only). Returns v (B, C, H, W); with `features` (block indices), the
+        hidden states (B, N, D) after those blocks instead, computing no further (LADD's discriminator)."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
+        x = self.patch_embed(x)  # (B, N, D)
+        t6, emb = self.time_embed(s.expand(B), None if guidance is None else guidance.expand(B))
+        bias = None
+        if mask is not None:  # additive -10000 on padded text tokens, as SANA
+            if mask.any(dim=1).all():  # padding after the batch's last token gets exactly 0 weight: skip it
+                L = int(mask.nonzero()[:, 1].max()) + 1
+                y, mask = y[:, :L], mask[:, :L]
+            bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
+        hidden = []
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, y, bias, t6, (h, w))
+            if i in features:
+                hidden.append(x)
+                if len(hidden) == len(features):
+                    return hidden
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.proj_out(self.norm_out(x, shift, scale))  # (B, N, p*p*C)
+        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, -1, h * p, w * p)
+
+    def logvar(self, s, guidance=None):  # (B,) -> (B,): the log-variance of the sCM loss at this time
+        return self.logvar_linear(self.time_embed(s, guidance)[1]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training: TrigFlow, the sCM loss and LADD
+# ----------------------------------------------------------------------------------------------------------
+# TrigFlow first (paper Sec. 3.1): the conversion that lets a flow model, teacher or student, be read as the
+# TrigFlow model F(x_t, t) that continuous-time consistency needs. Then the three stages of training (Sec. 3-4).
+
+
+def flow_time(t):
+    """TrigFlow time t (B,) -> the flow time s of the same noise level: tan t = s / (1 - s)."""
+    return torch.sin(t) / (torch.sin(t) + torch.cos(t))
+
+
+def trigflow(velocity, x, t):
+    """The training-free conversion of a flow model into a TrigFlow model (paper Sec. 3.1, eq. 5-6).
+    x: (B, C, H, W) = x_t / sigma_d = cos(t) x0/sigma_d + sin(t) eps, t: (B,); velocity(x_s, s) -> v. Returns F
+    with dx_t/dt = sigma_d F. The same noise level in flow terms: s = sin t / (sin t + cos t) and
+    x_s = (1 - s) x0/sigma_d + s eps = x / (sin t + cos t) = x sqrt(s^2 + (1 - s)^2). Substituting x0 and eps from
+    x_s and v = eps - x0/sigma_d into F = cos(t) eps - sin(t) x0/sigma_d gives
+    F = ((1 - 2s) x_s + (1 - 2s + 2s^2) v) / sqrt(s^2 + (1 - s)^2)."""
+    s = flow_time(t).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    r = torch.sqrt(s**2 + (1 - s) ** 2)  # = 1 / (sin t + cos t)
+    x_s = x * r
+    v = velocity(x_s, s.flatten())
+    return ((1 - 2 * s) * x_s + (1 - 2 * s + 2 * s**2) * v) / r
+
+
+# The three stages: (a) the teacher: a SANA flow model fine-tuned to read dense time s in [0, 1], with qk-norm
+# added; (b) the student, initialized from the teacher plus a guidance embedder, trained with the sCM loss;
+# (c) together with LADD, whose discriminator heads read the frozen teacher's hidden states. `distill_step` is
+# one step of (b) + (c). Latents x0 are scaled to the data std sigma_d of TrigFlow: x0 = sigma_d * unit-std latent.
+
+
+def teacher_from_sana(sd, cfg):
+    """A SANA transformer's state dict (sana.py / diffusers keys) -> a Sprint teacher (no guidance embedder, no
+    logvar head). Its timestep MLP moves from time_embed.emb.timestep_embedder to time_embed.timestep_embedder;
+    the qk-norm weights are new, at 1. Fine-tune it with `flow_loss` before distilling: it must learn dense time
+    and the qk-norm."""
+    cfg = replace(cfg, guidance_embeds=False, logvar=False, qk_norm=True)
+    model = SprintTransformer(cfg)
+    sd = {k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    new = [k for k in missing if not re.search(r"\.norm_[qk]\.weight$", k)]
+    if new or unexpected:
+        raise ValueError(f"not a SANA transformer of this config: missing {new[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+@torch.no_grad()
+def calibrate_qk_norm(model, *inputs):
+    """Teacher fine-tune, part zero, for a model trained without qk-norm: set each new norm's weight to the mean
+    RMS of the q or k it normalizes on a calibration batch, so that q and k keep their scale and the model starts
+    near the function it was trained to be (with weights at 1, every softmax would change temperature).
+    inputs: one forward's arguments."""
+    rms, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (LinearSelfAttention, CrossAttention)) and m.norm_q is not None:
+            for proj, norm in ((m.to_q, m.norm_q), (m.to_k, m.norm_k)):
+                hooks.append(proj.register_forward_hook(
+                    lambda mod, inp, out, norm=norm: rms.__setitem__(norm, out.float().pow(2).mean(-1).sqrt().mean())))
+    model(*inputs)
+    for h in hooks:
+        h.remove()
+    for norm, value in rms.items():
+        norm.weight.fill_(value)
+
+
+def fit_dense_time(embedder, scale=1000.0, steps=400, lr=3e-3):
+    """Teacher fine-tune, part one, for a model that read t = 1000 s: fit its timestep MLP by regression so that
+    emb(s) reproduces the old emb(1000 s) on a grid of s in [0, 1]. Seconds on the MLP alone, and the fine-tune
+    (`flow_loss`) then starts from a model that already denoises. Returns the final mean squared error."""
+    old = copy.deepcopy(embedder).requires_grad_(False)
+    s = torch.linspace(0, 1, 1001)
+    target = old(scale * s)  # (1001, D)
+    opt = torch.optim.Adam(embedder.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.mse_loss(embedder(s), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def flow_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=3.0):
+    """Teacher fine-tune, part two: SANA's flow-matching loss (sana.py's training_loss) with the model reading the
+    flow time s itself, not 1000 s. x0: (B, C, H, W) unit-std latents; y: (B, L, Dy), mask: (B, L)."""
+    B = x0.shape[0]
+    g = dict(generator=generator, device=x0.device)
+    drop = torch.rand(B, **g) < uncond_prob  # CFG dropout: the teacher is sampled with CFG
+    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
+    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+    s = torch.sigmoid(torch.randn(B, **g))  # logit-normal, then the time shift
+    s = shift * s / (1 + (shift - 1) * s)
+    eps = torch.randn(x0.shape, **g)
+    x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * eps
+    return F.mse_loss(model(x_s, s, y, mask).float(), (eps - x0).float())
+
+
+def teacher_velocity(teacher, y, mask, null_y, null_mask, w):
+    """The teacher's classifier-free-guided velocity v_u + w (v_c - v_u), one batched call; w: (B,)."""
+    y2, m2 = torch.cat([null_y.expand_as(y), y]), torch.cat([null_mask.expand_as(mask), mask])
+
+    def velocity(x, s):
+        v_u, v_c = teacher(torch.cat([x, x]), torch.cat([s, s]), y2, m2).float().chunk(2)
+        return v_u + w.view(-1, 1, 1, 1) * (v_c - v_u)
+    return velocity
+
+
+def scm_time(n, generator=None, p_mean=0.2, p_std=1.6, sigma_data=0.5):
+    """sCM's proposal: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): the TrigFlow time of EDM's
+    log-normal noise level sigma = e^tau. (n,)"""
+    tau = p_mean + p_std * torch.randn(n, generator=generator)
+    return torch.atan(torch.exp(tau) / sigma_data)
+
+
+def scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c=0.1):
+    """What sCM pulls the student towards at (x_t, t) (Lu & Song 2024, Alg. 1; paper Sec. 3.2): F^- + g, returned as
+    (F^-, g), F^- the student without gradient and g the normalized tangent. x_t: (B, C, H, W) TrigFlow latents (sigma_d-scaled);
+    t: (B,); teacher_v(x_s, s): the guided teacher velocity; guidance: (B,) = 0.1 w; r in [0, 1]: the tangent warm-up.
+
+    The student F must satisfy d f(x_t, t)/dt = 0 along the teacher's ODE, f = cos(t) x_t - sin(t) sigma_d F. The
+    gradient of that condition is the tangent
+        g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
+    dx_t/dt = sigma_d F_teacher the teacher's ODE. dF^-/dt, the student's derivative along the ODE, is a forward-mode
+    JVP: tangents dx_t/dt / sigma_d for x_t / sigma_d and 1 for t, both multiplied by cos(t) sin(t), which the
+    formula needs anyway and which keeps the JVP small near t = pi/2. g is normalized per sample, g / (||g|| + c)."""
+    sd = student.cfg.sigma_data
+    cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    F_student = lambda x, tt: trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x, tt)  # noqa: E731
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD
+        dxt_dt = sd * trigflow(teacher_v, x_t / sd, t)  # (B, C, H, W)
+        F_minus, dF_dt = torch.func.jvp(F_student, (x_t / sd, t),
+                                        (cos_t * sin_t * dxt_dt / sd, (cos_t * sin_t).flatten()))
+        g = -cos_t**2 * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * dF_dt)  # dF_dt: x cos t sin t
+        g = g / (torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) + c)
+    return F_minus, g
+
+
+def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1):
+    """The continuous-time consistency distillation loss: t from sCM's proposal, x_t = cos(t) x0 + sin(t) z, and
+    the student pulled towards `scm_target`, weighted by 1 / (sigma_d tan t) and by a learned log-variance (adaptive
+    weighting): mean of w(t) (F - target)^2 / e^logvar + logvar. x0: (B, C, H, W) sigma_d-scaled latents. Returns
+    (loss, the unweighted mean squared error)."""
+    sd = student.cfg.sigma_data
+    t = scm_time(x0.shape[0], generator, sigma_data=sd)  # (B,)
+    z = torch.randn(x0.shape, generator=generator) * sd
+    x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+    F_minus, g = scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c)
+    err = (trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t) - F_minus - g).pow(2)
+    weight = 1 / (sd * torch.tan(t)).view(-1, 1, 1, 1)
+    logvar = student.logvar(flow_time(t), guidance).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return (weight / logvar.exp() * err + logvar).mean(), err.mean().detach()
+
+
+class LocalBatchNorm(nn.Module):
+    """Batch norm over groups of `group` samples (and all tokens), without running statistics: each group of a
+    batch is normalized alone, so the statistics are the same whatever the batch size."""
+
+    def __init__(self, channels, group=8, eps=1e-5):
+        super().__init__()
+        self.group, self.eps = group, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, N)
+        B, C, N = x.shape
+        g = math.ceil(B / self.group)
+        xg = x.view(g, -1, C, N)  # (groups, B / groups, C, N)
+        mean, var = xg.mean(dim=(1, 3), keepdim=True), xg.var(dim=(1, 3), keepdim=True, unbiased=False)
+        x = ((xg - mean) * torch.rsqrt(var + self.eps)).view(B, C, N)
+        return x * self.weight[:, None] + self.bias[:, None]
+
+
+class DiscriminatorHead(nn.Module):
+    """LADD's head on one teacher block (the official DiscHead, from StyleGAN-T): the tokens (B, N, D) as a 1-D
+    sequence, a 1x1 convolution and a residual 9-wide one (circular padding, spectral norm, local batch norm,
+    LeakyReLU 0.2), then a 1x1 convolution to one real/fake logit per token. No time or text input: the teacher's
+    features carry both."""
+
+    def __init__(self, dim, group=8):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+
+        def block(k):
+            return nn.Sequential(sn(nn.Conv1d(dim, dim, k, padding=k // 2, padding_mode="circular")),
+                                 LocalBatchNorm(dim, group), nn.LeakyReLU(0.2))
+        self.first, self.residual = block(1), block(9)
+        self.cls = sn(nn.Conv1d(dim, 1, 1))
+
+    def forward(self, h):  # h: (B, N, D) -> (B, N) logits
+        x = self.first(h.transpose(1, 2))
+        x = (self.residual(x) + x) / math.sqrt(2)
+        return self.cls(x).squeeze(1)
+
+
+class Discriminator(nn.Module):
+    """LADD (paper Sec. 3.3): the frozen teacher is the feature network, a trainable head per chosen block.
+    Latents are noised to a time t_D of their own, so that the teacher sees what it was trained on, and the heads
+    judge the teacher's reading of the image at several depths."""
+
+    def __init__(self, teacher, blocks, group=8):
+        super().__init__()
+        self.teacher, self.blocks = teacher.requires_grad_(False), tuple(blocks)
+        self.heads = nn.ModuleList([DiscriminatorHead(teacher.cfg.hidden_size, group) for _ in self.blocks])
+
+    def forward(self, x0, t, y, mask, generator=None):
+        """x0: (B, C, H, W) sigma_d-scaled latents, real or generated; t: (B,) TrigFlow time. -> (B, heads x N)."""
+        sd = self.teacher.cfg.sigma_data
+        t4 = t.view(-1, 1, 1, 1)
+        x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
+        s = flow_time(t)
+        x_s = x_t / sd * torch.sqrt(s**2 + (1 - s) ** 2).view(-1, 1, 1, 1)  # the flow input of the same level
+        hidden = self.teacher(x_s, s, y, mask, features=self.blocks)
+        return torch.cat([head(h) for head, h in zip(self.heads, hidden)], dim=1)
+
+
+def discriminator_time(n, generator=None, p_mean=-0.6, p_std=1.0, sigma_data=0.5):
+    """t_D: sCM's proposal with LADD's own mean and std (more weight on low noise than the sCM loss's)."""
+    return scm_time(n, generator, p_mean, p_std, sigma_data)
+
+
+@dataclass
+class DistillConfig:
+    guidance: tuple = (4.0, 4.5, 5.0)  # the teacher's CFG scales; the student learns them all through its embedder
+    scm_weight: float = 1.0  # scm_lambda
+    adv_weight: float = 0.5  # adv_lambda
+    tangent_warmup: int = 4000  # r goes 0 -> 1 over these steps
+    largest_time_prob: float = 0.5  # LADD's one-step samples start from t = max_time this often
+    max_time: float = 1.5708
+    head_blocks: tuple = (2, 8, 14, 19)  # 1.6B's; the tiny: (1, 3)
+    misaligned_pairs: bool = True  # real latents with another sample's caption are negatives for D too
+    grad_clip: float = 0.1  # both players
+
+
+def distill_step(student, disc, x0, y, mask, null_y, null_mask, opt_g, opt_d, step, dc, generator=None,
+                 sync=lambda params: None):
+    """One step of sCM + LADD (paper Alg. 1): the student (generator) on the sCM loss plus LADD's adversarial
+    loss, then the discriminator heads on the hinge loss. x0: (B, C, H, W) sigma_d-scaled latents; y, mask: their
+    captions. sync(params) runs before each update (the gradient average under torchrun). Returns the losses."""
+    B, sd = x0.shape[0], student.cfg.sigma_data
+    w = torch.tensor(dc.guidance)[torch.randint(len(dc.guidance), (B,), generator=generator)]  # (B,)
+    guidance = w * student.cfg.guidance_embeds_scale
+    r = min(1.0, step / dc.tangent_warmup)
+    teacher_v = teacher_velocity(disc.teacher, y, mask, null_y, null_mask, w)
+    loss_scm, mse = scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator)
+    # generator: one-step samples, from pure noise (t = max_time) or from the sCM proposal's time
+    t = torch.where(torch.rand(B, generator=generator) < dc.largest_time_prob, torch.tensor(dc.max_time),
+                    scm_time(B, generator, sigma_data=sd))
+    t4 = t.view(-1, 1, 1, 1)
+    x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
+    fake = torch.cos(t4) * x_t - torch.sin(t4) * sd * trigflow(
+        lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t)  # (B, C, H, W)
+    disc.heads.eval()  # no spectral-norm power iteration while the generator trains
+    loss_adv = -disc(fake, discriminator_time(B, generator), y, mask, generator).mean()  # hinge generator loss
+    loss_g = dc.scm_weight * loss_scm + dc.adv_weight * loss_adv
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    sync(list(student.parameters()))
+    torch.nn.utils.clip_grad_norm_(student.parameters(), dc.grad_clip)
+    opt_g.step()
+    # discriminator: real latents up; down the generated ones (those of the step above, where the official code
+    # samples again with the updated student) and, as extra negatives, real latents under another sample's caption
+    disc.heads.train()
+    negatives, y_neg, mask_neg = fake.detach(), y, mask
+    if dc.misaligned_pairs:
+        negatives = torch.cat([negatives, torch.roll(x0, 1, dims=0)])
+        y_neg, mask_neg = torch.cat([y, y]), torch.cat([mask, mask])
+    real = disc(x0, discriminator_time(B, generator), y, mask, generator)
+    neg = disc(negatives, discriminator_time(len(negatives), generator), y_neg, mask_neg, generator)
+    loss_d = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + neg).mean())
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    sync(list(disc.heads.parameters()))
+    torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), dc.grad_clip)
+    opt_d.step()
+    return dict(scm=loss_scm.item(), mse=mse.item(), adv=loss_adv.item(), d=loss_d.item())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampler: the sCM multistep sampler, 1-4 steps
+# ----------------------------------------------------------------------------------------------------------
+# The sCM multistep sampler (sCM paper Alg. 2): from pure noise at t = pi/2, each step jumps to the end of the ODE,
+# x0 = cos(t) x_t - sin(t) sigma_d F, then re-noises x0 to the next, smaller time with fresh noise. One model, any
+# number of steps; guidance is an input of the model, so there is no CFG batch.
+
+
+def scm_times(steps, max_time=1.5708, intermediate=1.3):
+    """The TrigFlow times of an N-step sample, ending at 0: [max, 1.3, 0] for 2 steps (the published default),
+    evenly spaced from max_time otherwise. max_time 1.5708 ~ pi/2 (the sCM paper used arctan(80 / 0.5) = 1.5645)."""
+    if steps == 2 and intermediate is not None:
+        return torch.tensor([max_time, intermediate, 0.0])
+    return torch.linspace(max_time, 0, steps + 1)
+
+
+def sample_scm(F_fn, x, times, sigma_data=0.5, generator=None, callback=None):
+    """x: (B, C, H, W) = x_t at times[0] (sigma_d-scaled latents); F_fn(x_t / sigma_d, t) -> F. Returns the last
+    step's x0 / sigma_d (unit-std latents). A noise draw happens at every step, the last included (where
+    sin(0) = 0 makes it irrelevant), as diffusers' SCMScheduler draws: seeded runs match it draw for draw."""
+    for i in range(len(times) - 1):
+        s, t = times[i], times[i + 1]
+        Fx = F_fn(x / sigma_data, s.expand(x.shape[0])).float() * sigma_data  # (B, C, H, W)
+        x0 = torch.cos(s) * x - torch.sin(s) * Fx  # the jump to the end of the ODE
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu")
+        x = torch.cos(t) * x0 + torch.sin(t) * (noise.to(x.device) * sigma_data)  # re-noised to the next time
+        if callback:
+            callback(i, x0)
+    return x0 / sigma_data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# Not Sprint's ideas, copied (tests/test_copies.py holds each marked copy to its original in sana.py, dcae.py or
+# kernels/): the linear-attention kernel, SANA's DiT blocks, the Gemma-2 text encoder with the complex human
+# instruction, the DC-AE (its decoder for sampling, its encoder for image-to-image and the training latents), the
+# shapes data, and the loaders and helpers every root file shares.
+
+
+# The linear-attention kernel: kernels/linear_attention.py beside this file (Triton on CUDA), or the in-file
+# reference where this file was copied alone.
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+
+
+# SANA's linear DiT blocks, unchanged (sana.py explains them); SprintTransformer (section 3) stacks them.
 # Copied from sana.py: RMSNorm
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w, in float32 (caption norm, qk-norm)."""
@@ -325,109 +729,7 @@ class SanaBlock(nn.Module):
         return torch.addcmul(x, gate2, self.ff(h).flatten(2).transpose(1, 2))  # (B, N, D)
 
 
-class TimeGuidanceEmbedding(nn.Module):
-    """Sprint's adaLN-single (paper Sec. 3.1 and 4.1): the flow time s in [0, 1] enters the sinusoid directly (SANA
-    feeds 1000 s: the derivative dF/dt of training would be 1000x larger), and the guidance scale w, as 0.1 w,
-    through a second embedder of the same form, added. The sum drives every block's modulation and the final
-    layer, so one model serves every guidance scale without a CFG batch."""
-
-    def __init__(self, dim, guidance):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedder(dim)
-        self.guidance_embedder = TimestepEmbedder(dim) if guidance else None
-        self.linear = nn.Linear(dim, 6 * dim)
-
-    def forward(self, s, guidance=None):  # s, guidance: (B,)
-        emb = self.timestep_embedder(s)  # (B, D)
-        if self.guidance_embedder is not None:
-            if guidance is None:
-                raise ValueError("a Sprint student needs the guidance scale (guidance=0.1 w)")
-            emb = emb + self.guidance_embedder(guidance)
-        return self.linear(F.silu(emb)), emb  # (B, 6D), (B, D)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Model
-# ----------------------------------------------------------------------------------------------------------
-
-
-class SprintTransformer(nn.Module):
-    """SANA's linear DiT with Sprint's time + guidance embedding and the logvar head. A flow model: it predicts
-    the velocity v = eps - x0 of x_s = (1 - s) x0 + s eps; `trigflow` turns it into the TrigFlow model."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg.hidden_size
-        self.patch_embed = PatchEmbed(cfg)
-        self.time_embed = TimeGuidanceEmbedding(D, cfg.guidance_embeds)
-        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
-        self.caption_norm = RMSNorm(D)
-        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
-        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
-        self.norm_out = ModulatedNorm()
-        self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
-        # the adaptive weight w(t) of the sCM loss (sCM paper Sec. 4.3) reads the time embedding
-        self.logvar_linear = nn.Linear(D, 1) if cfg.logvar else None
-
-    def forward(self, x, s, y, mask=None, guidance=None, features=()):
-        """x: (B, C, H, W) = x_s; s: (B,) flow time in [0, 1]; y: (B, L, caption_channels); mask: (B, L) 1 = keep;
-        guidance: (B,) = 0.1 w (students only). Returns v (B, C, H, W); with `features` (block indices), the
-        hidden states (B, N, D) after those blocks instead, computing no further (LADD's discriminator)."""
-        B, _, H, W = x.shape
-        p = self.cfg.patch_size
-        h, w = H // p, W // p
-        x = self.patch_embed(x)  # (B, N, D)
-        t6, emb = self.time_embed(s.expand(B), None if guidance is None else guidance.expand(B))
-        bias = None
-        if mask is not None:  # additive -10000 on padded text tokens, as SANA
-            if mask.any(dim=1).all():  # padding after the batch's last token gets exactly 0 weight: skip it
-                L = int(mask.nonzero()[:, 1].max()) + 1
-                y, mask = y[:, :L], mask[:, :L]
-            bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
-        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
-        hidden = []
-        for i, block in enumerate(self.transformer_blocks):
-            x = block(x, y, bias, t6, (h, w))
-            if i in features:
-                hidden.append(x)
-                if len(hidden) == len(features):
-                    return hidden
-        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.proj_out(self.norm_out(x, shift, scale))  # (B, N, p*p*C)
-        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return x.reshape(B, -1, h * p, w * p)
-
-    def logvar(self, s, guidance=None):  # (B,) -> (B,): the log-variance of the sCM loss at this time
-        return self.logvar_linear(self.time_embed(s, guidance)[1]).squeeze(-1)
-
-
-def flow_time(t):
-    """TrigFlow time t (B,) -> the flow time s of the same noise level: tan t = s / (1 - s)."""
-    return torch.sin(t) / (torch.sin(t) + torch.cos(t))
-
-
-def trigflow(velocity, x, t):
-    """The training-free conversion of a flow model into a TrigFlow model (paper Sec. 3.1, eq. 5-6).
-    x: (B, C, H, W) = x_t / sigma_d = cos(t) x0/sigma_d + sin(t) eps, t: (B,); velocity(x_s, s) -> v. Returns F
-    with dx_t/dt = sigma_d F. The same noise level in flow terms: s = sin t / (sin t + cos t) and
-    x_s = (1 - s) x0/sigma_d + s eps = x / (sin t + cos t) = x sqrt(s^2 + (1 - s)^2). Substituting x0 and eps from
-    x_s and v = eps - x0/sigma_d into F = cos(t) eps - sin(t) x0/sigma_d gives
-    F = ((1 - 2s) x_s + (1 - 2s + 2s^2) v) / sqrt(s^2 + (1 - s)^2)."""
-    s = flow_time(t).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    r = torch.sqrt(s**2 + (1 - s) ** 2)  # = 1 / (sin t + cos t)
-    x_s = x * r
-    v = velocity(x_s, s.flatten())
-    return ((1 - 2 * s) * x_s + (1 - 2 * s + 2 * s**2) * v) / r
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Components: skip on first read
-# ----------------------------------------------------------------------------------------------------------
-# Not Sprint's ideas, copied from sana.py and dcae.py: the Gemma-2 text encoder with the complex human instruction,
-# the DC-AE (its decoder for sampling, its encoder for image-to-image and the training latents), the shapes data.
-
-
+# The Gemma-2 text encoder with SANA's complex human instruction (CHI).
 # Copied from sana.py: Gemma2Config
 @dataclass
 class Gemma2Config:  # defaults: gemma-2-2b-it, the text encoder of every published SANA
@@ -615,6 +917,7 @@ def tokens_cut(tok, prompt, max_len=MAX_TEXT_LEN, chi=CHI):
     return max(0, int(tokenize(tok, [prompt], 10**6)[1].sum()) - max_len)
 
 
+# The DC-AE: its decoder for sampling, its encoder for image-to-image and the training latents.
 # Copied from sana.py: VAE_SCALE
 VAE_SCALE = 0.41407  # DC-AE f32c32-sana latent scaling: z = scale * encode(x); decode(z / scale)
 
@@ -919,6 +1222,7 @@ class DCAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+# The synthetic shapes data of the tiny default (dcae.py draws it).
 # Copied from dcae.py: SHAPE_COLORS
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
                 "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
@@ -998,15 +1302,7 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading
-# ----------------------------------------------------------------------------------------------------------
-# diffusers: the Sana_Sprint_*_diffusers pipeline folder (transformer/ text_encoder/ tokenizer/ vae/ scheduler/); the
-#            transformer is a SanaTransformer2DModel with guidance_embeds=True and no logvar head.
-# NVlabs:    one .pth (Sana_Sprint_*.pth, SANA_Sprint_*_teacher.pth), renamed on load as diffusers' conversion
-#            script does, with its fused q|k|v and k|v projections split; it keeps logvar_linear.
-
-
+# Presets, devices, dtypes and strict loading, shared by every root file.
 # Copied from dcae.py: get_preset
 def get_preset(name):
     """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
@@ -1160,29 +1456,8 @@ def load_safetensors_dir(folder):
     return read_weights(files[0])
 
 
-def config_from_diffusers(c):
-    """SanaTransformer2DModel config.json with guidance_embeds=True -> SprintConfig (no logvar head: diffusers
-    drops it)."""
-    if not c.get("guidance_embeds"):
-        raise ValueError("this transformer has no guidance embedder: it is a SANA flow model, not a SANA-Sprint "
-                         "model (use sana.py for it)")
-    if c.get("attention_bias") or c.get("norm_elementwise_affine"):
-        raise ValueError("this transformer config uses options no published SANA-Sprint model uses "
-                         "(attention_bias / norm_elementwise_affine)")
-    if c.get("qk_norm") not in (None, "rms_norm_across_heads"):
-        raise ValueError(f"qk_norm {c['qk_norm']!r} is not the published models' rms_norm_across_heads")
-    D = c["num_attention_heads"] * c["attention_head_dim"]
-    if c["num_cross_attention_heads"] * c["cross_attention_head_dim"] != D:
-        raise ValueError("cross-attention width differs from the model width")
-    return SprintConfig(in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
-                        hidden_size=D, depth=c["num_layers"], num_heads=c["num_attention_heads"],
-                        cross_heads=c["num_cross_attention_heads"], caption_channels=c["caption_channels"],
-                        mlp_ratio=c.get("mlp_ratio", 2.5), patch_size=c.get("patch_size", 1),
-                        sample_size=c["sample_size"], qk_norm=c.get("qk_norm") is not None,
-                        interpolation_scale=c.get("interpolation_scale"),
-                        guidance_embeds_scale=c.get("guidance_embeds_scale", 0.1), logvar=False)
-
-
+# SANA's loaders: the transformer's config, the original layout's fused projections, the text encoder, the
+# tokenizer and the DC-AE of a diffusers folder.
 # Copied from sana.py: read_transformer_config with SanaConfig->SprintConfig
 def read_transformer_config(folder):
     """The SprintConfig of a diffusers transformer/ folder, from its config.json."""
@@ -1193,35 +1468,6 @@ def read_transformer_config(folder):
     return config_from_diffusers(c)
 
 
-ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
-    # the mapping of diffusers' scripts/convert_sana_sprint_to_diffusers.py; logvar_linear (no rule) keeps its name
-    (r"^y_embedder\.y_embedding$", None),  # learned null caption of training-time CFG dropout; unused here
-    (r"^pos_embed$", None),  # sincos buffer (zeros in NoPE models)
-    (r"^x_embedder\.", "patch_embed."),
-    (r"^y_embedder\.y_proj\.fc1\.", "caption_projection.linear_1."),
-    (r"^y_embedder\.y_proj\.fc2\.", "caption_projection.linear_2."),
-    (r"^t_embedder\.mlp\.0\.", "time_embed.timestep_embedder.linear_1."),
-    (r"^t_embedder\.mlp\.2\.", "time_embed.timestep_embedder.linear_2."),
-    (r"^cfg_embedder\.mlp\.0\.", "time_embed.guidance_embedder.linear_1."),
-    (r"^cfg_embedder\.mlp\.2\.", "time_embed.guidance_embedder.linear_2."),
-    (r"^t_block\.1\.", "time_embed.linear."),
-    (r"^attention_y_norm\.", "caption_norm."),
-    (r"^final_layer\.linear\.", "proj_out."),
-    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
-    (r"^blocks\.", "transformer_blocks."),
-    (r"\.attn\.qkv\.", ".attn1.to_qkv."),  # fused q|k|v rows, split below
-    (r"\.attn\.q_norm\.", ".attn1.norm_q."),
-    (r"\.attn\.k_norm\.", ".attn1.norm_k."),
-    (r"\.attn\.proj\.", ".attn1.to_out.0."),
-    (r"\.cross_attn\.q_linear\.", ".attn2.to_q."),
-    (r"\.cross_attn\.kv_linear\.", ".attn2.to_kv."),  # fused k|v rows, split below
-    (r"\.cross_attn\.q_norm\.", ".attn2.norm_q."),
-    (r"\.cross_attn\.k_norm\.", ".attn2.norm_k."),
-    (r"\.cross_attn\.proj\.", ".attn2.to_out.0."),
-    (r"\.mlp\.inverted_conv\.conv\.", ".ff.conv_inverted."),
-    (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
-    (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
-]
 # Copied from sana.py: FUSED
 FUSED = {".attn1.to_qkv.": (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v."),
          ".attn2.to_kv.": (".attn2.to_k.", ".attn2.to_v.")}
@@ -1246,41 +1492,6 @@ def convert_original(sd):
         else:
             out[key] = value
     return out
-
-
-def preset_from_name(path):
-    """The preset whose name is in the file/folder name, case-insensitively (the hub spells both Sana_Sprint and
-    SANA_Sprint); the longest match wins, so a _teacher file gets the teacher's preset."""
-    base = os.path.basename(os.path.normpath(path)).lower()
-    names = [n for n in PRESETS if n.lower() in base]
-    return max(names, key=len) if names else None
-
-
-def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
-    """A diffusers transformer/ folder (or the pipeline folder above it) or an original .pth file (a student, or a
-    teacher when its name says so). `preset` gives a .pth its architecture when its name does not."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        cfg, sd = read_transformer_config(path), load_safetensors_dir(path)
-    else:
-        cfg = get_preset(preset) if preset else PRESETS.get(preset_from_name(path))
-        if cfg is None:
-            raise ValueError(f"cannot tell which model {path} is from its name: pass preset= (one of "
-                             f"{', '.join(PRESETS)})")
-        sd = convert_original(read_weights(path))
-        if not any(k.startswith("time_embed.") for k in sd):
-            raise ValueError(f"{path} is not a SANA-Sprint checkpoint (no t_embedder/cfg_embedder weights)")
-        # the file decides what it carries: a student has the guidance embedder, a published .pth the logvar head
-        cfg = replace(cfg, guidance_embeds=any(k.startswith("time_embed.guidance_embedder.") for k in sd),
-                      logvar="logvar_linear.weight" in sd)
-    with torch.device("meta"):
-        model = SprintTransformer(cfg)
-    load_state_dict_strict(model, sd, path)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # Copied from sana.py: gemma_config_from_json
@@ -1368,304 +1579,7 @@ def load_vae(folder, *, device="cpu", dtype=torch.float32):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def pipeline_configs(folder):
-    """(SprintConfig, DCAEConfig) of a diffusers Sana_Sprint pipeline folder, from its config files alone."""
-    if not os.path.exists(folder):
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder} is a file; give the diffusers pipeline folder as downloaded (transformer/ "
-                         f"text_encoder/ tokenizer/ vae/), or load an original .pth with "
-                         f"sana_sprint.load_transformer()")
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise ValueError(f"{folder} is not a SANA-Sprint diffusers folder: it has no {sub}/ subfolder")
-    return read_transformer_config(os.path.join(folder, "transformer")), read_vae_config(os.path.join(folder, "vae"))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Training
-# ----------------------------------------------------------------------------------------------------------
-# Three stages (paper Sec. 3-4): (a) the teacher: a SANA flow model fine-tuned to read dense time s in [0, 1], with
-# qk-norm added; (b) the student, initialized from the teacher plus a guidance embedder, trained with the sCM loss;
-# (c) together with LADD, whose discriminator heads read the frozen teacher's hidden states. `distill_step` is
-# one step of (b) + (c). Latents x0 are scaled to the data std sigma_d of TrigFlow: x0 = sigma_d * unit-std latent.
-
-
-def teacher_from_sana(sd, cfg):
-    """A SANA transformer's state dict (sana.py / diffusers keys) -> a Sprint teacher (no guidance embedder, no
-    logvar head). Its timestep MLP moves from time_embed.emb.timestep_embedder to time_embed.timestep_embedder;
-    the qk-norm weights are new, at 1. Fine-tune it with `flow_loss` before distilling: it must learn dense time
-    and the qk-norm."""
-    cfg = replace(cfg, guidance_embeds=False, logvar=False, qk_norm=True)
-    model = SprintTransformer(cfg)
-    sd = {k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."): v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    new = [k for k in missing if not re.search(r"\.norm_[qk]\.weight$", k)]
-    if new or unexpected:
-        raise ValueError(f"not a SANA transformer of this config: missing {new[:4]}, unexpected {unexpected[:4]}")
-    return model
-
-
-@torch.no_grad()
-def calibrate_qk_norm(model, *inputs):
-    """Teacher fine-tune, part zero, for a model trained without qk-norm: set each new norm's weight to the mean
-    RMS of the q or k it normalizes on a calibration batch, so that q and k keep their scale and the model starts
-    near the function it was trained to be (with weights at 1, every softmax would change temperature).
-    inputs: one forward's arguments."""
-    rms, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, (LinearSelfAttention, CrossAttention)) and m.norm_q is not None:
-            for proj, norm in ((m.to_q, m.norm_q), (m.to_k, m.norm_k)):
-                hooks.append(proj.register_forward_hook(
-                    lambda mod, inp, out, norm=norm: rms.__setitem__(norm, out.float().pow(2).mean(-1).sqrt().mean())))
-    model(*inputs)
-    for h in hooks:
-        h.remove()
-    for norm, value in rms.items():
-        norm.weight.fill_(value)
-
-
-def fit_dense_time(embedder, scale=1000.0, steps=400, lr=3e-3):
-    """Teacher fine-tune, part one, for a model that read t = 1000 s: fit its timestep MLP by regression so that
-    emb(s) reproduces the old emb(1000 s) on a grid of s in [0, 1]. Seconds on the MLP alone, and the fine-tune
-    (`flow_loss`) then starts from a model that already denoises. Returns the final mean squared error."""
-    old = copy.deepcopy(embedder).requires_grad_(False)
-    s = torch.linspace(0, 1, 1001)
-    target = old(scale * s)  # (1001, D)
-    opt = torch.optim.Adam(embedder.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = F.mse_loss(embedder(s), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return loss.item()
-
-
-def flow_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=3.0):
-    """Teacher fine-tune, part two: SANA's flow-matching loss (sana.py's training_loss) with the model reading the
-    flow time s itself, not 1000 s. x0: (B, C, H, W) unit-std latents; y: (B, L, Dy), mask: (B, L)."""
-    B = x0.shape[0]
-    g = dict(generator=generator, device=x0.device)
-    drop = torch.rand(B, **g) < uncond_prob  # CFG dropout: the teacher is sampled with CFG
-    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
-    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
-    s = torch.sigmoid(torch.randn(B, **g))  # logit-normal, then the time shift
-    s = shift * s / (1 + (shift - 1) * s)
-    eps = torch.randn(x0.shape, **g)
-    x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * eps
-    return F.mse_loss(model(x_s, s, y, mask).float(), (eps - x0).float())
-
-
-def teacher_velocity(teacher, y, mask, null_y, null_mask, w):
-    """The teacher's classifier-free-guided velocity v_u + w (v_c - v_u), one batched call; w: (B,)."""
-    y2, m2 = torch.cat([null_y.expand_as(y), y]), torch.cat([null_mask.expand_as(mask), mask])
-
-    def velocity(x, s):
-        v_u, v_c = teacher(torch.cat([x, x]), torch.cat([s, s]), y2, m2).float().chunk(2)
-        return v_u + w.view(-1, 1, 1, 1) * (v_c - v_u)
-    return velocity
-
-
-def scm_time(n, generator=None, p_mean=0.2, p_std=1.6, sigma_data=0.5):
-    """sCM's proposal: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): the TrigFlow time of EDM's
-    log-normal noise level sigma = e^tau. (n,)"""
-    tau = p_mean + p_std * torch.randn(n, generator=generator)
-    return torch.atan(torch.exp(tau) / sigma_data)
-
-
-def scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c=0.1):
-    """What sCM pulls the student towards at (x_t, t) (Lu & Song 2024, Alg. 1; paper Sec. 3.2): F^- + g, returned as
-    (F^-, g), F^- the student without gradient and g the normalized tangent. x_t: (B, C, H, W) TrigFlow latents (sigma_d-scaled);
-    t: (B,); teacher_v(x_s, s): the guided teacher velocity; guidance: (B,) = 0.1 w; r in [0, 1]: the tangent warm-up.
-
-    The student F must satisfy d f(x_t, t)/dt = 0 along the teacher's ODE, f = cos(t) x_t - sin(t) sigma_d F. The
-    gradient of that condition is the tangent
-        g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF^-/dt),
-    dx_t/dt = sigma_d F_teacher the teacher's ODE. dF^-/dt, the student's derivative along the ODE, is a forward-mode
-    JVP: tangents dx_t/dt / sigma_d for x_t / sigma_d and 1 for t, both multiplied by cos(t) sin(t), which the
-    formula needs anyway and which keeps the JVP small near t = pi/2. g is normalized per sample, g / (||g|| + c)."""
-    sd = student.cfg.sigma_data
-    cos_t, sin_t = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
-    F_student = lambda x, tt: trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x, tt)  # noqa: E731
-    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD
-        dxt_dt = sd * trigflow(teacher_v, x_t / sd, t)  # (B, C, H, W)
-        F_minus, dF_dt = torch.func.jvp(F_student, (x_t / sd, t),
-                                        (cos_t * sin_t * dxt_dt / sd, (cos_t * sin_t).flatten()))
-        g = -cos_t**2 * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * dF_dt)  # dF_dt: x cos t sin t
-        g = g / (torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) + c)
-    return F_minus, g
-
-
-def scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator=None, c=0.1):
-    """The continuous-time consistency distillation loss: t from sCM's proposal, x_t = cos(t) x0 + sin(t) z, and
-    the student pulled towards `scm_target`, weighted by 1 / (sigma_d tan t) and by a learned log-variance (adaptive
-    weighting): mean of w(t) (F - target)^2 / e^logvar + logvar. x0: (B, C, H, W) sigma_d-scaled latents. Returns
-    (loss, the unweighted mean squared error)."""
-    sd = student.cfg.sigma_data
-    t = scm_time(x0.shape[0], generator, sigma_data=sd)  # (B,)
-    z = torch.randn(x0.shape, generator=generator) * sd
-    x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
-    F_minus, g = scm_target(student, teacher_v, x_t, t, y, mask, guidance, r, c)
-    err = (trigflow(lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t) - F_minus - g).pow(2)
-    weight = 1 / (sd * torch.tan(t)).view(-1, 1, 1, 1)
-    logvar = student.logvar(flow_time(t), guidance).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return (weight / logvar.exp() * err + logvar).mean(), err.mean().detach()
-
-
-class LocalBatchNorm(nn.Module):
-    """Batch norm over groups of `group` samples (and all tokens), without running statistics: each group of a
-    batch is normalized alone, so the statistics are the same whatever the batch size."""
-
-    def __init__(self, channels, group=8, eps=1e-5):
-        super().__init__()
-        self.group, self.eps = group, eps
-        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):  # (B, C, N)
-        B, C, N = x.shape
-        g = math.ceil(B / self.group)
-        xg = x.view(g, -1, C, N)  # (groups, B / groups, C, N)
-        mean, var = xg.mean(dim=(1, 3), keepdim=True), xg.var(dim=(1, 3), keepdim=True, unbiased=False)
-        x = ((xg - mean) * torch.rsqrt(var + self.eps)).view(B, C, N)
-        return x * self.weight[:, None] + self.bias[:, None]
-
-
-class DiscriminatorHead(nn.Module):
-    """LADD's head on one teacher block (the official DiscHead, from StyleGAN-T): the tokens (B, N, D) as a 1-D
-    sequence, a 1x1 convolution and a residual 9-wide one (circular padding, spectral norm, local batch norm,
-    LeakyReLU 0.2), then a 1x1 convolution to one real/fake logit per token. No time or text input: the teacher's
-    features carry both."""
-
-    def __init__(self, dim, group=8):
-        super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm
-
-        def block(k):
-            return nn.Sequential(sn(nn.Conv1d(dim, dim, k, padding=k // 2, padding_mode="circular")),
-                                 LocalBatchNorm(dim, group), nn.LeakyReLU(0.2))
-        self.first, self.residual = block(1), block(9)
-        self.cls = sn(nn.Conv1d(dim, 1, 1))
-
-    def forward(self, h):  # h: (B, N, D) -> (B, N) logits
-        x = self.first(h.transpose(1, 2))
-        x = (self.residual(x) + x) / math.sqrt(2)
-        return self.cls(x).squeeze(1)
-
-
-class Discriminator(nn.Module):
-    """LADD (paper Sec. 3.3): the frozen teacher is the feature network, a trainable head per chosen block.
-    Latents are noised to a time t_D of their own, so that the teacher sees what it was trained on, and the heads
-    judge the teacher's reading of the image at several depths."""
-
-    def __init__(self, teacher, blocks, group=8):
-        super().__init__()
-        self.teacher, self.blocks = teacher.requires_grad_(False), tuple(blocks)
-        self.heads = nn.ModuleList([DiscriminatorHead(teacher.cfg.hidden_size, group) for _ in self.blocks])
-
-    def forward(self, x0, t, y, mask, generator=None):
-        """x0: (B, C, H, W) sigma_d-scaled latents, real or generated; t: (B,) TrigFlow time. -> (B, heads x N)."""
-        sd = self.teacher.cfg.sigma_data
-        t4 = t.view(-1, 1, 1, 1)
-        x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
-        s = flow_time(t)
-        x_s = x_t / sd * torch.sqrt(s**2 + (1 - s) ** 2).view(-1, 1, 1, 1)  # the flow input of the same level
-        hidden = self.teacher(x_s, s, y, mask, features=self.blocks)
-        return torch.cat([head(h) for head, h in zip(self.heads, hidden)], dim=1)
-
-
-def discriminator_time(n, generator=None, p_mean=-0.6, p_std=1.0, sigma_data=0.5):
-    """t_D: sCM's proposal with LADD's own mean and std (more weight on low noise than the sCM loss's)."""
-    return scm_time(n, generator, p_mean, p_std, sigma_data)
-
-
-@dataclass
-class DistillConfig:
-    guidance: tuple = (4.0, 4.5, 5.0)  # the teacher's CFG scales; the student learns them all through its embedder
-    scm_weight: float = 1.0  # scm_lambda
-    adv_weight: float = 0.5  # adv_lambda
-    tangent_warmup: int = 4000  # r goes 0 -> 1 over these steps
-    largest_time_prob: float = 0.5  # LADD's one-step samples start from t = max_time this often
-    max_time: float = 1.5708
-    head_blocks: tuple = (2, 8, 14, 19)  # 1.6B's; the tiny: (1, 3)
-    misaligned_pairs: bool = True  # real latents with another sample's caption are negatives for D too
-    grad_clip: float = 0.1  # both players
-
-
-def distill_step(student, disc, x0, y, mask, null_y, null_mask, opt_g, opt_d, step, dc, generator=None,
-                 sync=lambda params: None):
-    """One step of sCM + LADD (paper Alg. 1): the student (generator) on the sCM loss plus LADD's adversarial
-    loss, then the discriminator heads on the hinge loss. x0: (B, C, H, W) sigma_d-scaled latents; y, mask: their
-    captions. sync(params) runs before each update (the gradient average under torchrun). Returns the losses."""
-    B, sd = x0.shape[0], student.cfg.sigma_data
-    w = torch.tensor(dc.guidance)[torch.randint(len(dc.guidance), (B,), generator=generator)]  # (B,)
-    guidance = w * student.cfg.guidance_embeds_scale
-    r = min(1.0, step / dc.tangent_warmup)
-    teacher_v = teacher_velocity(disc.teacher, y, mask, null_y, null_mask, w)
-    loss_scm, mse = scm_loss(student, teacher_v, x0, y, mask, guidance, r, generator)
-    # generator: one-step samples, from pure noise (t = max_time) or from the sCM proposal's time
-    t = torch.where(torch.rand(B, generator=generator) < dc.largest_time_prob, torch.tensor(dc.max_time),
-                    scm_time(B, generator, sigma_data=sd))
-    t4 = t.view(-1, 1, 1, 1)
-    x_t = torch.cos(t4) * x0 + torch.sin(t4) * torch.randn(x0.shape, generator=generator) * sd
-    fake = torch.cos(t4) * x_t - torch.sin(t4) * sd * trigflow(
-        lambda xs, s: student(xs, s, y, mask, guidance), x_t / sd, t)  # (B, C, H, W)
-    disc.heads.eval()  # no spectral-norm power iteration while the generator trains
-    loss_adv = -disc(fake, discriminator_time(B, generator), y, mask, generator).mean()  # hinge generator loss
-    loss_g = dc.scm_weight * loss_scm + dc.adv_weight * loss_adv
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    sync(list(student.parameters()))
-    torch.nn.utils.clip_grad_norm_(student.parameters(), dc.grad_clip)
-    opt_g.step()
-    # discriminator: real latents up; down the generated ones (those of the step above, where the official code
-    # samples again with the updated student) and, as extra negatives, real latents under another sample's caption
-    disc.heads.train()
-    negatives, y_neg, mask_neg = fake.detach(), y, mask
-    if dc.misaligned_pairs:
-        negatives = torch.cat([negatives, torch.roll(x0, 1, dims=0)])
-        y_neg, mask_neg = torch.cat([y, y]), torch.cat([mask, mask])
-    real = disc(x0, discriminator_time(B, generator), y, mask, generator)
-    neg = disc(negatives, discriminator_time(len(negatives), generator), y_neg, mask_neg, generator)
-    loss_d = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + neg).mean())
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    sync(list(disc.heads.parameters()))
-    torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), dc.grad_clip)
-    opt_d.step()
-    return dict(scm=loss_scm.item(), mse=mse.item(), adv=loss_adv.item(), d=loss_d.item())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Sampler
-# ----------------------------------------------------------------------------------------------------------
-# The sCM multistep sampler (sCM paper Alg. 2): from pure noise at t = pi/2, each step jumps to the end of the ODE,
-# x0 = cos(t) x_t - sin(t) sigma_d F, then re-noises x0 to the next, smaller time with fresh noise. One model, any
-# number of steps; guidance is an input of the model, so there is no CFG batch.
-
-
-def scm_times(steps, max_time=1.5708, intermediate=1.3):
-    """The TrigFlow times of an N-step sample, ending at 0: [max, 1.3, 0] for 2 steps (the published default),
-    evenly spaced from max_time otherwise. max_time 1.5708 ~ pi/2 (the sCM paper used arctan(80 / 0.5) = 1.5645)."""
-    if steps == 2 and intermediate is not None:
-        return torch.tensor([max_time, intermediate, 0.0])
-    return torch.linspace(max_time, 0, steps + 1)
-
-
-def sample_scm(F_fn, x, times, sigma_data=0.5, generator=None, callback=None):
-    """x: (B, C, H, W) = x_t at times[0] (sigma_d-scaled latents); F_fn(x_t / sigma_d, t) -> F. Returns the last
-    step's x0 / sigma_d (unit-std latents). A noise draw happens at every step, the last included (where
-    sin(0) = 0 makes it irrelevant), as diffusers' SCMScheduler draws: seeded runs match it draw for draw."""
-    for i in range(len(times) - 1):
-        s, t = times[i], times[i + 1]
-        Fx = F_fn(x / sigma_data, s.expand(x.shape[0])).float() * sigma_data  # (B, C, H, W)
-        x0 = torch.cos(s) * x - torch.sin(s) * Fx  # the jump to the end of the ODE
-        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu")
-        x = torch.cos(t) * x0 + torch.sin(t) * (noise.to(x.device) * sigma_data)  # re-noised to the next time
-        if callback:
-            callback(i, x0)
-    return x0 / sigma_data
-
-
+# SANA's resolution binning: a published model draws its closest trained aspect ratio.
 # Copied from sana.py: _AR_BINS
 _AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
             (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
@@ -1701,92 +1615,7 @@ def check_size(height, width, f):
         raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
 
 
-@dataclass
-class SanaSprint:
-    transformer: SprintTransformer
-    text_encoder: Gemma2
-    tokenizer: object  # tokenizers.Tokenizer
-    vae: DCAE
-    vae_scale: float = VAE_SCALE
-    chi: str = CHI  # None: no complex human instruction (the tiny default)
-    max_len: int = MAX_TEXT_LEN
-    guidance_scale: float = 4.5  # diffusers' default (the app's is 5.0; training samples 4, 4.5, 5)
-    max_time: float = 1.5708
-    intermediate_time: float = 1.3
-
-    @property
-    def compression(self):  # pixels per latent cell side
-        return self.vae.cfg.compression * self.transformer.cfg.patch_size
-
-    def F(self, y, mask, guidance):
-        """The TrigFlow model of the prompts: (x_t / sigma_d, t) -> F."""
-        model = self.transformer
-        dtype = model.proj_out.weight.dtype
-        g = torch.full((y.shape[0],), guidance, device=y.device).to(dtype) * model.cfg.guidance_embeds_scale
-        return lambda x, t: trigflow(lambda xs, s: model(xs.to(dtype), s, y, mask, g), x, t)
-
-    @torch.no_grad()
-    def generate(self, prompts, height, width, steps=2, guidance_scale=None, generator=None, image=None,
-                 strength=0.6, resolution_binning=True):
-        """prompts: list of str -> uint8 images (B, height, width, 3). image: None, or (B, 3, height, width) in
-        [-1, 1] to start from (image-to-image): it is encoded, noised to t = strength * max_time with the
-        generator's first draw, and the steps are spaced evenly from there."""
-        if any(not p.strip() for p in prompts):
-            raise ValueError("the prompt is empty")
-        if not 1 <= steps <= 4:
-            raise ValueError(f"SANA-Sprint samples in 1 to 4 steps, not {steps}")
-        f, cfg = self.compression, self.transformer.cfg
-        check_size(height, width, f)
-        out_hw = (height, width)
-        if image is None:
-            height, width = generation_size(cfg, f, height, width, resolution_binning)
-        device = self.transformer.proj_out.weight.device
-        y, mask = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
-        y = y.to(self.transformer.proj_out.weight.dtype)
-        a, sd = self.vae.cfg.compression, cfg.sigma_data
-        gen = dict(generator=generator, device=generator.device if generator else "cpu")
-        noise = torch.randn(len(prompts), cfg.in_channels, height // a, width // a, **gen).to(device)  # fp32
-        if image is None:
-            times = scm_times(steps, self.max_time, self.intermediate_time if steps == 2 else None)
-            x = noise * sd
-        else:
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], not {strength}")
-            times = torch.linspace(strength * self.max_time, 0, steps + 1)
-            vae_dtype = next(self.vae.parameters()).dtype
-            z = self.vae.encode(image.to(device=device, dtype=vae_dtype)).float() * self.vae_scale * sd
-            x = torch.cos(times[0]) * z + torch.sin(times[0]) * noise * sd
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        latents = sample_scm(self.F(y, mask, scale), x, times.to(device), sd, generator)
-        img = self.vae.decode((latents / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
-        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
-            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
-            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
-            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
-            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
-        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
-    """A published Sana_Sprint_*_diffusers folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/ (and
-    scheduler/, whose sigma_data is read when it is there)."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
-    transformer = load_transformer(folder, preset, device=device, dtype=dtype)
-    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched):
-        transformer.cfg = replace(transformer.cfg, sigma_data=read_json(sched).get("sigma_data", 0.5))
-    return SanaSprint(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
-                      load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
-                      load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 8. Tiny default: the tiny SANA distilled, train_tiny, load_tiny
-# ----------------------------------------------------------------------------------------------------------
-# The teacher is the tiny SANA that `python sana.py --train` commits (a DiT of width 192 x 4 blocks, a 2-layer
-# Gemma-2, the tiny DC-AE); the student starts as its copy. Captions and latents are its training data's.
-
+# The tiny SANA's text side and data: its Gemma-2, its prompt grammar, its DC-AE and latents; torchrun set-up.
 # Copied from sana.py: TINY_GEMMA
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
@@ -1798,11 +1627,6 @@ TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s
 # Copied from sana.py: TINY_GRAMMAR
 TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <colour> background" with the colours '
                 f'{", ".join(COLORS)} and the shapes {", ".join(SHAPES)}, e.g. "two red circles on a blue background"')
-TINY_TEACHER_STEPS = 100  # the dense-time fine-tune of the teacher
-TINY_STEPS = 560  # sCM + LADD: 8 min 28 s on 2026-12-03's EPYC, 5 min 26 s on 2026-12-04's Xeon (~630: collapse)
-TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_blocks=(1, 3))
-TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the shapes scorer's choice set: the
-# published 1.3 leaves 8x8 latents so noisy that the second step cannot fix what the first got wrong
 
 
 # Copied from sana.py: check_tiny_prompt
@@ -1869,6 +1693,316 @@ def ddp_setup(device="cpu"):
     return dist.get_rank(), world
 
 
+# Command-line helpers.
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
+# Copied from dcae.py: load_image
+def load_image(path, multiple):
+    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
+    are scaled to 8 bits (Pillow would clip them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        img = Image.open(path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    w, h = img.size
+    W, H = w - w % multiple, h - h % multiple
+    if W == 0 or H == 0:
+        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
+    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
+        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
+        left, top = (w - W) // 2, (h - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------
+# diffusers: the Sana_Sprint_*_diffusers pipeline folder (transformer/ text_encoder/ tokenizer/ vae/ scheduler/); the
+#            transformer is a SanaTransformer2DModel with guidance_embeds=True and no logvar head.
+# NVlabs:    one .pth (Sana_Sprint_*.pth, SANA_Sprint_*_teacher.pth), renamed on load as diffusers' conversion
+#            script does, with its fused q|k|v and k|v projections split; it keeps logvar_linear.
+# The readers and loaders this section calls (read_weights, load_state_dict_strict, convert_original,
+# load_text_encoder, load_vae...) are SANA's and dcae.py's, copied in section 6.
+
+
+def config_from_diffusers(c):
+    """SanaTransformer2DModel config.json with guidance_embeds=True -> SprintConfig (no logvar head: diffusers
+    drops it)."""
+    if not c.get("guidance_embeds"):
+        raise ValueError("this transformer has no guidance embedder: it is a SANA flow model, not a SANA-Sprint "
+                         "model (use sana.py for it)")
+    if c.get("attention_bias") or c.get("norm_elementwise_affine"):
+        raise ValueError("this transformer config uses options no published SANA-Sprint model uses "
+                         "(attention_bias / norm_elementwise_affine)")
+    if c.get("qk_norm") not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"qk_norm {c['qk_norm']!r} is not the published models' rms_norm_across_heads")
+    D = c["num_attention_heads"] * c["attention_head_dim"]
+    if c["num_cross_attention_heads"] * c["cross_attention_head_dim"] != D:
+        raise ValueError("cross-attention width differs from the model width")
+    return SprintConfig(in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+                        hidden_size=D, depth=c["num_layers"], num_heads=c["num_attention_heads"],
+                        cross_heads=c["num_cross_attention_heads"], caption_channels=c["caption_channels"],
+                        mlp_ratio=c.get("mlp_ratio", 2.5), patch_size=c.get("patch_size", 1),
+                        sample_size=c["sample_size"], qk_norm=c.get("qk_norm") is not None,
+                        interpolation_scale=c.get("interpolation_scale"),
+                        guidance_embeds_scale=c.get("guidance_embeds_scale", 0.1), logvar=False)
+
+
+ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
+    # the mapping of diffusers' scripts/convert_sana_sprint_to_diffusers.py; logvar_linear (no rule) keeps its name
+    (r"^y_embedder\.y_embedding$", None),  # learned null caption of training-time CFG dropout; unused here
+    (r"^pos_embed$", None),  # sincos buffer (zeros in NoPE models)
+    (r"^x_embedder\.", "patch_embed."),
+    (r"^y_embedder\.y_proj\.fc1\.", "caption_projection.linear_1."),
+    (r"^y_embedder\.y_proj\.fc2\.", "caption_projection.linear_2."),
+    (r"^t_embedder\.mlp\.0\.", "time_embed.timestep_embedder.linear_1."),
+    (r"^t_embedder\.mlp\.2\.", "time_embed.timestep_embedder.linear_2."),
+    (r"^cfg_embedder\.mlp\.0\.", "time_embed.guidance_embedder.linear_1."),
+    (r"^cfg_embedder\.mlp\.2\.", "time_embed.guidance_embedder.linear_2."),
+    (r"^t_block\.1\.", "time_embed.linear."),
+    (r"^attention_y_norm\.", "caption_norm."),
+    (r"^final_layer\.linear\.", "proj_out."),
+    (r"^final_layer\.scale_shift_table$", "scale_shift_table"),
+    (r"^blocks\.", "transformer_blocks."),
+    (r"\.attn\.qkv\.", ".attn1.to_qkv."),  # fused q|k|v rows, split below
+    (r"\.attn\.q_norm\.", ".attn1.norm_q."),
+    (r"\.attn\.k_norm\.", ".attn1.norm_k."),
+    (r"\.attn\.proj\.", ".attn1.to_out.0."),
+    (r"\.cross_attn\.q_linear\.", ".attn2.to_q."),
+    (r"\.cross_attn\.kv_linear\.", ".attn2.to_kv."),  # fused k|v rows, split below
+    (r"\.cross_attn\.q_norm\.", ".attn2.norm_q."),
+    (r"\.cross_attn\.k_norm\.", ".attn2.norm_k."),
+    (r"\.cross_attn\.proj\.", ".attn2.to_out.0."),
+    (r"\.mlp\.inverted_conv\.conv\.", ".ff.conv_inverted."),
+    (r"\.mlp\.depth_conv\.conv\.", ".ff.conv_depth."),
+    (r"\.mlp\.point_conv\.conv\.", ".ff.conv_point."),
+]
+
+
+def preset_from_name(path):
+    """The preset whose name is in the file/folder name, case-insensitively (the hub spells both Sana_Sprint and
+    SANA_Sprint); the longest match wins, so a _teacher file gets the teacher's preset."""
+    base = os.path.basename(os.path.normpath(path)).lower()
+    names = [n for n in PRESETS if n.lower() in base]
+    return max(names, key=len) if names else None
+
+
+def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
+    """A diffusers transformer/ folder (or the pipeline folder above it) or an original .pth file (a student, or a
+    teacher when its name says so). `preset` gives a .pth its architecture when its name does not."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        cfg, sd = read_transformer_config(path), load_safetensors_dir(path)
+    else:
+        cfg = get_preset(preset) if preset else PRESETS.get(preset_from_name(path))
+        if cfg is None:
+            raise ValueError(f"cannot tell which model {path} is from its name: pass preset= (one of "
+                             f"{', '.join(PRESETS)})")
+        sd = convert_original(read_weights(path))
+        if not any(k.startswith("time_embed.") for k in sd):
+            raise ValueError(f"{path} is not a SANA-Sprint checkpoint (no t_embedder/cfg_embedder weights)")
+        # the file decides what it carries: a student has the guidance embedder, a published .pth the logvar head
+        cfg = replace(cfg, guidance_embeds=any(k.startswith("time_embed.guidance_embedder.") for k in sd),
+                      logvar="logvar_linear.weight" in sd)
+    with torch.device("meta"):
+        model = SprintTransformer(cfg)
+    load_state_dict_strict(model, sd, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def pipeline_configs(folder):
+    """(SprintConfig, DCAEConfig) of a diffusers Sana_Sprint pipeline folder, from its config files alone."""
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; give the diffusers pipeline folder as downloaded (transformer/ "
+                         f"text_encoder/ tokenizer/ vae/), or load an original .pth with "
+                         f"sana_sprint.load_transformer()")
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise ValueError(f"{folder} is not a SANA-Sprint diffusers folder: it has no {sub}/ subfolder")
+    return read_transformer_config(os.path.join(folder, "transformer")), read_vae_config(os.path.join(folder, "vae"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Pipeline: prompts -> sCM sampler -> image
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SanaSprint:
+    """Text to image in 1-4 steps: the prompts through the Gemma-2 text encoder, `sample_scm` on the student read
+    as a TrigFlow model, the latents through the DC-AE's decoder. Guidance is the student's input (0.1 w into its
+    guidance embedder): one model call per step, no CFG batch."""
+    transformer: SprintTransformer
+    text_encoder: Gemma2
+    tokenizer: object  # tokenizers.Tokenizer
+    vae: DCAE
+    vae_scale: float = VAE_SCALE
+    chi: str = CHI  # None: no complex human instruction (the tiny default)
+    max_len: int = MAX_TEXT_LEN
+    guidance_scale: float = 4.5  # diffusers' default (the app's is 5.0; training samples 4, 4.5, 5)
+    max_time: float = 1.5708
+    intermediate_time: float = 1.3
+
+    @property
+    def compression(self):  # pixels per latent cell side
+        return self.vae.cfg.compression * self.transformer.cfg.patch_size
+
+    def F(self, y, mask, guidance):
+        """The TrigFlow model of the prompts: (x_t / sigma_d, t) -> F."""
+        model = self.transformer
+        dtype = model.proj_out.weight.dtype
+        g = torch.full((y.shape[0],), guidance, device=y.device).to(dtype) * model.cfg.guidance_embeds_scale
+        return lambda x, t: trigflow(lambda xs, s: model(xs.to(dtype), s, y, mask, g), x, t)
+
+    def check(self, prompts, steps, height, width):
+        """One sentence for a request this model cannot serve."""
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty")
+        if not 1 <= steps <= 4:
+            raise ValueError(f"SANA-Sprint samples in 1 to 4 steps, not {steps}")
+        check_size(height, width, self.compression)
+
+    def encode(self, prompts):
+        """list of str -> y (B, L, caption_channels) in the transformer's dtype, mask (B, L)."""
+        y, mask = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
+        return y.to(self.transformer.proj_out.weight.dtype), mask
+
+    def noise(self, n, height, width, generator=None):
+        """(n, C, height / a, width / a) unit Gaussian latents in float32, drawn on the generator's device (a seed
+        gives the same noise whatever the model's device), then moved to the model's device."""
+        a, cfg = self.vae.cfg.compression, self.transformer.cfg
+        gen = dict(generator=generator, device=generator.device if generator else "cpu")
+        noise = torch.randn(n, cfg.in_channels, height // a, width // a, **gen)  # (n, C, h, w)
+        return noise.to(self.transformer.proj_out.weight.device)
+
+    def decode(self, latents, out_hw):
+        """Unit-std latents (B, C, h, w) -> uint8 images (B, H, W, 3), (H, W) = out_hw: where the model drew another
+        size (resolution binning), resized to cover out_hw, then centre-cropped."""
+        img = self.vae.decode((latents / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
+            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
+            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
+            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
+            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    @torch.no_grad()
+    def generate(self, prompts, height, width, steps=2, guidance_scale=None, generator=None, resolution_binning=True):
+        """prompts: list of str -> uint8 images (B, height, width, 3), from pure noise at t = max_time in `steps`
+        steps of `sample_scm`; guidance_scale: w (None: the pipeline's)."""
+        self.check(prompts, steps, height, width)
+        sd = self.transformer.cfg.sigma_data
+        h, w = generation_size(self.transformer.cfg, self.compression, height, width, resolution_binning)
+        y, mask = self.encode(prompts)
+        x = self.noise(len(prompts), h, w, generator) * sd  # x_t at t = max_time: pure noise, std sigma_d
+        times = scm_times(steps, self.max_time, self.intermediate_time if steps == 2 else None)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        latents = sample_scm(self.F(y, mask, scale), x, times.to(x.device), sd, generator)
+        return self.decode(latents, (height, width))
+
+
+def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published Sana_Sprint_*_diffusers folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/ (and
+    scheduler/, whose sigma_data is read when it is there)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
+    transformer = load_transformer(folder, preset, device=device, dtype=dtype)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):
+        transformer.cfg = replace(transformer.cfg, sigma_data=read_json(sched).get("sigma_data", 0.5))
+    return SanaSprint(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
+                      load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
+                      load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Beyond the paper's core: image-to-image
+# ----------------------------------------------------------------------------------------------------------
+# Not in the paper: image-to-image (SDEdit) with the same student and sampler, which diffusers offers as
+# SanaSprintImg2ImgPipeline. The start image's latent is noised to a time below pi/2, and the sCM sampler runs
+# from there.
+
+
+@torch.no_grad()
+def image_to_image(pipe, prompts, image, steps=2, guidance_scale=None, generator=None, strength=0.6):
+    """image: (B, 3, H, W) in [-1, 1], the picture to start from -> uint8 images (B, H, W, 3). It is encoded, noised
+    to t = strength * max_time with the generator's first draw, x_t = cos(t) z + sin(t) sigma_d eps, and `sample_scm`
+    runs `steps` steps spaced evenly from there to 0 (diffusers' img2img pipeline drops whole steps of the
+    text-to-image schedule instead). strength in (0, 1]: 1 starts from pure noise, near 0 keeps the picture."""
+    height, width = image.shape[-2:]
+    pipe.check(prompts, steps, height, width)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], not {strength}")
+    sd = pipe.transformer.cfg.sigma_data
+    y, mask = pipe.encode(prompts)
+    noise = pipe.noise(len(prompts), height, width, generator)
+    times = torch.linspace(strength * pipe.max_time, 0, steps + 1)
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    z = pipe.vae.encode(image.to(device=noise.device, dtype=vae_dtype)).float() * pipe.vae_scale * sd  # x0
+    x = torch.cos(times[0]) * z + torch.sin(times[0]) * noise * sd  # x_t at the start time
+    scale = pipe.guidance_scale if guidance_scale is None else guidance_scale
+    latents = sample_scm(pipe.F(y, mask, scale), x, times.to(noise.device), sd, generator)
+    return pipe.decode(latents, (height, width))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Tiny default: the tiny SANA distilled, train_tiny, load_tiny
+# ----------------------------------------------------------------------------------------------------------
+# The teacher is the tiny SANA that `python sana.py --train` commits (a DiT of width 192 x 4 blocks, a 2-layer
+# Gemma-2, the tiny DC-AE); the student starts as its copy. Captions and latents are its training data's.
+
+
+TINY_TEACHER_STEPS = 100  # the dense-time fine-tune of the teacher
+TINY_STEPS = 560  # sCM + LADD; at the constant lr the game collapses not far past this (docs/sana_sprint.md)
+TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_blocks=(1, 3))
+TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the shapes scorer's choice set: the
+# published 1.3 leaves 8x8 latents so noisy that the second step cannot fix what the first got wrong
+
+
 def read_tiny_sana(path=TINY_TEACHER):
     """The committed tiny SANA: its DiT's state dict (sana.py keys), its text encoder, its tokenizer."""
     if not os.path.isfile(path):
@@ -1903,8 +2037,8 @@ def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, log=p
                  ema_decay=0.97):
     """Stage (a) on the tiny SANA: dense time (`fit_dense_time`), qk-norm calibrated on a batch
     (`calibrate_qk_norm`), then `steps` of `flow_loss` at batch 128, keeping an EMA of the weights. z: (n, C, H, W)
-    unit-std latents, y/mask their captions' states. Returns the teacher frozen. On 2026-12-03's machine: prompt
-    fidelity 0.750 after the conversion alone (as the tiny SANA's), 0.604 without the calibration."""
+    unit-std latents, y/mask their captions' states. Returns the teacher frozen. The conversion alone keeps the tiny
+    SANA's prompt fidelity; without the calibration it loses much of it (figures: docs/sana_sprint.md)."""
     t0 = t0 or time.time()
     teacher = teacher_from_sana(sana_sd, PRESETS["tiny"])
     fit = fit_dense_time(teacher.time_embed.timestep_embedder)
@@ -1942,9 +2076,9 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
     and `teacher_steps` of dense-time fine-tune (`tiny_teacher`), then `steps` of sCM + LADD, keeping an EMA of
     the student (the official recipe keeps none; at batch 32 the raw weights are noisy). The lrs are constant,
     as the official ones (2e-6 there, over tens of thousands of steps), and the run must stop in time: at 2e-4 the
-    game collapsed after about 630 steps in two runs (the one-step output turned into its input noise, the EMA
-    following within 30 steps), so do not raise `steps` far past 560 without lowering the lr. The discriminator's
-    lr is the student's: at 5x more it won late in the run (hinge loss 0.3) and the saved student drew noise.
+    adversarial game collapses (the one-step output turns into its input noise) not far past 560 steps; do not
+    raise `steps` far past it without lowering the lr. The discriminator's lr is the student's: a faster
+    discriminator wins late in the run and the saved student draws noise (docs/sana_sprint.md has the runs).
     Under torchrun each rank draws its own batches and rank 0 writes the weights. Returns the student's
     pipeline."""
     rank, world = ddp_setup()
@@ -2027,81 +2161,28 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. CLI
+# 11. CLI
 # ----------------------------------------------------------------------------------------------------------
 # Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
-# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
-# Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
+# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own, in
+# labelled groups. Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or
+# generated. `main` reads: parse, check, load, run, write.
 
 
-# Copied from dcae.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
-
-
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
-
-
-# Copied from dcae.py: load_image
-def load_image(path, multiple):
-    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
-    are scaled to 8 bits (Pillow would clip them)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        img = Image.open(path)
-        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        img = img.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot read {path} as an image ({e})") from None
-    w, h = img.size
-    W, H = w - w % multiple, h - h % multiple
-    if W == 0 or H == 0:
-        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
-    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
-        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
-        left, top = (w - W) // 2, (h - H) // 2
-        img = img.crop((left, top, left + W, top + H))
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="SANA-Sprint text-to-image in 1-4 steps (the tiny built-in model "
-                                "without --ckpt)", epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
+                                "without --ckpt)",
+                                epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
     p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
     p.add_argument("--ckpt", help="published diffusers pipeline folder (Sana_Sprint_*_diffusers: transformer/ "
                    "text_encoder/ tokenizer/ vae/); default: the tiny model")
     p.add_argument("--model", help=f"preset of the --ckpt transformer: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=2, help="sampling steps, 1 to 4 (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale, an input of the model (default: "
-                   "the model's: 4.5 for the published models, 2.0 for the tiny one)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale w, an input of the student's guidance "
+                   "embedder (it reads 0.1 w), not a second pass: the student learned the teacher's CFG velocity "
+                   "v_u + w (v_c - v_u) for w in 4-5 (the tiny one 1.5-2.5) and makes one model call per step, so no "
+                   "value turns guidance off (1 asks for the teacher's v_c alone, a scale it was not distilled at) "
+                   "(default: the model's: 4.5 for the published models, as diffusers; 2.0 for the tiny one)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the noise; --train)")
@@ -2111,58 +2192,76 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps instead of the recipe's (a quick check)")
-    p.add_argument("--intermediate-time", type=float, default=None, help="with --steps 2: the TrigFlow time of the "
-                   "second step, in (0, pi/2) (default: the model's: 1.3 for the published models, "
-                   f"{TINY_INTERMEDIATE_TIME} for the tiny one)")
-    p.add_argument("--image", help="image-to-image: start from this picture instead of pure noise")
-    p.add_argument("--strength", type=float, default=0.6, help="with --image: how much to change it, in (0, 1]: "
-                   "the start time is strength x pi/2 (default: %(default)s)")
-    args = p.parse_args(argv)
+    p.add_argument("--train-steps", type=int, default=None, metavar="N", help="with --train: N optimisation steps in "
+                   "each phase of the recipe in place of its own counts (a quick check)")
+    research = p.add_argument_group("research options")
+    research.add_argument("--intermediate-time", type=float, default=None, help="with --steps 2: the TrigFlow time "
+                          "of the second step, in (0, pi/2) (default: the model's: 1.3 for the published models, "
+                          f"{TINY_INTERMEDIATE_TIME} for the tiny one)")
+    i2i = p.add_argument_group("image-to-image (beyond the paper's core)")
+    i2i.add_argument("--image", help="start from this picture instead of pure noise")
+    i2i.add_argument("--strength", type=float, default=0.6, help="with --image: how much to change it, in (0, 1]: "
+                     "the start time is strength x pi/2 (default: %(default)s)")
+    return p
+
+
+def check_args(args):
+    """Every check of the command line that reads no weights, each refused in one sentence, in this order. Returns
+    the start image ((1, 3, H, W) in [-1, 1], or None) and the output size (h, w) in pixels."""
+    resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+    if not 1 <= args.steps <= 4:
+        raise ValueError(f"--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 step model), not {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.intermediate_time is not None and not 0 < args.intermediate_time < math.pi / 2:
+        raise ValueError(f"--intermediate-time must be in (0, pi/2), not {args.intermediate_time}")
+    if args.intermediate_time is not None and (args.steps != 2 or args.image):
+        raise ValueError("--intermediate-time sets the second of two text-to-image steps: use it with --steps 2 "
+                         "and no --image")
+    if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, not {value}")
+    if args.model:
+        get_preset(args.model)
+        if not args.ckpt and args.model != "tiny":
+            raise ValueError("--model names the preset of a --ckpt; give --ckpt too")
+    if not args.ckpt:
+        check_tiny_prompt(args.prompt)
+    cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
+    f = vae_cfg.compression * cfg.patch_size
+    image = None
+    if args.image:
+        image = load_image(args.image, f)  # (1, 3, H, W): its size is the output's
+        if args.height or args.width:
+            raise ValueError("--image sets the size: leave out --height/--width")
+        h, w = image.shape[-2:]
+    else:
+        side = cfg.sample_size * vae_cfg.compression  # the training resolution
+        h, w = args.height or side, args.width or side
+    check_size(h, w, f)
+    check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    return image, h, w
+
+
+def train_from_args(args):
+    """--train: `train_tiny` from --seed into --train-out; --train-steps N replaces both phases' step counts."""
+    if args.train_steps is not None and args.train_steps < 1:
+        raise ValueError("--train-steps must be at least 1")
+    check_out_path(args.train_out, (".safetensors",), "--train-out")
+    train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
+               teacher_steps=args.train_steps or TINY_TEACHER_STEPS)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
-            train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
-                       teacher_steps=min(TINY_TEACHER_STEPS, args.train_steps or TINY_TEACHER_STEPS))
-            return
-        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
-        if args.prompt is None or not args.prompt.strip():
-            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-        if not 1 <= args.steps <= 4:
-            raise ValueError(f"--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 step model), not {args.steps}")
-        if args.guidance is not None and not math.isfinite(args.guidance):
-            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
-        if args.intermediate_time is not None and not 0 < args.intermediate_time < math.pi / 2:
-            raise ValueError(f"--intermediate-time must be in (0, pi/2), not {args.intermediate_time}")
-        if args.intermediate_time is not None and (args.steps != 2 or args.image):
-            raise ValueError("--intermediate-time sets the second of two text-to-image steps: use it with --steps 2 "
-                             "and no --image")
-        if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
-            raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
-        for name, value in (("--height", args.height), ("--width", args.width)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
-        if args.model:
-            get_preset(args.model)
-            if not args.ckpt and args.model != "tiny":
-                raise ValueError("--model names the preset of a --ckpt; give --ckpt too")
-        if not args.ckpt:
-            check_tiny_prompt(args.prompt)
-        cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
-        f = vae_cfg.compression * cfg.patch_size
-        image = None
-        if args.image:
-            image = load_image(args.image, f)  # (1, 3, H, W): its size is the output's
-            if args.height or args.width:
-                raise ValueError("--image sets the size: leave out --height/--width")
-            h, w = image.shape[-2:]
-        else:
-            side = cfg.sample_size * vae_cfg.compression  # the training resolution
-            h, w = args.height or side, args.width or side
-        check_size(h, w, f)
-        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+            return train_from_args(args)
+        image, h, w = check_args(args)  # everything refused before a weight is read
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         t0 = time.time()
         pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
@@ -2176,7 +2275,10 @@ def main(argv=None):
                   f"its end was cut off")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
-        img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, image, args.strength)[0]
+        if image is None:
+            img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g)[0]
+        else:
+            img = image_to_image(pipe, [args.prompt], image, args.steps, args.guidance, g, args.strength)[0]
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance_scale if args.guidance is None else args.guidance
         print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} step(s), guidance {guidance}"

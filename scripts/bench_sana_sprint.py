@@ -3,8 +3,10 @@
     python scripts/bench_sana_sprint.py [--threads 1] [--reps 3] [--seeds 4] [--no-diffusers]
 
 1. The paper's speed/quality frontier in miniature: images per second of the tiny student at 1, 2 and 4 steps
-   against the tiny teacher (sana.py's tiny SANA) at 20 Flow-DPM steps with CFG, in the same run, batch 24 (the
-   README's prompts), each with its prompt fidelity on those prompts x `--seeds` seeds (tests/shapes_score.py).
+   (and 2 steps through the published intermediate time 1.3) against the tiny teacher (sana.py's tiny SANA) at 20
+   Flow-DPM steps with CFG, in the same run, batch 24 (the README's prompts), each with its prompt fidelity
+   (tests/shapes_score.py) on those prompts x `--seeds` seeds, per shape, and on the second set's 48 prompts: the
+   rows of docs/sana_sprint.md's table.
 2. The Sana_Sprint_0.6B transformer forward at 1024 px (batch 1, fp32, 300 text tokens) against diffusers'
    SanaTransformer2DModel(guidance_embeds=True) holding the SAME random weights, timed alternately in the same run:
    ratio = diffusers / ours (> 1: ours is faster). Needs `pip install diffusers` (benchmark only).
@@ -26,22 +28,33 @@ import shapes_score  # noqa: E402
 from benchutil import timeit, timeit_pair  # noqa: E402
 
 
+def fidelity_report(run, prompts, seeds):
+    """The shapes scorer's report over prompts x seeds; run(seed) draws one image per prompt."""
+    images = [img.numpy() for s in range(seeds) for img in run(prompts, s)]
+    return shapes_score.report(images, prompts * seeds)
+
+
 def frontier(seeds, reps):
-    prompts = shapes_score.readme_prompts()
+    prompts, second = shapes_score.readme_prompts(), shapes_score.second_prompts()
     teacher, student = sana.load_tiny(), sana_sprint.load_tiny()
-    runs = [("teacher, 20 steps + CFG", lambda s: teacher.generate(prompts, 64, 64, 20, None, torch.Generator().manual_seed(s)))]
-    runs += [(f"student, {n} step{'s' * (n > 1)}", lambda s, n=n: student.generate(prompts, 64, 64, n, None,
-                                                                                   torch.Generator().manual_seed(s)))
-             for n in (1, 2, 4)]
+    published = sana_sprint.replace(student, intermediate_time=1.3)  # the same weights, the published 2-step times
+
+    def sprint(pipe, n):
+        return lambda p, s: pipe.generate(p, 64, 64, n, None, torch.Generator().manual_seed(s))
+    runs = [("teacher, 20 steps + CFG", lambda p, s: teacher.generate(p, 64, 64, 20, None,
+                                                                      torch.Generator().manual_seed(s)))]
+    runs += [(f"student, {n} step{'s' * (n > 1)}", sprint(student, n)) for n in (1, 2)]
+    runs += [("student, 2 steps (1.3)", sprint(published, 2)), ("student, 4 steps", sprint(student, 4))]
     base = None
-    print(f"tiny models, batch {len(prompts)} (64x64), fidelity on the README's {len(prompts)} prompts x {seeds} seeds")
+    print(f"tiny models, batch {len(prompts)} (64x64), fidelity on the README's {len(prompts)} prompts and the second "
+          f"set's {len(second)} x {seeds} seeds")
     for name, run in runs:
-        t = timeit(lambda: run(0), reps)
-        images = [img.numpy() for s in range(seeds) for img in run(s)]
-        fid = shapes_score.fidelity(images, prompts * seeds)
-        ips = len(prompts) / t
+        ips = len(prompts) / timeit(lambda: run(prompts, 0), reps)
         base = base or ips
-        print(f"  {name:24s} {ips:8.1f} images/s  x{ips / base:5.1f} vs the teacher   fidelity {fid:.3f}")
+        r = fidelity_report(run, prompts, seeds)
+        shapes = ", ".join(f"{sh} {right}/{n}" for sh, (right, n) in r["by_shape"].items())
+        print(f"  {name:24s} {ips:8.1f} images/s  x{ips / base:5.1f} vs the teacher   fidelity {r['fidelity']:.3f} "
+              f"({shapes}); second set {fidelity_report(run, second, seeds)['fidelity']:.3f}")
 
 
 def transformer_vs_diffusers(reps):
