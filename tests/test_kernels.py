@@ -1,5 +1,7 @@
 """Triton kernels against their PyTorch references, on the CPU through Triton's interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
+(tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU), and how the root files find them: by path, so
+that another package named `kernels` (Hugging Face's, which transformers 5 and diffusers import) is never shadowed
+by the project's folder, nor answers in its place."""
 import os
 import shutil
 import subprocess
@@ -8,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from kernels import linear_attention as la
+from conftest import ROOT, kernel
+
+la = kernel("linear_attention")
 
 triton_ok = la.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -52,20 +56,54 @@ def test_public_entry_falls_back_without_triton(monkeypatch):
 
 @pytest.mark.parametrize("name", ["dcae", "sana"])
 def test_root_file_copied_alone_uses_its_own_reference(name, tmp_path):
-    """A root file copied without kernels/ imports, and its linear attention is its in-file reference."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shutil.copy(os.path.join(root, f"{name}.py"), tmp_path)
-    code = (f"import {name} as m, torch; q, k, v = torch.randn(3, 1, 2, 40, 8); "
+    """A root file copied without kernels/ imports, and its linear attention is its in-file reference, which
+    computes what kernels/linear_attention.py's reference computes (checked in a second process, bit for bit)."""
+    shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
+    code = (f"import {name} as m, torch; assert m.LINEAR_ATTENTION is None; "
             f"assert m.relu_linear_attention is m.relu_linear_attention_ref; "
-            f"print(float((m.relu_linear_attention(q, k, v) - m.relu_linear_attention_ref(q, k, v)).abs().max()))")
+            f"g = torch.Generator().manual_seed(0); q, k, v = torch.randn(3, 1, 2, 40, 8, generator=g); "
+            f"torch.save(m.relu_linear_attention(q, k, v), 'out.pt')")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ""})
-    assert run.returncode == 0 and run.stdout.strip() == "0.0", run.stderr[-1500:]
+    assert run.returncode == 0, run.stderr[-1500:]
+    q, k, v = torch.randn(3, 1, 2, 40, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), la.relu_linear_attention_ref(q, k, v))
+
+
+ROOT_FILES = ("dcae", "sana", "sana_sprint", "hart", "dcar", "svdquant")
+
+
+def test_root_files_load_the_kernel_beside_them_not_another_kernels_package(tmp_path):
+    """A package named `kernels` ahead on sys.path (a stand-in for Hugging Face's: it defines CUDAProperties, what
+    diffusers imports from it) stays importable from the repository root, and every root file still takes its
+    kernels from the kernels/ folder beside it."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("class CUDAProperties: pass\n")
+    code = ("from kernels import CUDAProperties; import importlib, os; "
+            f"files = {{n: importlib.import_module(n).LINEAR_ATTENTION.__file__ for n in {ROOT_FILES!r}}}; "
+            "import svdquant; files['w4a4'] = svdquant.W4A4_GEMM.__file__; "
+            "print(sorted(set(os.path.relpath(f) for f in files.values())))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert run.stdout.strip() == "['kernels/linear_attention.py', 'kernels/w4a4_gemm.py']", run.stdout
+
+
+@pytest.mark.parametrize("package,name", [("diffusers", "AutoencoderDC"), ("transformers", "AutoConfig")])
+def test_hugging_face_imports_next_to_a_root_file(package, name):
+    """The real packages, where installed: diffusers (0.42 imports `kernels`) and transformers import from the
+    repository root, in the same process as a root file."""
+    pytest.importorskip(package)
+    code = f"import sana; from {package} import {name}; print(sana.LINEAR_ATTENTION.__file__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert os.path.samefile(run.stdout.strip(), os.path.join(ROOT, "kernels", "linear_attention.py"))
 
 
 # The W4A4 GEMM of SVDQuant (kernels/w4a4_gemm.py)
 
-from kernels import w4a4_gemm as wg  # noqa: E402
+wg = kernel("w4a4_gemm")
 
 
 @pytest.mark.skipif(not triton_ok, reason="needs Triton (on a GPU, or its CPU interpreter)")
