@@ -12,27 +12,31 @@ Papers:
              DualCache), refreshed once per block, and (2) confidence-aware parallel decoding: commit every token
              whose confidence clears a threshold. Both models, as in the paper.
 
-Inside, top to bottom:
+Inside, top to bottom (a reader who stops after section 5 has read the whole method):
   1. Config and presets: `LLaDAConfig`, `DreamConfig`, presets named after the published checkpoints
      (GSAI-ML/LLaDA-8B-Base, -Instruct; Dream-org/Dream-v0-Base-7B, -Instruct-7B) and the tiny defaults
   2. Modules: RMSNorm, RoPE, attention whose KV-cache entry point is Fast-dLLM's cache, the two blocks
   3. Model: LLaDA (`model.transformer.*`) and Dream (`model.*`, `lm_head`) under the published key names
-  4. Checkpoint loading: config.json + sharded safetensors (or a .bin), strict key check, the tokenizers
-  5. Training: the masked-diffusion forward process and loss (pre-training and SFT)
-  6. Sampler: chat templates, batches of prompts of any lengths, `generate` (the heart of Fast-dLLM: PrefixCache,
-     DualCache, threshold and factor parallel decoding) over LLaDA's baseline (CFG, Gumbel noise, random
-     remasking) and Dream's own sampler and Fast-dLLM's Dream sampler
-  7. Tiny default: a synthetic task (sorting 3-6 digits), its tokenizer, `train_tiny` for either family (runs under
+  4. Training: the masked-diffusion forward process and loss (pre-training and SFT), one optimisation step
+  5. Sampler: `generate` over LLaDA's loop (the baseline, PrefixCache and DualCache, threshold and factor parallel
+     decoding, CFG, Gumbel noise, random remasking) and Dream's (its own sampler, Fast-dLLM's Dream sampler), for
+     batches of prompts of any lengths
+  ---- skip on first read ----
+  6. Components: the helpers copied from dcae.py, the tokenizers (Qwen2's BPE rebuilt from Dream's slow files)
+  7. Checkpoint loading: config.json + sharded safetensors (or a .bin), strict key check
+  8. Pipeline: the chat templates, `answer` (text -> tokens -> generate -> text), the sampler's argument checks
+  9. Tiny default: a synthetic task (sorting 3-6 digits), its tokenizer, `train_tiny` for either family (runs under
      torchrun too), `load_tiny`
-  8. CLI
+ 10. CLI
 
-Run:
-  python fast_dllm.py --prompt "sort 8315"                        # tiny committed LLaDA (CPU, instant)
-  python fast_dllm.py --prompt "sort 8315" --cache dual --threshold 0.9 --gen-length 128
-  python fast_dllm.py --arch dream --prompt "sort 8315" --cache dual --threshold 0.9   # tiny committed Dream
-  python fast_dllm.py --ckpt DIR/LLaDA-8B-Instruct --prompt "What is 12*7?" --cache dual --threshold 0.9
+Run (without --cache, --threshold, --factor or --alg the sampler is Fast-dLLM's: DualCache and threshold 0.9):
+  python fast_dllm.py --prompt "sort 8315"                     # Fast-dLLM on the tiny committed LLaDA: 1 forward
+  python fast_dllm.py --prompt "sort 8315" --cache none        # its baseline sampler: 32 forwards, 1 token each
+  python fast_dllm.py --prompt "sort 8315" --gen-length 128    # 4 blocks of 32: 5 forwards (the baseline: 128)
+  python fast_dllm.py --arch dream --prompt "sort 8315"        # Fast-dLLM on the tiny committed Dream: 2 forwards
+  python fast_dllm.py --ckpt DIR/LLaDA-8B-Instruct --prompt "What is 12*7?"
   python fast_dllm.py --ckpt DIR/Dream-v0-Instruct-7B --prompt "What is 12*7?" --cache prefix --threshold 0.9
-  python fast_dllm.py --train [--arch dream]                      # retrain a tiny model (< 10 min, one CPU core)
+  python fast_dllm.py --train [--arch dream]                   # retrain a tiny model (< 10 min, one CPU core)
   torchrun --nproc_per_node 2 fast_dllm.py --train --train-steps 20    # the same on 2 processes (DDP)
 
 Shapes: B batch, L sequence length (P prompt + G answer tokens), q tokens one forward runs (the queries), K key
@@ -47,7 +51,7 @@ forward there (the tokens are identical in both). Dream's sampler exists only in
 reproduced as it is, forward counts included. (2) Keys are cached after RoPE instead of re-rotated on every call
 (the same numbers). (3) Batches: upstream decodes one sequence at a time, its modeling code does not mask the padding
 and its DualCache breaks for batch > 1; here a left-padded row gets exactly its single-run
-tokens (section 6). (4) LLaDA's and Dream's training code was never released: the losses follow LLaDA's
+tokens (section 5). (4) LLaDA's and Dream's training code was never released: the losses follow LLaDA's
 GUIDELINES.md; Dream's reads the shifted logits (its context-adaptive noise rescheduling is not implemented).
 (5) Dream with temperature > 0 samples the same distributions as upstream but not the same random stream; Dream's
 `origin` algorithm, top-p, top-k and alg_temp are not implemented. (6) Dream's tokenizer is built from the
@@ -127,7 +131,7 @@ PRESETS = {
     "LLaDA-8B-Instruct": LLaDAConfig(),
     "Dream-v0-Base-7B": DreamConfig(),
     "Dream-v0-Instruct-7B": DreamConfig(),
-    # The committed tiny defaults: they sort a few digits (section 7). ~0.45M parameters each.
+    # The committed tiny defaults: they sort a few digits (section 9). ~0.45M parameters each.
     "tiny-sort": LLaDAConfig(d_model=96, n_layers=4, n_heads=4, mlp_hidden_size=256, vocab_size=32,
                              max_sequence_length=256, mask_token_id=1, eos_token_id=0),
     "tiny-sort-dream": DreamConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -336,13 +340,343 @@ def init_weights(model, std=0.02):
             nn.init.ones_(p)
 
 
+def build_model(cfg):
+    return (LLaDA if isinstance(cfg, LLaDAConfig) else Dream)(cfg)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 4. Checkpoint loading
+# 4. Training: the masked-diffusion loss, one step
 # ----------------------------------------------------------------------------------------------------------
-# The published folders, under our key names (no renames): GSAI-ML/LLaDA-8B-*: config.json (OLMo-style field
-# names, model_type "llada"), model.safetensors.index.json + shards, tokenizer.json. Dream-org/Dream-v0-*-7B:
-# config.json (Qwen2 field names, model_type "Dream"), index + shards, and the slow tokenizer's vocab.json +
-# merges.txt + tokenizer_config.json.
+# The masked-diffusion loss: LLaDA Eq. 3 for pre-training, Eq. 5 for SFT (the prompt is never masked).
+
+
+def forward_process(x0, mask_id, eps=1e-3, prompt_lengths=None):
+    """Mask each token independently with probability p = (1-eps) t + eps, t ~ U(0,1) per sequence.
+    For SFT (prompt_lengths given) the prompt is never masked. Returns the noisy batch and p broadcast to (B, L)."""
+    B, L = x0.shape
+    t = torch.rand(B, device=x0.device)
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
+    noisy = torch.where(torch.rand(B, L, device=x0.device) < p_mask, mask_id, x0)
+    if prompt_lengths is not None:
+        is_prompt = torch.arange(L, device=x0.device)[None] < prompt_lengths[:, None]
+        noisy = torch.where(is_prompt, x0, noisy)
+    return noisy, p_mask
+
+
+def diffusion_loss(logits, x0, noisy, p_mask, mask_id, prompt_lengths=None):
+    """Monte-Carlo ELBO: sum over masked tokens of CE / p.
+    Pre-training divides by B*L (every token slot); SFT divides each row by its answer length (EOS padding included)
+    and then by B."""
+    masked = noisy == mask_id  # (B, L)
+    ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none") / p_mask[masked]
+    if prompt_lengths is None:
+        return ce.sum() / x0.numel()
+    answer_len = (x0.shape[1] - prompt_lengths)[:, None].expand_as(x0)  # (B, L)
+    return (ce / answer_len[masked]).sum() / x0.shape[0]
+
+
+def training_step(net, opt, x0, prompt_lengths, mask_id, shifted=False):
+    """One optimisation step on a batch of clean sequences x0 (B, L): mask them (`forward_process`), predict the
+    masked tokens, step on the loss's gradient, clipped to norm 1. prompt_lengths (B,) for SFT, None for
+    pre-training; shifted for Dream, whose output at i - 1 predicts token i. Returns the loss (a 0-d tensor)."""
+    noisy, p_mask = forward_process(x0, mask_id, prompt_lengths=prompt_lengths)
+    logits = net(noisy)[0]  # (B, L, V)
+    if shifted:
+        logits = shift_logits(logits)
+    loss = diffusion_loss(logits, x0, noisy, p_mask, mask_id, prompt_lengths)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampler: the baseline loop, block-wise KV cache, confidence-aware parallel decoding, batches
+# ----------------------------------------------------------------------------------------------------------
+# `generate` checks its arguments (`check_sampler_args`, section 8) and hands the batch to LLaDA's sampler
+# (`generate_llada`: the baseline loop, the cache and parallel decoding in one loop) or Dream's (`generate_dream`).
+# Both choose what to commit with `commit`: a fixed quota per step (the baseline) or every token above a confidence
+# threshold (Fast-dLLM's parallel decoding).
+# `generate` takes one prompt or a batch. Prompts of different lengths are left-padded (`left_pad`), so every row's
+# answer occupies the same columns and the blocks line up; the padding is masked out of attention (section 2), so a
+# row gets exactly the tokens it gets alone. Rows that finish a block early wait, committing nothing, while the
+# others go on. (Upstream decodes one sequence at a time: its padding is not masked and its DualCache indexing
+# breaks for batch > 1, Fast-dLLM issues #17 and #57.)
+
+
+@torch.no_grad()
+def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="none", threshold=None, factor=None,
+             temperature=0.0, remasking="low_confidence", guidance=0.0, alg="entropy", eps=1e-3):
+    """Masked-diffusion sampling with Fast-dLLM's cache and parallel decoding, for LLaDA and Dream.
+
+    prompt: (B, P) token ids, or a list of token sequences of different lengths (left-padded, see above).
+    The answer is gen_length MASKs split into blocks of block_length, decoded left to right; inside a block each
+    forward commits some MASK positions of that block (later blocks stay MASK but are visible to attention).
+      cache="none":   every step is a forward over the whole sequence (the baseline).
+      cache="prefix": the block's first step is a full forward whose keys/values of [0, s) are kept; later steps run
+                      only x[s:] (the block and every MASK after it) against that stale prefix.
+      cache="dual":   the full forward's keys/values of the whole sequence are kept; later steps run only the block
+                      x[s:e], overwriting the block's own cache rows, so the MASK suffix is never recomputed.
+    steps: total steps (default gen_length, one token per step); with threshold/factor they only have to divide by
+    the number of blocks. LLaDA only: factor, remasking, guidance (classifier-free, upstream's cfg_scale g: logits
+    l_c + g (l_c - l_u); 0 = off).
+    Dream only: alg (entropy, maskgit_plus, topk_margin: how confidence is measured without a threshold), eps (the
+    last timestep of its schedule); Dream with cache="none" runs Dream's own sampler, which has no blocks (see
+    generate_dream).
+    Returns (x (B, P_max + gen_length), nfe = number of (batched) forwards); every row's answer is
+    x[:, -gen_length:]."""
+    dream = isinstance(model, Dream)
+    check_sampler_args(gen_length, block_length, steps, cache, threshold, factor, temperature, guidance, dream, alg)
+    prompt, pad = left_pad(prompt, model.cfg.eos_token_id)
+    limit = model.cfg.max_position_embeddings if dream else model.cfg.max_sequence_length
+    if prompt.shape[1] + gen_length > limit:
+        raise ValueError(f"prompt + gen_length = {prompt.shape[1] + gen_length} tokens exceeds the model's "
+                         f"maximum sequence length {limit}")
+    mask = torch.full((prompt.shape[0], gen_length), model.cfg.mask_token_id, dtype=prompt.dtype, device=prompt.device)
+    x = torch.cat([prompt, mask], dim=1)
+    if dream:
+        return generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps)
+    return generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature,
+                          remasking, guidance)
+
+
+def generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature, remasking,
+                   guidance):
+    """LLaDA's semi-autoregressive sampler (ML-GSAI) and Fast-dLLM's cached / parallel versions of it."""
+    mask_id, P = model.cfg.mask_token_id, x.shape[1] - gen_length
+    num_blocks = gen_length // block_length
+    parallel = threshold is not None or factor is not None
+    steps = steps or (num_blocks if parallel else gen_length)
+    nfe = 0
+    for b in range(num_blocks):
+        s, e = P + b * block_length, P + (b + 1) * block_length  # current block [s, e)
+        quotas = quota_schedule(block_length, steps // num_blocks)
+        i, kv = 0, None
+        # Until the block has no MASK, checked before every forward (the @f6b35ec convention). The quota bound only
+        # matters if the model commits the MASK id itself (random weights can): the block then stays unfinished.
+        # With a threshold such a model would loop forever, as upstream does; trained models never predict MASK.
+        while (x[:, s:e] == mask_id).any() and (parallel or i < len(quotas)):
+            if cache == "none" or i == 0:  # full forward (for a cache: the refresh, fused with this step)
+                lo = 0
+                if guidance > 0:  # CFG: unconditional copy with the prompt masked, batched with the conditional one
+                    uncond = x.clone()
+                    uncond[:, :P] = mask_id
+                    both_pad = None if pad is None else torch.cat([pad, pad])
+                    cond_logits, uncond_logits = model(torch.cat([x, uncond]), pad=both_pad)[0].chunk(2)
+                    logits = uncond_logits + (guidance + 1) * (cond_logits - uncond_logits)  # l_c + g (l_c - l_u)
+                else:
+                    logits, kv = model(x, pad=pad)
+                if cache == "prefix":  # keep the prompt + finished blocks only
+                    kv = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
+            elif cache == "prefix":
+                lo = s
+                logits = model(x[:, s:], start=s, past=kv, pad=pad)[0]  # queries: the block and every later MASK
+            else:
+                lo = s
+                logits = model(x[:, s:e], start=s, past=kv, pad=pad)[0]  # queries: the block; its cache rows replaced
+            nfe += 1
+            win = x[:, lo:lo + logits.shape[1]]
+            pos = torch.arange(lo, lo + logits.shape[1], device=x.device)
+            eligible = (win == mask_id) & (pos >= s) & (pos < e)
+            conf, cand = llada_candidates(logits, temperature, remasking)
+            x[:, lo:lo + logits.shape[1]] = commit(win, cand, conf, eligible, None if parallel else quotas[i],
+                                                   threshold, factor)
+            i += 1
+    return x, nfe
+
+
+def commit(x, cand, conf, eligible, quota=None, threshold=None, factor=None):
+    """One decoding step on a window of the sequence: x, cand, conf, eligible (B, W) -> x with chosen positions
+    set to their candidates. Only `eligible` positions (MASKs of the current block) can be chosen. Per row:
+      quota      the `quota` most confident (an int, or one per row; LLaDA's fixed schedule, Dream's entropy one);
+      threshold  the most confident one plus every other with confidence >= threshold (Fast-dLLM Sec. 3.3);
+      factor     the longest sorted prefix with (n + 1)(1 - c_n) <= factor (later upstream code)."""
+    conf = torch.where(eligible, conf, -math.inf)
+    x = x.clone()
+    for j in range(x.shape[0]):
+        n = int(eligible[j].sum())
+        if n == 0:  # this row has finished the block: it waits for the others
+            continue
+        if quota is not None:
+            k = min(n, quota if isinstance(quota, int) else quota[j])
+        elif threshold is not None:
+            top = torch.topk(conf[j], n).values
+            k = max(1, int((top >= threshold).sum()))  # sorted, so ">= threshold" is a prefix; top-1 always goes
+        else:
+            top = torch.topk(conf[j], n).values
+            ok = top >= 1 - factor / torch.arange(2, n + 2, device=top.device)  # c_n >= 1 - f/(n+1), n 1-based
+            first_bad = next((i for i in range(1, n) if not ok[i]), n)
+            k = n if first_bad == n - 1 else first_bad  # upstream quirk: failing only at the last one commits all
+        idx = torch.topk(conf[j], k).indices
+        x[j, idx] = cand[j, idx]
+    return x
+
+
+def quota_schedule(n_masked, steps):
+    """Tokens to commit per step inside a block: n // steps each, the first n % steps steps get one more (LLaDA's
+    linear schedule)."""
+    return [n_masked // steps + (i < n_masked % steps) for i in range(steps)]
+
+
+def llada_candidates(logits, temperature=0.0, remasking="low_confidence"):
+    """LLaDA: logits (B, L, V) -> (confidence, candidate token), each (B, L). The candidate is the argmax of the
+    Gumbel-noised logits; the confidence its probability under the un-noised ones, in float64 (Fast-dLLM), or a
+    uniform draw (`random` remasking)."""
+    cand = add_gumbel_noise(logits, temperature).argmax(-1)
+    if remasking == "low_confidence":
+        conf = torch.softmax(logits.double(), dim=-1).gather(-1, cand[..., None])[..., 0]
+    elif remasking == "random":
+        conf = torch.rand(cand.shape, device=cand.device)
+    else:
+        raise ValueError(f"unknown remasking {remasking!r}; use low_confidence or random")
+    return conf, cand
+
+
+def add_gumbel_noise(logits, temperature):
+    """Gumbel-max in float64: argmax(exp(l) / (-log u)^T) samples softmax(l / T). T = 0 is plain argmax (no RNG)."""
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    u = torch.rand_like(logits)  # (B, L, V) float64
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps):
+    """Dream's samplers. Logits are shifted right by one (Dream predicts the next token).
+    cache="none": Dream's own sampler (HKUNLP, generation_utils.py), no blocks. With timesteps t_i linearly from 1
+      to eps, step i commits int(n (1 - t_{i+1} / t_i)) of the n remaining MASKs (all on the last step), the most
+      confident by `alg`. With a threshold: each step starts with gen_length / steps tokens, keeps the top-1 and
+      those >= threshold, and carries the rejected ones to the next step; on the last step a rejection adds a step.
+    cache="prefix"/"dual": Fast-dLLM's Dream sampler (generation_utils_block.py). Each block starts with a full
+      forward that refreshes the cache and commits the block's first token greedily, whatever the threshold; then
+      cached forwards (at least one) until the block is full, by the threshold rule or by the schedule above within
+      the block (its t_1 .. t_{steps per block})."""
+    mask_id, P = model.cfg.mask_token_id, x.shape[1] - gen_length
+    B, nfe = x.shape[0], 0
+    if cache == "none":
+        steps = steps or (gen_length // block_length if threshold is not None else gen_length)
+        timesteps = torch.linspace(1, eps, steps + 1, device=x.device)
+        quota, carry, row_steps = [gen_length // steps] * B, [0] * B, [steps] * B
+        i = 0
+        while i < max(row_steps):
+            logits = shift_logits(model(x, pad=pad)[0])
+            nfe += 1
+            eligible, conf, cand = dream_window(logits, x, mask_id, alg if threshold is None else "maskgit_plus",
+                                                temperature)
+            if threshold is None:
+                x = commit(x, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
+            else:
+                for j in range(B):
+                    if i >= row_steps[j]:  # this row is done
+                        continue
+                    want, carry[j] = quota[j] + carry[j], 0
+                    top, idx = torch.topk(conf[j], want)
+                    keep = [idx[0]]
+                    for c, position in zip(top[1:], idx[1:]):
+                        if c >= threshold:
+                            keep.append(position)
+                        elif i < row_steps[j] - 1:  # rejected: carried to the next step
+                            carry[j] += 1
+                        else:  # rejected on the last step: one more step, from now on only the carried tokens
+                            quota[j], row_steps[j], carry[j] = 0, row_steps[j] + 1, carry[j] + 1
+                    keep = torch.stack(keep)
+                    x[j, keep] = cand[j, keep]
+            i += 1
+        return x, nfe
+    num_blocks = gen_length // block_length
+    steps_per_block = (steps or (num_blocks if threshold is not None else gen_length)) // num_blocks
+    timesteps = torch.linspace(1, eps, steps_per_block + 1, device=x.device)
+    for b in range(num_blocks):
+        s, e = P + b * block_length, P + (b + 1) * block_length
+        logits, kv = model(x, pad=pad)  # the block-start forward: refreshes the cache ...
+        nfe += 1
+        x[:, s] = dream_candidates(shift_logits(logits)[:, s], "maskgit_plus", temperature)[1]  # ... and commits s
+        if cache == "prefix":
+            kv = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
+        i = 1
+        while True:  # no completion check before the first cached forward (upstream)
+            if cache == "prefix":
+                logits = model(x[:, s:], start=s, past=kv, pad=pad)[0]
+            else:
+                logits = model(x[:, s:e], start=s, past=kv, pad=pad)[0]
+            nfe += 1
+            logits = shift_logits(logits)[:, :block_length]  # shifted within the window, as upstream
+            win = x[:, s:e]
+            eligible, conf, cand = dream_window(logits, win, mask_id, "entropy" if threshold is None else
+                                                "maskgit_plus", temperature)
+            if threshold is not None:
+                x[:, s:e] = commit(win, cand, conf, eligible, threshold=threshold)
+            elif i == steps_per_block:  # only if the model committed the MASK id itself; upstream stops here too
+                break
+            else:
+                x[:, s:e] = commit(win, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
+                i += 1
+            if not (x[:, s:e] == mask_id).any():
+                break
+    return x, nfe
+
+
+DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin")
+
+
+def dream_window(logits, win, mask_id, alg, temperature):
+    """(shifted) logits (B, W, V) and tokens win (B, W) -> eligible (the MASKs), Dream's confidence there (-inf
+    elsewhere) and candidate tokens (the current ones elsewhere), each (B, W)."""
+    eligible = win == mask_id
+    conf = torch.full(win.shape, -math.inf, device=win.device, dtype=logits.dtype)
+    cand = win.clone()
+    conf[eligible], cand[eligible] = dream_candidates(logits[eligible], alg, temperature)
+    return eligible, conf, cand
+
+
+def dream_candidates(logits, alg="maskgit_plus", temperature=0.0):
+    """Dream's sample_tokens: logits (N, V) -> (confidence, candidate), each (N,). Softmax in the model's dtype.
+    Confidence: the candidate's probability (maskgit_plus, and the threshold rule), top-1 minus top-2 probability
+    (topk_margin), or the negative entropy (entropy, Dream's default)."""
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        cand = torch.distributions.Categorical(probs=probs).sample()
+        conf = probs.gather(-1, cand[..., None])[..., 0]
+    else:
+        conf, cand = probs.max(dim=-1)
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return conf, cand
+
+
+def schedule_quota(eligible, timesteps, i):
+    """Dream's schedule, step i of len(timesteps) - 1: int(n (1 - t_{i+1} / t_i)) of each row's n MASKs, in float32
+    as upstream computes it, and all of them on the last step."""
+    n = eligible.sum(1).float()  # (B,)
+    last = i == len(timesteps) - 2
+    return [int(n_j) if last else int(n_j * (1 - timesteps[i + 1] / timesteps[i])) for n_j in n]
+
+
+def left_pad(prompts, pad_id):
+    """A (B, P) tensor, or a list of 1-D token sequences of any lengths -> (ids (B, P_max), pad (B,) or None).
+    Shorter prompts get pad_id tokens on the left; pad is None when no row is padded."""
+    if torch.is_tensor(prompts):
+        return prompts, None
+    rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    pad = torch.tensor([width - len(r) for r in rows], device=rows[0].device)
+    ids = torch.stack([F.pad(r, (width - len(r), 0), value=pad_id) for r in rows])
+    return ids, (pad if pad.any() else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# What the method uses but did not invent: the helpers copied from dcae.py (presets by name, device and dtype, reading
+# weight files, strict loading, torchrun set-up, the CLI's device line and output checks), and the tokenizers.
 
 
 # Copied from dcae.py: get_preset
@@ -356,7 +690,7 @@ def get_preset(name):
 
 
 # Every loader takes `device` and `dtype` as keywords and checks them first; the CLI's defaults come from
-# best_dtype (section 8 prints the choice).
+# best_dtype (section 10 prints the choice).
 # Copied from dcae.py: DTYPES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -486,60 +820,51 @@ def load_state_dict_strict(model, sd, source):
     return model
 
 
-def config_from_json(path):
-    """A published config.json -> LLaDAConfig (model_type "llada") or DreamConfig ("Dream"); one sentence for
-    anything this file does not implement."""
-    c = read_json(path)
-    kind = c.get("model_type") if isinstance(c, dict) else type(c).__name__
-    if kind not in ("llada", "Dream"):
-        raise ValueError(f"{os.path.dirname(path) or '.'} holds a {kind!r} checkpoint, not LLaDA or Dream "
-                         f"(config.json model_type must be 'llada' or 'Dream')")
-    unsupported = ({"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
-                    "alibi": False, "weight_tying": False, "include_bias": False, "attention_layer_norm": False}
-                   if kind == "llada" else
-                   {"hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
-                    "rope_scaling": None})
-    for key, want in unsupported.items():
-        if key in c and c[key] != want:
-            raise ValueError(f"{path} has {key}={c[key]!r}; this implementation supports only {want!r}")
-    try:
-        if kind == "Dream":
-            return DreamConfig(**{f.name: c[f.name] for f in fields(DreamConfig)})
-        if c.get("n_kv_heads", c["n_heads"]) != c["n_heads"]:
-            raise ValueError(f"{path} has n_kv_heads != n_heads; LLaDA checkpoints use plain multi-head "
-                             "attention")
-        return LLaDAConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                           mlp_hidden_size=c["mlp_hidden_size"], vocab_size=c.get("embedding_size") or c["vocab_size"],
-                           rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
-                           max_sequence_length=c["max_sequence_length"], mask_token_id=c["mask_token_id"],
-                           eos_token_id=c["eos_token_id"])
-    except KeyError as e:
-        raise ValueError(f"{path} has no {e.args[0]!r}: not a complete {kind} config") from None
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
 
 
-def build_model(cfg):
-    return (LLaDA if isinstance(cfg, LLaDAConfig) else Dream)(cfg)
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
 
 
-def read_state_dict(folder, device, dtype):
-    """The published layout: model.safetensors.index.json + shards, a single model.safetensors, or a
-    pytorch_model.bin. Each file is cast and moved as soon as it is read, so peak host memory stays near one
-    shard over the result."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
-        if not files:
-            raise ValueError(f"{index} lists no weight files (no weight_map)")
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
-    else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json) or pytorch_model.bin")
-    sd = {}
-    for name in files:
-        sd.update({k: v.to(device=device, dtype=dtype) for k, v in read_weights(os.path.join(folder, name)).items()})
-    return sd
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
 
 
 # Qwen2's pre-tokenizer (Dream's tokenization_dream.py is Qwen2's tokenizer): contractions, letters, single digits,
@@ -585,6 +910,67 @@ def qwen2_tokenizer(folder):
     return tok
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 7. Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------
+# The published folders, under our key names (no renames): GSAI-ML/LLaDA-8B-*: config.json (OLMo-style field
+# names, model_type "llada"), model.safetensors.index.json + shards, tokenizer.json. Dream-org/Dream-v0-*-7B:
+# config.json (Qwen2 field names, model_type "Dream"), index + shards, and the slow tokenizer's vocab.json +
+# merges.txt + tokenizer_config.json.
+
+
+def config_from_json(path):
+    """A published config.json -> LLaDAConfig (model_type "llada") or DreamConfig ("Dream"); one sentence for
+    anything this file does not implement."""
+    c = read_json(path)
+    kind = c.get("model_type") if isinstance(c, dict) else type(c).__name__
+    if kind not in ("llada", "Dream"):
+        raise ValueError(f"{os.path.dirname(path) or '.'} holds a {kind!r} checkpoint, not LLaDA or Dream "
+                         f"(config.json model_type must be 'llada' or 'Dream')")
+    unsupported = ({"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
+                    "alibi": False, "weight_tying": False, "include_bias": False, "attention_layer_norm": False}
+                   if kind == "llada" else
+                   {"hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
+                    "rope_scaling": None})
+    for key, want in unsupported.items():
+        if key in c and c[key] != want:
+            raise ValueError(f"{path} has {key}={c[key]!r}; this implementation supports only {want!r}")
+    try:
+        if kind == "Dream":
+            return DreamConfig(**{f.name: c[f.name] for f in fields(DreamConfig)})
+        if c.get("n_kv_heads", c["n_heads"]) != c["n_heads"]:
+            raise ValueError(f"{path} has n_kv_heads != n_heads; LLaDA checkpoints use plain multi-head "
+                             "attention")
+        return LLaDAConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
+                           mlp_hidden_size=c["mlp_hidden_size"], vocab_size=c.get("embedding_size") or c["vocab_size"],
+                           rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
+                           max_sequence_length=c["max_sequence_length"], mask_token_id=c["mask_token_id"],
+                           eos_token_id=c["eos_token_id"])
+    except KeyError as e:
+        raise ValueError(f"{path} has no {e.args[0]!r}: not a complete {kind} config") from None
+
+
+def read_state_dict(folder, device, dtype):
+    """The published layout: model.safetensors.index.json + shards, a single model.safetensors, or a
+    pytorch_model.bin. Each file is cast and moved as soon as it is read, so peak host memory stays near one
+    shard over the result."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
+        if not files:
+            raise ValueError(f"{index} lists no weight files (no weight_map)")
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json) or pytorch_model.bin")
+    sd = {}
+    for name in files:
+        sd.update({k: v.to(device=device, dtype=dtype) for k, v in read_weights(os.path.join(folder, name)).items()})
+    return sd
+
+
 def load_checkpoint(folder, config=None, *, device="cpu", dtype=torch.float32):
     """Load a published LLaDA or Dream folder as downloaded -> (model in eval mode, tokenizer or None when the
     folder has none). `config` (a LLaDAConfig, a DreamConfig or a preset name) replaces the folder's config.json."""
@@ -608,57 +994,8 @@ def load_checkpoint(folder, config=None, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Training
+# 8. Pipeline: chat templates, answer (text -> tokens -> generate -> text), the sampler's argument checks
 # ----------------------------------------------------------------------------------------------------------
-# The masked-diffusion loss: LLaDA Eq. 3 for pre-training, Eq. 5 for SFT (the prompt is never masked).
-
-
-def forward_process(x0, mask_id, eps=1e-3, prompt_lengths=None):
-    """Mask each token independently with probability p = (1-eps) t + eps, t ~ U(0,1) per sequence.
-    For SFT (prompt_lengths given) the prompt is never masked. Returns the noisy batch and p broadcast to (B, L)."""
-    B, L = x0.shape
-    t = torch.rand(B, device=x0.device)
-    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
-    noisy = torch.where(torch.rand(B, L, device=x0.device) < p_mask, mask_id, x0)
-    if prompt_lengths is not None:
-        is_prompt = torch.arange(L, device=x0.device)[None] < prompt_lengths[:, None]
-        noisy = torch.where(is_prompt, x0, noisy)
-    return noisy, p_mask
-
-
-def diffusion_loss(logits, x0, noisy, p_mask, mask_id, prompt_lengths=None):
-    """Monte-Carlo ELBO: sum over masked tokens of CE / p.
-    Pre-training divides by B*L (every token slot); SFT divides each row by its answer length (EOS padding included)
-    and then by B."""
-    masked = noisy == mask_id  # (B, L)
-    ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none") / p_mask[masked]
-    if prompt_lengths is None:
-        return ce.sum() / x0.numel()
-    answer_len = (x0.shape[1] - prompt_lengths)[:, None].expand_as(x0)  # (B, L)
-    return (ce / answer_len[masked]).sum() / x0.shape[0]
-
-
-# Copied from dcae.py: ddp_setup
-def ddp_setup(device="cpu"):
-    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
-    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
-    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Sampler
-# ----------------------------------------------------------------------------------------------------------
-# `generate` takes one prompt or a batch. Prompts of different lengths are left-padded (`left_pad`), so every row's
-# answer occupies the same columns and the blocks line up; the padding is masked out of attention (section 2), so a
-# row gets exactly the tokens it gets alone. Rows that finish a block early wait, committing nothing, while the
-# others go on. (Upstream decodes one sequence at a time: its padding is not masked and its DualCache indexing
-# breaks for batch > 1, Fast-dLLM issues #17 and #57.)
 
 
 def chat_template(user_text):
@@ -680,96 +1017,18 @@ def encode_prompt(tokenizer, text, template=chat_template):
     return torch.tensor([tokenizer.encode(template(text), add_special_tokens=False).ids])
 
 
-def left_pad(prompts, pad_id):
-    """A (B, P) tensor, or a list of 1-D token sequences of any lengths -> (ids (B, P_max), pad (B,) or None).
-    Shorter prompts get pad_id tokens on the left; pad is None when no row is padded."""
-    if torch.is_tensor(prompts):
-        return prompts, None
-    rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
-    if not rows or min(len(r) for r in rows) == 0:
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(r) for r in rows)
-    pad = torch.tensor([width - len(r) for r in rows], device=rows[0].device)
-    ids = torch.stack([F.pad(r, (width - len(r), 0), value=pad_id) for r in rows])
-    return ids, (pad if pad.any() else None)
+def answer(model, tokenizer, text, template=None, **sampler):
+    """One prompt through the model: `template` (default: the published chat template of the model's family),
+    tokenize, `generate` with the `sampler` keyword arguments, decode -> (answer text, answer token ids (G,), number
+    of forwards)."""
+    template = template or (dream_chat_template if isinstance(model, Dream) else chat_template)
+    ids = encode_prompt(tokenizer, text, template).to(next(model.parameters()).device)  # (1, P)
+    out, nfe = generate(model, ids, **sampler)
+    gen = out[0, ids.shape[1]:]  # (G,): the answer, EOS padding included
+    return tokenizer.decode(gen.tolist(), skip_special_tokens=True), gen, nfe
 
 
-def add_gumbel_noise(logits, temperature):
-    """Gumbel-max in float64: argmax(exp(l) / (-log u)^T) samples softmax(l / T). T = 0 is plain argmax (no RNG)."""
-    if temperature == 0:
-        return logits
-    logits = logits.double()
-    u = torch.rand_like(logits)  # (B, L, V) float64
-    return logits.exp() / (-torch.log(u)) ** temperature
-
-
-def llada_candidates(logits, temperature=0.0, remasking="low_confidence"):
-    """LLaDA: logits (B, L, V) -> (confidence, candidate token), each (B, L). The candidate is the argmax of the
-    Gumbel-noised logits; the confidence its probability under the un-noised ones, in float64 (Fast-dLLM), or a
-    uniform draw (`random` remasking)."""
-    cand = add_gumbel_noise(logits, temperature).argmax(-1)
-    if remasking == "low_confidence":
-        conf = torch.softmax(logits.double(), dim=-1).gather(-1, cand[..., None])[..., 0]
-    elif remasking == "random":
-        conf = torch.rand(cand.shape, device=cand.device)
-    else:
-        raise ValueError(f"unknown remasking {remasking!r}; use low_confidence or random")
-    return conf, cand
-
-
-def dream_candidates(logits, alg="maskgit_plus", temperature=0.0):
-    """Dream's sample_tokens: logits (N, V) -> (confidence, candidate), each (N,). Softmax in the model's dtype.
-    Confidence: the candidate's probability (maskgit_plus, and the threshold rule), top-1 minus top-2 probability
-    (topk_margin), or the negative entropy (entropy, Dream's default)."""
-    if temperature > 0:
-        logits = logits / temperature
-    probs = torch.softmax(logits, dim=-1)
-    if temperature > 0:
-        cand = torch.distributions.Categorical(probs=probs).sample()
-        conf = probs.gather(-1, cand[..., None])[..., 0]
-    else:
-        conf, cand = probs.max(dim=-1)
-    if alg == "topk_margin":
-        top2 = probs.topk(2, dim=-1).values
-        conf = top2[..., 0] - top2[..., 1]
-    elif alg == "entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return conf, cand
-
-
-def quota_schedule(n_masked, steps):
-    """Tokens to commit per step inside a block: n // steps each, the first n % steps steps get one more (LLaDA's
-    linear schedule)."""
-    return [n_masked // steps + (i < n_masked % steps) for i in range(steps)]
-
-
-def commit(x, cand, conf, eligible, quota=None, threshold=None, factor=None):
-    """One decoding step on a window of the sequence: x, cand, conf, eligible (B, W) -> x with chosen positions
-    set to their candidates. Only `eligible` positions (MASKs of the current block) can be chosen. Per row:
-      quota      the `quota` most confident (an int, or one per row; LLaDA's fixed schedule, Dream's entropy one);
-      threshold  the most confident one plus every other with confidence >= threshold (Fast-dLLM Sec. 3.3);
-      factor     the longest sorted prefix with (n + 1)(1 - c_n) <= factor (later upstream code)."""
-    conf = torch.where(eligible, conf, -math.inf)
-    x = x.clone()
-    for j in range(x.shape[0]):
-        n = int(eligible[j].sum())
-        if n == 0:  # this row has finished the block: it waits for the others
-            continue
-        if quota is not None:
-            k = min(n, quota if isinstance(quota, int) else quota[j])
-        elif threshold is not None:
-            top = torch.topk(conf[j], n).values
-            k = max(1, int((top >= threshold).sum()))  # sorted, so ">= threshold" is a prefix; top-1 always goes
-        else:
-            top = torch.topk(conf[j], n).values
-            ok = top >= 1 - factor / torch.arange(2, n + 2, device=top.device)  # c_n >= 1 - f/(n+1), n 1-based
-            first_bad = next((i for i in range(1, n) if not ok[i]), n)
-            k = n if first_bad == n - 1 else first_bad  # upstream quirk: failing only at the last one commits all
-        idx = torch.topk(conf[j], k).indices
-        x[j, idx] = cand[j, idx]
-    return x
-
-
+# The sampler's argument checks: generate calls them, and the CLI before it loads anything.
 def check_sampler_args(gen_length, block_length, steps=None, cache="none", threshold=None, factor=None,
                        temperature=0.0, guidance=0.0, dream=False, alg="entropy"):
     """One sentence for sampler arguments that cannot work; generate and the CLI (before loading) call it."""
@@ -813,184 +1072,8 @@ def check_sampler_args(gen_length, block_length, steps=None, cache="none", thres
                          f"blocks): the block-start forward commits one token, the others the rest")
 
 
-@torch.no_grad()
-def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="none", threshold=None, factor=None,
-             temperature=0.0, remasking="low_confidence", guidance=0.0, alg="entropy", eps=1e-3):
-    """Masked-diffusion sampling with Fast-dLLM's cache and parallel decoding, for LLaDA and Dream.
-
-    prompt: (B, P) token ids, or a list of token sequences of different lengths (left-padded, see above).
-    The answer is gen_length MASKs split into blocks of block_length, decoded left to right; inside a block each
-    forward commits some MASK positions of that block (later blocks stay MASK but are visible to attention).
-      cache="none":   every step is a forward over the whole sequence (the baseline).
-      cache="prefix": the block's first step is a full forward whose keys/values of [0, s) are kept; later steps run
-                      only x[s:] (the block and every MASK after it) against that stale prefix.
-      cache="dual":   the full forward's keys/values of the whole sequence are kept; later steps run only the block
-                      x[s:e], overwriting the block's own cache rows, so the MASK suffix is never recomputed.
-    steps: total steps (default gen_length, one token per step); with threshold/factor they only have to divide by
-    the number of blocks. LLaDA only: factor, remasking, guidance (classifier-free, upstream's cfg_scale).
-    Dream only: alg (entropy, maskgit_plus, topk_margin: how confidence is measured without a threshold), eps (the
-    last timestep of its schedule); Dream with cache="none" runs Dream's own sampler, which has no blocks (see
-    generate_dream).
-    Returns (x (B, P_max + gen_length), nfe = number of (batched) forwards); every row's answer is
-    x[:, -gen_length:]."""
-    dream = isinstance(model, Dream)
-    check_sampler_args(gen_length, block_length, steps, cache, threshold, factor, temperature, guidance, dream, alg)
-    prompt, pad = left_pad(prompt, model.cfg.eos_token_id)
-    limit = model.cfg.max_position_embeddings if dream else model.cfg.max_sequence_length
-    if prompt.shape[1] + gen_length > limit:
-        raise ValueError(f"prompt + gen_length = {prompt.shape[1] + gen_length} tokens exceeds the model's "
-                         f"maximum sequence length {limit}")
-    mask = torch.full((prompt.shape[0], gen_length), model.cfg.mask_token_id, dtype=prompt.dtype, device=prompt.device)
-    x = torch.cat([prompt, mask], dim=1)
-    if dream:
-        return generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps)
-    return generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature,
-                          remasking, guidance)
-
-
-def generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature, remasking,
-                   guidance):
-    """LLaDA's semi-autoregressive sampler (ML-GSAI) and Fast-dLLM's cached / parallel versions of it."""
-    mask_id, P = model.cfg.mask_token_id, x.shape[1] - gen_length
-    num_blocks = gen_length // block_length
-    parallel = threshold is not None or factor is not None
-    steps = steps or (num_blocks if parallel else gen_length)
-    nfe = 0
-    for b in range(num_blocks):
-        s, e = P + b * block_length, P + (b + 1) * block_length  # current block [s, e)
-        quotas = quota_schedule(block_length, steps // num_blocks)
-        i, kv = 0, None
-        # Until the block has no MASK, checked before every forward (the @f6b35ec convention). The quota bound only
-        # matters if the model commits the MASK id itself (random weights can): the block then stays unfinished.
-        # With a threshold such a model would loop forever, as upstream does; trained models never predict MASK.
-        while (x[:, s:e] == mask_id).any() and (parallel or i < len(quotas)):
-            if cache == "none" or i == 0:  # full forward (for a cache: the refresh, fused with this step)
-                lo = 0
-                if guidance > 0:  # CFG: unconditional copy with the prompt masked, batched with the conditional one
-                    uncond = x.clone()
-                    uncond[:, :P] = mask_id
-                    both_pad = None if pad is None else torch.cat([pad, pad])
-                    cond_logits, uncond_logits = model(torch.cat([x, uncond]), pad=both_pad)[0].chunk(2)
-                    logits = uncond_logits + (guidance + 1) * (cond_logits - uncond_logits)
-                else:
-                    logits, kv = model(x, pad=pad)
-                if cache == "prefix":  # keep the prompt + finished blocks only
-                    kv = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
-            elif cache == "prefix":
-                lo = s
-                logits = model(x[:, s:], start=s, past=kv, pad=pad)[0]  # queries: the block and every later MASK
-            else:
-                lo = s
-                logits = model(x[:, s:e], start=s, past=kv, pad=pad)[0]  # queries: the block; its cache rows replaced
-            nfe += 1
-            win = x[:, lo:lo + logits.shape[1]]
-            pos = torch.arange(lo, lo + logits.shape[1], device=x.device)
-            eligible = (win == mask_id) & (pos >= s) & (pos < e)
-            conf, cand = llada_candidates(logits, temperature, remasking)
-            x[:, lo:lo + logits.shape[1]] = commit(win, cand, conf, eligible, None if parallel else quotas[i],
-                                                   threshold, factor)
-            i += 1
-    return x, nfe
-
-
-DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin")
-
-
-def dream_window(logits, win, mask_id, alg, temperature):
-    """(shifted) logits (B, W, V) and tokens win (B, W) -> eligible (the MASKs), Dream's confidence there (-inf
-    elsewhere) and candidate tokens (the current ones elsewhere), each (B, W)."""
-    eligible = win == mask_id
-    conf = torch.full(win.shape, -math.inf, device=win.device, dtype=logits.dtype)
-    cand = win.clone()
-    conf[eligible], cand[eligible] = dream_candidates(logits[eligible], alg, temperature)
-    return eligible, conf, cand
-
-
-def schedule_quota(eligible, timesteps, i):
-    """Dream's schedule, step i of len(timesteps) - 1: int(n (1 - t_{i+1} / t_i)) of each row's n MASKs, in float32
-    as upstream computes it, and all of them on the last step."""
-    n = eligible.sum(1).float()  # (B,)
-    last = i == len(timesteps) - 2
-    return [int(n_j) if last else int(n_j * (1 - timesteps[i + 1] / timesteps[i])) for n_j in n]
-
-
-def generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps):
-    """Dream's samplers. Logits are shifted right by one (Dream predicts the next token).
-    cache="none": Dream's own sampler (HKUNLP, generation_utils.py), no blocks. With timesteps t_i linearly from 1
-      to eps, step i commits int(n (1 - t_{i+1} / t_i)) of the n remaining MASKs (all on the last step), the most
-      confident by `alg`. With a threshold: each step starts with gen_length / steps tokens, keeps the top-1 and
-      those >= threshold, and carries the rejected ones to the next step; on the last step a rejection adds a step.
-    cache="prefix"/"dual": Fast-dLLM's Dream sampler (generation_utils_block.py). Each block starts with a full
-      forward that refreshes the cache and commits the block's first token greedily, whatever the threshold; then
-      cached forwards (at least one) until the block is full, by the threshold rule or by the schedule above within
-      the block (its t_1 .. t_{steps per block})."""
-    mask_id, P = model.cfg.mask_token_id, x.shape[1] - gen_length
-    B, nfe = x.shape[0], 0
-    if cache == "none":
-        steps = steps or (gen_length // block_length if threshold is not None else gen_length)
-        timesteps = torch.linspace(1, eps, steps + 1, device=x.device)
-        quota, carry, row_steps = [gen_length // steps] * B, [0] * B, [steps] * B
-        i = 0
-        while i < max(row_steps):
-            logits = shift_logits(model(x, pad=pad)[0])
-            nfe += 1
-            eligible, conf, cand = dream_window(logits, x, mask_id, alg if threshold is None else "maskgit_plus",
-                                                temperature)
-            if threshold is None:
-                x = commit(x, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
-            else:
-                for j in range(B):
-                    if i >= row_steps[j]:  # this row is done
-                        continue
-                    want, carry[j] = quota[j] + carry[j], 0
-                    top, idx = torch.topk(conf[j], want)
-                    keep = [idx[0]]
-                    for c, position in zip(top[1:], idx[1:]):
-                        if c >= threshold:
-                            keep.append(position)
-                        elif i < row_steps[j] - 1:  # rejected: carried to the next step
-                            carry[j] += 1
-                        else:  # rejected on the last step: one more step, from now on only the carried tokens
-                            quota[j], row_steps[j], carry[j] = 0, row_steps[j] + 1, carry[j] + 1
-                    keep = torch.stack(keep)
-                    x[j, keep] = cand[j, keep]
-            i += 1
-        return x, nfe
-    num_blocks = gen_length // block_length
-    steps_per_block = (steps or (num_blocks if threshold is not None else gen_length)) // num_blocks
-    timesteps = torch.linspace(1, eps, steps_per_block + 1, device=x.device)
-    for b in range(num_blocks):
-        s, e = P + b * block_length, P + (b + 1) * block_length
-        logits, kv = model(x, pad=pad)  # the block-start forward: refreshes the cache ...
-        nfe += 1
-        x[:, s] = dream_candidates(shift_logits(logits)[:, s], "maskgit_plus", temperature)[1]  # ... and commits s
-        if cache == "prefix":
-            kv = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
-        i = 1
-        while True:  # no completion check before the first cached forward (upstream)
-            if cache == "prefix":
-                logits = model(x[:, s:], start=s, past=kv, pad=pad)[0]
-            else:
-                logits = model(x[:, s:e], start=s, past=kv, pad=pad)[0]
-            nfe += 1
-            logits = shift_logits(logits)[:, :block_length]  # shifted within the window, as upstream
-            win = x[:, s:e]
-            eligible, conf, cand = dream_window(logits, win, mask_id, "entropy" if threshold is None else
-                                                "maskgit_plus", temperature)
-            if threshold is not None:
-                x[:, s:e] = commit(win, cand, conf, eligible, threshold=threshold)
-            elif i == steps_per_block:  # only if the model committed the MASK id itself; upstream stops here too
-                break
-            else:
-                x[:, s:e] = commit(win, cand, conf, eligible, quota=schedule_quota(eligible, timesteps, i))
-                i += 1
-            if not (x[:, s:e] == mask_id).any():
-                break
-    return x, nfe
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 7. Tiny default: sorting digits, train_tiny, load_tiny
+# 9. Tiny default: sorting digits, train_tiny, load_tiny
 # ----------------------------------------------------------------------------------------------------------
 # Sort 3..6 digits. Prompt "sort 8315=", answer "1358", then EOS padding up to the generation length (like an
 # LLaDA SFT answer). The answer always fits in the first 32-token block, so longer generation lengths only add
@@ -1093,15 +1176,7 @@ def train_tiny(seed=0, out=None, log=print, *, steps=TINY_STEPS, lr=2e-3, arch="
     t0 = time.time()
     for step in range(steps):
         x0, prompt_lengths = tiny_batch(rng, tok)
-        noisy, p_mask = forward_process(x0, cfg.mask_token_id, prompt_lengths=prompt_lengths)
-        logits = net(noisy)[0]
-        if arch == "dream":  # Dream predicts position i from its output at i - 1
-            logits = shift_logits(logits)
-        loss = diffusion_loss(logits, x0, noisy, p_mask, cfg.mask_token_id, prompt_lengths)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = training_step(net, opt, x0, prompt_lengths, cfg.mask_token_id, shifted=arch == "dream")
         sched.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
@@ -1158,48 +1233,17 @@ def tiny_accuracy(model, tok, problems, batch_size=1, **sampler_kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. CLI
+# 10. CLI
 # ----------------------------------------------------------------------------------------------------------
 # Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
 # --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
 # Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
 
 
-# Copied from dcae.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
+FAST_DLLM = dict(cache="dual", threshold=0.9)  # the sampler when no sampler flag is given: DualCache, threshold 0.9
 
 
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="LLaDA / Dream + Fast-dLLM: answer a prompt (a tiny sorting model "
                                             "without --ckpt)")
     p.add_argument("--prompt", help=f"the text to answer; the tiny models only sort {TINY_MIN_DIGITS} to "
@@ -1208,10 +1252,12 @@ def main(argv=None):
                                   "shards, tokenizer files); default: the tiny model of --arch")
     p.add_argument("--model", help=f"preset to use instead of the --ckpt folder's config.json: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: --gen-length, one token per step; with --threshold or --factor: "
+                   help="sampling steps (default: --gen-length, one token per step; with a threshold or --factor: "
                         "the number of blocks)")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance scale (default: 0, off; LLaDA with --cache none only)")
+                   help="classifier-free guidance g as the official LLaDA code's cfg_scale: logits l_c + g (l_c - l_u) "
+                        "from the conditional l_c and the prompt-masked l_u; 0 = off (default: 0; LLaDA with "
+                        "--cache none only)")
     p.add_argument("--seed", type=int, default=0, help="random seed (--temperature sampling; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
@@ -1219,85 +1265,102 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="with --train: train this many steps instead of the recipe's (a quick check)")
+    p.add_argument("--train-steps", type=int, default=None, metavar="N", help="with --train: N optimisation steps in "
+                   "each phase of the recipe in place of its own counts (a quick check)")
+    p.add_argument("--arch", choices=list(TINY_PRESETS), default=None,
+                   help="which tiny model to run or --train (default: llada); a --ckpt folder names its own")
     p.add_argument("--gen-length", type=int, default=None,
                    help="answer length in tokens (default: 32 tiny, 128 --ckpt)")
     p.add_argument("--block-length", type=int, default=32,
                    help="tokens per block, decoded left to right (default: %(default)s, at most --gen-length; "
                         "Dream with --cache none has no blocks)")
-    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
-                   help="Fast-dLLM's block-wise KV cache (default: none, the model's own baseline sampler)")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default=None,
+                   help="Fast-dLLM's block-wise KV cache; none runs the model's own baseline sampler (default: dual "
+                        "with --threshold 0.9, Fast-dLLM; give --cache, --threshold, --factor or --alg and only what "
+                        "they name runs, e.g. --cache none alone: the baseline)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="parallel decoding: commit every token at least this confident, in (0, 1], e.g. 0.9")
-    p.add_argument("--factor", type=float, default=None, help="parallel decoding by the factor rule, e.g. 1.0 (LLaDA)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
-    p.add_argument("--arch", choices=list(TINY_PRESETS), default=None,
-                   help="which tiny model to run or --train (default: llada); a --ckpt folder names its own")
-    p.add_argument("--alg", choices=DREAM_ALGS, default="entropy",
-                   help="Dream without --threshold: the confidence that orders the tokens (default: %(default)s)")
-    args = p.parse_args(argv)
+                   help="parallel decoding: commit every token at least this confident, in (0, 1] (default: see --cache)")
+    r = p.add_argument_group("research options")
+    r.add_argument("--factor", type=float, default=None, help="parallel decoding by the factor rule, e.g. 1.0 (LLaDA)")
+    r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    r.add_argument("--alg", choices=DREAM_ALGS, default=None,
+                   help="Dream without a threshold: the confidence that orders the tokens (default: entropy)")
+    return p
+
+
+def check_args(args):
+    """The flags of a --prompt run -> a namespace (tiny, config, prompt, template, sampler: generate's keyword
+    arguments); one sentence (ValueError, FileNotFoundError) for anything that cannot work, before any loading."""
+    tiny = not args.ckpt
+    if args.model and tiny:
+        raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
+    if args.arch and not tiny:
+        raise ValueError("--arch picks a tiny model; a --ckpt folder's config.json names its own family")
+    config = get_preset(args.model) if args.model else None
+    if args.prompt is None and not tiny:
+        raise ValueError("give --prompt: the text for the --ckpt model to answer")
+    prompt = TINY_EXAMPLE if args.prompt is None else args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if tiny:
+        check_tiny_prompt(prompt)
+    elif config is None and os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        config = config_from_json(os.path.join(args.ckpt, "config.json"))
+    dream = (args.arch or "llada") == "dream" if tiny else isinstance(config, DreamConfig)
+    gen_length = (32 if tiny else 128) if args.gen_length is None else args.gen_length
+    named = any(v is not None for v in (args.cache, args.threshold, args.factor, args.alg))
+    cache, threshold = (args.cache or "none", args.threshold) if named else (FAST_DLLM["cache"], FAST_DLLM["threshold"])
+    sampler = dict(gen_length=gen_length, block_length=min(args.block_length, gen_length), steps=args.steps,
+                   cache=cache, threshold=threshold, factor=args.factor, temperature=args.temperature,
+                   guidance=args.guidance, alg=args.alg or "entropy")
+    check_sampler_args(**sampler, dream=dream)
+    if not tiny and os.path.isdir(args.ckpt) and not any(
+            os.path.isfile(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json (nor a vocab.json + merges.txt)")
+    if args.out:
+        check_out_path(args.out, (".txt",))
+    template = tiny_template if tiny else dream_chat_template if dream else chat_template
+    return argparse.Namespace(tiny=tiny, config=config, prompt=prompt, template=template, sampler=sampler)
+
+
+def run_train(args):
+    """--train: retrain the tiny model of --arch, then report its held-out exact match (rank 0 under torchrun)."""
+    if args.train_steps is not None and args.train_steps < 1:
+        raise ValueError("--train-steps must be at least 1")
+    arch = args.arch or "llada"
+    out = args.train_out or TINY_PRESETS[arch][1]
+    check_out_path(out, (".safetensors",), "--train-out")
+    model, tok = train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, arch=arch)
+    if int(os.environ.get("RANK", "0")) == 0:
+        acc, _, _ = tiny_accuracy(model, tok, heldout_problems(200), gen_length=32, block_length=32)
+        print(f"held-out exact match (baseline sampler, 200 problems): {acc:.1%}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
-        arch = args.arch or "llada"
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            out = args.train_out or TINY_PRESETS[arch][1]
-            check_out_path(out, (".safetensors",), "--train-out")
-            model, tok = train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, arch=arch)
-            if int(os.environ.get("RANK", "0")) == 0:
-                acc, _, _ = tiny_accuracy(model, tok, heldout_problems(200), gen_length=32, block_length=32)
-                print(f"held-out exact match (baseline sampler, 200 problems): {acc:.1%}")
-            return
-        tiny = not args.ckpt
-        if args.model and tiny:
-            raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
-        if args.arch and not tiny:
-            raise ValueError("--arch picks a tiny model; a --ckpt folder's config.json names its own family")
-        config = get_preset(args.model) if args.model else None
-        if args.prompt is None and not tiny:
-            raise ValueError("give --prompt: the text for the --ckpt model to answer")
-        prompt = TINY_EXAMPLE if args.prompt is None else args.prompt
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        if tiny:
-            check_tiny_prompt(prompt)
-        elif config is None and os.path.isfile(os.path.join(args.ckpt, "config.json")):
-            config = config_from_json(os.path.join(args.ckpt, "config.json"))
-        dream = arch == "dream" if tiny else isinstance(config, DreamConfig)
-        gen_length = (32 if tiny else 128) if args.gen_length is None else args.gen_length
-        block_length = min(args.block_length, gen_length)
-        check_sampler_args(gen_length, block_length, args.steps, args.cache, args.threshold, args.factor,
-                           args.temperature, args.guidance, dream, args.alg)
-        if not tiny and os.path.isdir(args.ckpt) and not any(
-                os.path.isfile(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json")):
-            raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json (nor a vocab.json + merges.txt)")
-        if args.out:
-            check_out_path(args.out, (".txt",))
-        device, dtype = pick_device_dtype(args.device, args.dtype, tiny=tiny)
+            return run_train(args)
+        run = check_args(args)
+        device, dtype = pick_device_dtype(args.device, args.dtype, tiny=run.tiny)
         if args.prompt is None:
             print(f"prompt '{TINY_EXAMPLE}' (the tiny model's example; give --prompt to change it)")
-        if tiny:
-            model, tok = load_tiny(TINY_PRESETS[arch][1], device=device, dtype=dtype)
+        if run.tiny:
+            model, tok = load_tiny(TINY_PRESETS[args.arch or "llada"][1], device=device, dtype=dtype)
         else:
-            model, tok = load_checkpoint(args.ckpt, config, device=device, dtype=dtype)
-        template = tiny_template if tiny else dream_chat_template if dream else chat_template
-        ids = encode_prompt(tok, prompt, template).to(device)
+            model, tok = load_checkpoint(args.ckpt, run.config, device=device, dtype=dtype)
         torch.manual_seed(args.seed)
         t0 = time.time()
-        out, nfe = generate(model, ids, gen_length, block_length, args.steps, args.cache, args.threshold, args.factor,
-                            args.temperature, guidance=args.guidance, alg=args.alg)
+        text, gen, nfe = answer(model, tok, run.prompt, run.template, **run.sampler)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.time() - t0
-        gen = out[0, ids.shape[1]:].tolist()
-        n_tokens = sum(t != model.cfg.eos_token_id for t in gen)  # throughput excludes the EOS padding
-        answer = tok.decode(gen, skip_special_tokens=True)
-        print(answer)
+        n_tokens = int((gen != model.cfg.eos_token_id).sum())  # throughput excludes the EOS padding
+        print(text)
         print(f"[{nfe} forward passes, {n_tokens} tokens in {dt:.2f}s = {n_tokens / dt:.1f} tokens/s]")
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
-                f.write(answer + "\n")
+                f.write(text + "\n")
             print(f"wrote {args.out}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

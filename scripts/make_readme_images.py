@@ -1,6 +1,7 @@
 """The README's pictures of the tiny default models, written to assets/ (rerun after retraining a tiny model):
 
     python scripts/make_readme_images.py
+    python scripts/make_readme_images.py fast_dllm      # only assets/fast_dllm_tiny.png
 
 assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four seeds per row, 20 Flow-DPM steps at
                        the tiny model's default guidance; each row's caption and how many of its four images the
@@ -17,17 +18,22 @@ assets/sana_controlnet_tiny.png  the tiny ControlNet on the tiny SANA: one row p
                        same noise and caption)
 assets/hart_tiny.png   the tiny HART: one row per prompt, four seeds per row, its default guidance, with what the
                        scorer reads, as for the tiny SANA
+assets/fast_dllm_tiny.png  the tiny LLaDA answering 'sort 8315' block by block: one row per forward, one column per
+                       answer position (grey: MASK, orange: committed by this forward, '.': EOS); top, Fast-dLLM
+                       (DualCache + threshold 0.9, 128 tokens in 4 blocks of 32); below, the baseline sampler on
+                       32 tokens (one token per forward)
 """
 import os
 import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the root files; tests/shapes_score.py
 import dcae  # noqa: E402
+import fast_dllm  # noqa: E402
 import dcar  # noqa: E402
 import hart  # noqa: E402
 import sana  # noqa: E402
@@ -70,9 +76,89 @@ def seed_rows(generate, name):
     return rows
 
 
+def decoding_states(model, ids, **sampler):
+    """fast_dllm.generate on one prompt -> (the whole sequence (L,) after each forward, as rows, the final one last).
+    A wrapper records the sequence each forward starts from: the full x, or the x that a cached forward's window
+    (a view of it) belongs to."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg = model, model.cfg
+
+        def forward(self, x, *args, **kwargs):
+            seen.append((x if x._base is None else x._base)[0].clone())
+            return self.inner(x, *args, **kwargs)
+    out, nfe = fast_dllm.generate(Recorder(), ids, **sampler)
+    assert len(seen) == nfe
+    return seen[1:] + [out[0]]
+
+
+def decoding_panel(rows, prompt_len, block, mask_id, eos_id, tok, title, cell=13):
+    """rows (forwards x L) -> an image: one row per forward over the answer positions, blocks framed."""
+    font = ImageFont.load_default(cell - 2)
+    left, top = 86, 34
+    G = len(rows[0]) - prompt_len
+    img = Image.new("RGB", (left + G * cell + 2, top + len(rows) * cell + 2), "white")
+    d = ImageDraw.Draw(img)
+    d.text((2, 2), title, fill="black", font=ImageFont.load_default(13))
+    before = torch.full_like(rows[0], mask_id)
+    for r, row in enumerate(rows):
+        y = top + r * cell
+        d.text((2, y), f"forward {r + 1}", fill="black", font=font)
+        for j, t in enumerate(row[prompt_len:].tolist()):
+            x = left + j * cell
+            new = t != mask_id and before[prompt_len + j] == mask_id
+            fill = (150, 150, 150) if t == mask_id else (255, 170, 60) if new else (255, 255, 255)
+            d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill, outline=(215, 215, 215))
+            if t != mask_id:
+                d.text((x + cell // 2, y + cell // 2), "." if t == eos_id else tok.decode([t]), fill="black",
+                       font=font, anchor="mm")
+        before = row
+    for b in range(0, G + 1, block):  # block frames and names
+        x = left + b * cell
+        d.line((x, top - 4, x, top + len(rows) * cell), fill="black", width=2)
+        if b < G:
+            d.text((x + 3, top - 14), f"block {b // block + 1}", fill="black", font=font)
+    return img
+
+
+def fast_dllm_tiny():
+    """assets/fast_dllm_tiny.png: the tiny LLaDA decoding 'sort 8315' with Fast-dLLM, then with the baseline."""
+    model, tok = fast_dllm.load_tiny()
+    ids = fast_dllm.encode_prompt(tok, fast_dllm.TINY_EXAMPLE, fast_dllm.tiny_template)
+    cfg, P = model.cfg, ids.shape[1]
+    fast = decoding_states(model, ids, gen_length=128, block_length=32, cache="dual", threshold=0.9)
+    base = decoding_states(model, ids, gen_length=32, block_length=32, cache="none")
+    panels = [decoding_panel(fast, P, 32, cfg.mask_token_id, cfg.eos_token_id, tok,
+                             f"Fast-dLLM (DualCache + threshold 0.9): '{fast_dllm.TINY_EXAMPLE}', 128 tokens in "
+                             f"blocks of 32, {len(fast)} forwards"),
+              decoding_panel(base, P, 32, cfg.mask_token_id, cfg.eos_token_id, tok,
+                             f"baseline (--cache none): 32 tokens, {len(base)} forwards, one token each")]
+    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + 12), "white")
+    out.paste(panels[0], (0, 0))
+    out.paste(panels[1], (0, panels[0].height + 12))
+    d, font, x, y = ImageDraw.Draw(out), ImageFont.load_default(13), panels[1].width + 40, panels[0].height + 50
+    for i, (fill, text) in enumerate([((150, 150, 150), "MASK: not decoded yet"),
+                                      ((255, 170, 60), "committed by this forward"),
+                                      ((255, 255, 255), "committed by an earlier forward ('.' = EOS)")]):
+        d.rectangle((x, y + 22 * i, x + 12, y + 22 * i + 12), fill=fill, outline=(120, 120, 120))
+        d.text((x + 20, y + 22 * i - 1), text, fill="black", font=font)
+    d.text((x, y + 80), "Rows: the answer after each forward; columns: answer positions.\n"
+           "Fast-dLLM refreshes its DualCache once per block and commits every token\n"
+           "of the block whose confidence is at least 0.9 (and always the most confident).\n"
+           "The baseline commits one token per forward: the most confident MASK of the block.",
+           fill="black", font=font, spacing=6)
+    out.save(os.path.join(ASSETS, "fast_dllm_tiny.png"))
+    print(f"Fast-dLLM: {len(fast)} forwards for 128 tokens, the baseline {len(base)} for 32; wrote "
+          f"{ASSETS}/fast_dllm_tiny.png")
+
+
 def main():
     torch.set_num_threads(1)
     os.makedirs(ASSETS, exist_ok=True)
+    fast_dllm_tiny()
     pipe = sana.load_tiny()
     grid(seed_rows(lambda p, s: pipe.generate([p], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy(),
                    "SANA")).save(os.path.join(ASSETS, "sana_tiny.png"))
@@ -135,4 +221,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["fast_dllm"]:
+        torch.set_num_threads(1)
+        fast_dllm_tiny()
+    else:
+        main()
