@@ -11,23 +11,24 @@ images cheap:
   3. A small decoder-only LLM as the text encoder (Gemma-2, Sec. 2.3), prompted with a "complex human
      instruction". Training is rectified flow; sampling is the Flow-DPM-Solver with classifier-free guidance.
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-5 are the whole method; the rest can be skipped on first read):
   1. Config and presets: `SanaConfig`, one preset per published checkpoint
   2. Modules: RMSNorm, adaLN-single, ReLU linear self-attention, cross-attention, Mix-FFN, the SANA block
-  3. Model: `SanaTransformer`, the Linear DiT (module names = the diffusers checkpoint keys), and `SanaControlNet`,
-     the published HED ControlNets, in the original wiring and in diffusers' (they differ; see there)
-  4. Components, skip on first read: the Gemma-2 text encoder and the complex human instruction; the DC-AE and
-     the synthetic shapes data, copied from dcae.py; a Sobel edge map standing in for HED
-  5. Checkpoint loading: diffusers folders and the original NVlabs .pth (ControlNets too), strict key check
-  6. Training: the official initialization, SANA 1.5's depth growth, the flow-matching loss (runs under torchrun
-     too; with a ControlNet), the CAME optimizer and SANA 1.5's CAME-8bit
-  7. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, CFG, aspect-ratio bins, the `Sana` pipeline (with an
-     optional ControlNet), SANA 1.5's inference-time scaling (best of n by a judge's knockout tournament) and
-     depth pruning (block importance measured while sampling, prune_blocks)
-  8. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny`, `finetune_tiny`, `load_tiny` (any
-     depth: grown or pruned too); the judge of `--samples` (the shapes scorer); the tiny ControlNet
-     (`train_controlnet_tiny`, edge maps of the shapes scenes) and its metric, `control_iou`
-  9. CLI
+  3. Model: `SanaTransformer`, the Linear DiT (module names = the diffusers checkpoint keys)
+  4. Training: the official initialization and the flow-matching loss (the text encoder trained along, under
+     torchrun too)
+  5. Sampler: flow schedules, Flow-DPM-Solver and flow Euler, classifier-free guidance
+  6. Components, skip on first read: the Linear-attention kernel, the helpers copied from dcae.py, the Gemma-2 text
+     encoder and the complex human instruction, the DC-AE and the synthetic shapes data copied from dcae.py
+  7. Checkpoint loading: diffusers folders and the original NVlabs .pth, strict key check
+  8. Pipeline: aspect-ratio bins, the `Sana` pipeline (prompt -> text encoder -> sampler -> DC-AE decode)
+  9. Beyond the paper's core: SANA 1.5's CAME-8bit optimizer, depth growth, depth pruning and inference-time scaling
+     (best of n by a judge's knockout tournament; the tiny model's judge reads the shapes scenes); the published
+     HED ControlNets (`SanaControlNet`, in the original wiring and in diffusers', which differ), their loading and
+     the tiny ControlNet
+ 10. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny` (AdamW, or CAME), `finetune_tiny`,
+     `load_tiny` (any depth: grown or pruned too)
+ 11. CLI
 
 Run:
   python sana.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
@@ -35,6 +36,7 @@ Run:
   python sana.py --prompt "..." --ckpt DIR --height 768 --width 1344 --guidance 4.5 --sampler euler
   python sana.py --train                            # retrain the tiny default (weights/sana_tiny.safetensors)
   torchrun --nproc_per_node 2 sana.py --train --train-steps 20     # the same on 2 processes (DDP)
+  python sana.py --train --optimizer came8bit --train-out /tmp/came8bit.safetensors   # SANA 1.5's optimizer
   python sana.py --prompt "a cat" --ckpt Sana_600M_1024px_diffusers --controlnet Sana_600M_1024px_ControlNet_HED.pth \
       --control photo.png            # ControlNet: the layout of photo.png's edges (the .pth carries its base model)
   python sana.py --prompt "a white square on a red background" --samples 8    # SANA 1.5: the judge's pick of 8
@@ -52,12 +54,13 @@ Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels 
 Deviations from the official code: (1) the model follows diffusers' numerics (float timesteps for Euler, eps
 1e-15 in the linear attention) because the parity fixtures were produced with diffusers; (2) CFG dropout in
 training swaps in the encoded empty prompt (what inference uses as the unconditional input) instead of the
-original's learned null-caption buffer; (3) the tiny default trains with AdamW (CAME is here too:
-tests/bench_came.py compares them), no multi-scale bucketing; (4) the tiny default trains its text encoder with
-the DiT, so its y-norm starts at 1, not 0.01, and its output layer starts at zero, as DiT's, and half of each
-batch draws its flow time at shift 1 instead of the sampler's 3 (section 8, TINY_TRAIN_SHIFT); (5) the
-ControlNet's control image is a Sobel edge map, not HED's (a learned network; section 4), and its samples take a
-conditioning scale in the original wiring too (1 = the original, which has none).
+original's learned null-caption buffer; (3) the tiny default trains with AdamW by default (`--optimizer came` or
+`came8bit` for the official recipe's CAME and SANA 1.5's CAME-8bit; docs/sana.md compares them), no multi-scale
+bucketing; (4) the tiny default trains its text encoder with the DiT, so its y-norm starts at 1, not 0.01, and its
+output layer starts at zero, as DiT's, and half of each batch draws its flow time at shift 1 instead of the
+sampler's 3 (section 10, TINY_TRAIN_SHIFT); (5) the ControlNet's control image is a Sobel edge map, not HED's (a
+learned network; section 9), and its samples take a conditioning scale in the original wiring too (1 = the
+original, which has none).
 """
 import argparse
 import glob
@@ -81,40 +84,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
-
-
-# Copied from dcae.py: load_kernel
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WEIGHTS = os.path.join(HERE, "weights", "sana_tiny.safetensors")
@@ -162,15 +131,10 @@ PRESETS = {  # keys: the published checkpoint names (HF repos under Efficient-La
     "Sana_1600M_4Kpx_BF16": SanaConfig(**_1600M, sample_size=128, interpolation_scale=2.0, flow_shift=6.0),
     "SANA1.5_1.6B_1024px": SanaConfig(**_1600M, sample_size=32, qk_norm=True),
     "SANA1.5_4.8B_1024px": SanaConfig(**{**_1600M, "depth": 60}, sample_size=32, qk_norm=True),
-    # the tiny default (section 8): 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
+    # the tiny default (section 10): 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
     "tiny": SanaConfig(in_channels=4, out_channels=4, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
                        caption_channels=64, sample_size=8, patch_size=2, flow_shift=3.0),
 }
-# The published ControlNets (SanaControlNet, section 3), HED edge maps as the control: (the base model's config, the
-# ControlNet's: its first 7 blocks copied, the original's copy_blocks_num). Their .pth holds both models.
-CONTROLNET_PRESETS = {name: (PRESETS[base], replace(PRESETS[base], depth=7)) for name, base in [
-    ("Sana_600M_1024px_ControlNet_HED", "Sana_600M_1024px"),
-    ("Sana_1600M_1024px_BF16_ControlNet_HED", "Sana_1600M_1024px_BF16")]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,105 +379,385 @@ class SanaTransformer(nn.Module):
         return x.reshape(B, -1, h * p, w * p)
 
 
-# ControlNet (Zhang et al., arXiv 2302.05543) as SANA's code has it: a trainable copy of the frozen model's first n
-# blocks reads the noisy latent plus the control (the DC-AE latent of an edge map, x vae_scale); each copied block's
-# output goes through a zero-initialized Linear and is added to the base model's tokens. The same weights have two
-# wirings, and they are NOT the same function (so no key mapping makes one layout compute the other's output):
-#   original (NVlabs diffusion/model/nets/sana_multi_scale_controlnet.py, SanaMSControlNet.forward and
-#     ControlSanaMSBlock): the base model runs its block 0 first; control block 0 reads those tokens +
-#     before_proj(x_embedder(control)); x = blocks[i + 1](x + after_proj_i(control block i)) for i = 0..n-1, so sample
-#     i goes in right after base block i. The embedders are the base model's own. No conditioning scale (here it
-#     scales the samples in both wirings; 1 is the original).
-#   diffusers (src/diffusers/models/controlnets/controlnet_sana.py, SanaControlNetModel.forward, and the loop of
-#     SanaTransformer2DModel.forward): control block 0 reads patch_embed(x) + input_block(patch_embed(control)), not
-#     the base model's block-0 tokens, and sample i (x conditioning_scale) goes in right after base block i + 1;
-#     the ControlNet holds its own copies of the embedders.
-# diffusers' scripts/convert_sana_controlnet_to_diffusers.py maps the keys one to one (convert_original_controlnet,
-# section 5), so a converted .pth runs there with the diffusers wiring. Here each layout runs its own code's wiring:
-# a diffusers folder the diffusers one, an original .pth the original one.
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training
+# ----------------------------------------------------------------------------------------------------------
+# Rectified flow (paper sec. 2.4): x_sigma = (1 - sigma) x0 + sigma eps, and the model learns the velocity
+# v = eps - x0 at t = 1000 sigma. The optimizer and the loop are the tiny default's (section 10: AdamW, or the
+# official recipe's CAME, section 9).
 
 
-class SanaControlNet(nn.Module):
-    """Module names = diffusers' SanaControlNetModel keys; cfg.depth = the number of copied blocks (7 published)."""
+def initialize_weights(model, y_norm_scale=0.01):
+    """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
+    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs, and the
+    y_norm weight at y_norm_scale_factor = 0.01 (text tokens enter the cross-attention small and grow as
+    the model learns to read them). The convolutions of Mix-FFN keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(model.cfg.hidden_size, -1))
+    t = model.time_embed
+    for lin in (t.emb.timestep_embedder.linear_1, t.emb.timestep_embedder.linear_2, t.linear,
+                model.caption_projection.linear_1, model.caption_projection.linear_2):
+        nn.init.normal_(lin.weight, std=0.02)
+    nn.init.constant_(model.caption_norm.weight, y_norm_scale)
+    return model
 
-    def __init__(self, cfg, wiring="diffusers"):
+
+def shift_sigma(sigma, s):
+    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
+
+
+def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=1.0):
+    """One flow-matching loss. x0: (B, C, H, W) scaled latents; y: (B, L, Dy) text states, mask: (B, L).
+    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting), optionally moved
+    towards noise by the time shift, where the layout of the image is decided; a tuple of shifts is taken by the
+    batch's samples in turn (the tiny recipe's (3, 1), section 10). With probability uncond_prob a caption is
+    replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
+    B = x0.shape[0]
+    g = dict(generator=generator, device=x0.device)
+    drop = torch.rand(B, **g) < uncond_prob
+    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
+    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
+    shifts = torch.tensor(shift, dtype=torch.float32, device=x0.device).flatten()  # (S,)
+    u = torch.sigmoid(torch.randn(B, **g))  # (B,)
+    sigma = shift_sigma(u, shifts[torch.arange(B, device=x0.device) % len(shifts)])  # (B,)
+    eps = torch.randn(x0.shape, **g)
+    s = sigma[:, None, None, None]
+    x_t = (1 - s) * x0 + s * eps
+    v = model(x_t, 1000 * sigma, y, mask)  # the model sees t = 1000 sigma
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+class JointLoss(nn.Module):
+    """The text encoder and the DiT trained together, as one module whose forward returns the flow-matching
+    loss: DistributedDataParallel then sees one call per step. x0: (B, C, H, W); ids, mask: (B, T). shift: the
+    training time shift(s) (training_loss), by default the model's sampling shift."""
+
+    def __init__(self, transformer, text_encoder, shift=None):
         super().__init__()
-        if wiring not in ("diffusers", "original"):
-            raise ValueError(f"wiring must be 'diffusers' or 'original', not {wiring!r}")
-        self.cfg, self.wiring = cfg, wiring
-        D = cfg.hidden_size
-        self.patch_embed = PatchEmbed(cfg)  # embeds x and the control alike (original: the base's x_embedder)
-        self.time_embed = AdaLNSingle(D)
-        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
-        self.caption_norm = RMSNorm(D)
-        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])  # original: copied_block
-        self.input_block = nn.Linear(D, D)  # original: controlnet.0.before_proj
-        self.controlnet_blocks = nn.ModuleList([nn.Linear(D, D) for _ in range(cfg.depth)])  # original: after_proj
+        self.transformer, self.text_encoder = transformer, text_encoder
+        self.shift = transformer.cfg.flow_shift if shift is None else shift
 
-    @classmethod
-    def from_transformer(cls, transformer, depth, wiring="original"):
-        """The official initialization (ControlSanaMSBlock.initialize_all_and_copy_from_base): the blocks start as
-        the base model's first `depth` blocks, the embedders as its own, input_block and controlnet_blocks at zero, so
-        that the controlled model starts as the base model exactly."""
-        net = cls(replace(transformer.cfg, depth=depth), wiring)
-        own = net.state_dict()
-        net.load_state_dict({k: v for k, v in transformer.state_dict().items() if k in own}, strict=False)
-        for linear in [net.input_block, *net.controlnet_blocks]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
-        p = next(transformer.parameters())
-        return net.to(device=p.device, dtype=p.dtype)
-
-    def check(self, transformer):
-        """One sentence unless this ControlNet fits the base model `transformer`."""
-        base, own = transformer.cfg, self.cfg
-        for field in ("in_channels", "hidden_size", "caption_channels", "patch_size"):
-            if getattr(base, field) != getattr(own, field):
-                raise ValueError(f"the ControlNet does not fit the base model: its {field} is {getattr(own, field)}, "
-                                 f"the base model's {getattr(base, field)}")
-        if own.depth >= base.depth:
-            raise ValueError(f"a ControlNet of {own.depth} blocks needs a base model of more than {own.depth} blocks, "
-                             f"not {base.depth}")
-
-    def controls(self, x, t, y, control, mask=None, scale=1.0):
-        """What SanaTransformer.forward takes as `controls` in this wiring: the samples (diffusers), or the function
-        of the base model's tokens after its block 0 that returns them (original)."""
-        if self.wiring == "diffusers":
-            return self(x, t, y, control, mask, scale)
-        return lambda tokens: self(x, t, y, control, mask, scale, tokens)
-
-    def forward(self, x, t, y, control, mask=None, scale=1.0, tokens=None):
-        """x, t, y, mask: as SanaTransformer's; control: (B, C, H, W) the control latent; tokens: the original
-        wiring's input, the base model's tokens after its block 0 (B, N, D). Returns the n samples (B, N, D) x scale."""
-        B, _, H, W = x.shape
-        p = self.cfg.patch_size
-        if self.wiring == "original" and tokens is None:
-            raise ValueError("the original wiring reads the base model's tokens after its block 0: pass tokens")
-        h = self.patch_embed(x) if self.wiring == "diffusers" else tokens  # (B, N, D)
-        # input_block starts at zero, so training starts from the base model's input. (With a sincos PE, 2K/4K, the
-        # original would embed the control without it; the published ControlNets are 1024 px, without PE.)
-        h = h + self.input_block(self.patch_embed(control))
-        t6, _ = self.time_embed(t.expand(B))  # (B, 6D)
-        bias = None
-        if mask is not None:  # as in SanaTransformer.forward
-            if mask.any(dim=1).all():
-                L = int(mask.nonzero()[:, 1].max()) + 1
-                y, mask = y[:, :L], mask[:, :L]
-            bias = ((1 - mask.to(h.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
-        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
-        samples = []
-        for block, out in zip(self.transformer_blocks, self.controlnet_blocks):
-            h = block(h, y, bias, t6, (H // p, W // p))
-            samples.append(out(h) * scale)  # (B, N, D)
-        return samples
+    def forward(self, x0, ids, mask, null_ids, null_mask, generator):
+        te = self.text_encoder
+        return training_loss(self.transformer, x0, te(ids, mask), mask, te(null_ids, null_mask), null_mask,
+                             generator=generator, shift=self.shift)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Components: skip on first read
+# 5. Sampler
 # ----------------------------------------------------------------------------------------------------------
-# Not SANA's own ideas: the text encoder (the decoder stack of gemma-2-2b-it, whose last hidden state SANA reads,
-# prompted with the complex human instruction), then the DC-AE autoencoder (its decoder for sampling, its encoder
-# for the training latents) and the synthetic shapes data of the tiny default, both copied from dcae.py.
+# The flow ODE dx/dsigma = v, integrated from sigma ~ 1 (noise) to 0 (data), with classifier-free guidance.
+
+
+def flow_dpm_schedule(steps, shift):
+    """diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True): sigmas uniform in (0, 0.999], shifted,
+    then 0 appended; the model gets floor(1000 sigma) as an int64."""
+    sigma = shift_sigma(1 - torch.linspace(1, 1 / 1000, steps + 1, dtype=torch.float64), shift).flip(0)[:-1]
+    timesteps = (sigma * 1000).long()  # truncated: the first is 999, not 1000
+    return torch.cat([sigma, sigma.new_zeros(1)]).float(), timesteps
+
+
+def flow_euler_schedule(steps, shift):
+    """diffusers' FlowMatchEulerDiscreteScheduler(shift): linspace from 1 to the shifted 1/1000 of the training
+    grid, shifted again (a quirk), float timesteps 1000 sigma."""
+    sigma_min = shift_sigma(torch.tensor(1 / 1000, dtype=torch.float32), shift).item()
+    sigma = shift_sigma(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift).float()
+    return torch.cat([sigma, sigma.new_zeros(1)]), sigma * 1000
+
+
+def sample_flow_dpm(velocity, x, sigmas, timesteps, callback=None):
+    """Flow-DPM-Solver: DPM-Solver++(2M) (Lu et al. 2022, data prediction, midpoint) on alpha = 1 - sigma,
+    lambda = log(alpha / sigma), with x0 = x - sigma v. First and last steps are first order."""
+    lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf  # noqa: E731
+    x0_prev = None
+    for i, t in enumerate(timesteps):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0 = x - s * velocity(x, t)  # data prediction
+        h = lam(s_next) - lam(s)
+        D = x0
+        if x0_prev is not None and i < len(timesteps) - 1:  # 2nd order: extrapolate with the previous x0
+            r = (lam(s) - lam(sigmas[i - 1].item())) / h
+            D = x0 + 0.5 / r * (x0 - x0_prev)
+        x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D  # exact on the linear part of the ODE
+        x0_prev = x0
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample_flow_euler(velocity, x, sigmas, timesteps, callback=None):
+    for i, t in enumerate(timesteps):
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity(x, t)
+        if callback:
+            callback(i, x)
+    return x
+
+
+def guided_velocity(model, cond, uncond, scale):
+    """v = v_u + w (v_c - v_u) (CFG), one batched call in the order [uncond, cond]. cond/uncond: (y, mask)."""
+    y, mask = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
+
+    def velocity(x, t):
+        v_u, v_c = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device), y, mask).float().chunk(2)
+        return v_u + scale * (v_c - v_u)
+    return velocity
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# Not SANA's own ideas: the ReLU linear-attention kernel (kernels/linear_attention.py, loaded by path); the helpers
+# every file shares, copied from dcae.py; the text encoder (the decoder stack of gemma-2-2b-it, whose last hidden
+# state SANA reads, prompted with the complex human instruction); then the DC-AE autoencoder (its decoder for
+# sampling, its encoder for the training latents) and the synthetic shapes data of the tiny default, both copied
+# from dcae.py.
+
+
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+
+
+# Copied from dcae.py: get_preset
+def get_preset(name):
+    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
+    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
+    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+# Copied from dcae.py: DTYPES
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Copied from dcae.py: resolve_device
+def resolve_device(device=None):
+    """'cpu', 'cuda', 'cuda:N' or 'mps' as given (one sentence if this machine has no such device), or the first
+    available of cuda, mps, cpu when None or empty."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: PyTorch sees no Apple GPU (mps) on this machine")
+    elif kind != "cpu" or index:
+        raise ValueError(f"unknown device {str(device)[:40]!r}; use cpu, cuda, cuda:N or mps")
+    return str(device)
+
+
+# Copied from dcae.py: best_dtype
+def best_dtype(device):
+    """(dtype, why) for a device: bfloat16 on CUDA GPUs with bf16 tensor cores, float16 on older ones, float32
+    elsewhere (CPU bfloat16 is fast only with AVX512-BF16/AMX, and mps is safest in float32)."""
+    if str(device).startswith("cuda"):
+        major = torch.cuda.get_device_capability(device)[0]
+        return (torch.bfloat16, "bf16 tensor cores") if major >= 8 else (torch.float16, "GPU without bf16")
+    return torch.float32, f"the default on {str(device).split(':')[0]}"
+
+
+# Copied from dcae.py: resolve_dtype
+def resolve_dtype(dtype=None, device="cpu"):
+    """A torch dtype or its name (float32, bfloat16, float16); None or empty: the best for the device."""
+    if dtype is None or dtype == "":
+        return best_dtype(device)[0]
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# Copied from dcae.py: read_json
+def read_json(path):
+    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+
+
+# Copied from dcae.py: read_weights
+def read_weights(path):
+    """The tensors of one weights file: .safetensors, or a PyTorch file (.pth/.pt/.bin) read with
+    weights_only=True, which never runs code. One sentence naming the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' SafetensorError: a cut header or data section
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
+                             f"interrupted?") from None
+    with open(path, "rb") as f:
+        head = f.read(2)  # a legacy pickle starts with its protocol opcode 0x80, a zip with "PK"
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format
+    if not is_zip and head == b"PK":
+        raise ValueError(f"{path} is a zip archive cut short; was the download interrupted?")
+    if not (is_zip or head[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:  # a zip file is memory-mapped: a 10 GB checkpoint is not read into memory twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
+                             f"unpickling them could run code (re-save it as safetensors)") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:80].strip()}); was the "
+                         f"download interrupted?") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+# Copied from dcae.py: read_metadata
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# Copied from dcae.py: check_state_dict
+def check_state_dict(own, sd, source, what="the model"):
+    """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
+    mis-shaped keys (with both shapes) unless names and shapes match exactly."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k])})" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != tuple(own[k])]
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
+        raise ValueError(f"{source} does not fit {what}: " + "; ".join(p for p in parts if p))
+
+
+# Copied from dcae.py: load_state_dict_strict
+def load_state_dict_strict(model, sd, source):
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
+    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
+# Copied from dcae.py: load_image
+def load_image(path, multiple):
+    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
+    are scaled to 8 bits (Pillow would clip them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        img = Image.open(path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    w, h = img.size
+    W, H = w - w % multiple, h - h % multiple
+    if W == 0 or H == 0:
+        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
+    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
+        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
+        left, top = (w - W) // 2, (h - H) // 2
+        img = img.crop((left, top, left + W, top + H))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @dataclass
@@ -996,6 +1240,31 @@ class DCAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
+def dcae_config_from_diffusers(cfg):
+    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
+    n = len(cfg["encoder_block_out_channels"])
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
+
+    def blocks(types, scales):
+        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
+                     for t, s in zip(per_stage(types), scales))
+
+    return DCAEConfig(
+        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
+        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
+        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
+        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
+        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
+        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
+        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
+        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
+        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
+        scaling_factor=cfg.get("scaling_factor") or 1.0,
+    )
+
+
 # Copied from dcae.py: SHAPE_COLORS
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
                 "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
@@ -1075,170 +1344,14 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
-def edge_map(images, threshold=0.1):
-    """The control image of the HED ControlNets, standing in for HED (Xie & Tu, "Holistically-Nested Edge Detection",
-    ICCV 2015), a learned edge network whose weights are not downloadable here: the Sobel gradient magnitude of each
-    colour channel (the largest of the three: red on blue has almost no luminance edge), thresholded to white edges on
-    black, as the official app binarizes its HED map (get_scribble_map, which app/sana_controlnet_pipeline.py imports
-    from tools/controlnet/utils.py). The shapes scenes are flat colours with crisp edges, which this finds exactly;
-    on photographs it also keeps texture that HED would drop. images: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) in
-    {-1, 1}."""
-    B, C, H, W = images.shape
-    x = (images.float().reshape(B * C, 1, H, W) + 1) / 2  # each channel in [0, 1]
-    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4  # a unit step reads 1
-    kernels = torch.stack([sobel, sobel.T])[:, None].to(x)  # (2, 1, 3, 3): d/dx, d/dy
-    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)  # (B C, 2, H, W)
-    magnitude = g.norm(dim=1).view(B, C, H, W).amax(dim=1, keepdim=True)  # (B, 1, H, W)
-    return ((magnitude > threshold).float() * 2 - 1).expand(B, 3, H, W).to(images.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading
+# 7. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
 # diffusers: a pipeline folder (transformer/ text_encoder/ tokenizer/ vae/ scheduler/), each part a config.json
 #            plus safetensors (one file, shards with an index, or an fp16/bf16 variant). Our names are its names.
 # NVlabs:    one .pth per transformer, no config (the preset comes from the file name or `preset`), renamed on
 #            load and its fused q|k|v and k|v projections split (the mapping of diffusers' conversion script).
-#            A ControlNet's .pth holds its base model too.
-
-
-# Copied from dcae.py: get_preset
-def get_preset(name):
-    """The config of a published checkpoint by name; a Hugging Face repo id works too (the org/ prefix and a
-    -diffusers / _diffusers suffix are dropped). One sentence naming the known presets otherwise."""
-    key = str(name).split("/")[-1].removesuffix("-diffusers").removesuffix("_diffusers")
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {str(name)[:80]!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[key]
-
-
-# Copied from dcae.py: DTYPES
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# Copied from dcae.py: resolve_device
-def resolve_device(device=None):
-    """'cpu', 'cuda', 'cuda:N' or 'mps' as given (one sentence if this machine has no such device), or the first
-    available of cuda, mps, cpu when None or empty."""
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = str(device).partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine")
-        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif kind == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r}: PyTorch sees no Apple GPU (mps) on this machine")
-    elif kind != "cpu" or index:
-        raise ValueError(f"unknown device {str(device)[:40]!r}; use cpu, cuda, cuda:N or mps")
-    return str(device)
-
-
-# Copied from dcae.py: best_dtype
-def best_dtype(device):
-    """(dtype, why) for a device: bfloat16 on CUDA GPUs with bf16 tensor cores, float16 on older ones, float32
-    elsewhere (CPU bfloat16 is fast only with AVX512-BF16/AMX, and mps is safest in float32)."""
-    if str(device).startswith("cuda"):
-        major = torch.cuda.get_device_capability(device)[0]
-        return (torch.bfloat16, "bf16 tensor cores") if major >= 8 else (torch.float16, "GPU without bf16")
-    return torch.float32, f"the default on {str(device).split(':')[0]}"
-
-
-# Copied from dcae.py: resolve_dtype
-def resolve_dtype(dtype=None, device="cpu"):
-    """A torch dtype or its name (float32, bfloat16, float16); None or empty: the best for the device."""
-    if dtype is None or dtype == "":
-        return best_dtype(device)[0]
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-# Copied from dcae.py: read_json
-def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
-
-
-# Copied from dcae.py: read_weights
-def read_weights(path):
-    """The tensors of one weights file: .safetensors, or a PyTorch file (.pth/.pt/.bin) read with
-    weights_only=True, which never runs code. One sentence naming the file when it cannot be read."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found")
-    if path.endswith(".safetensors"):
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors' SafetensorError: a cut header or data section
-            raise ValueError(f"{path} is not a readable safetensors file ({e}); was the download "
-                             f"interrupted?") from None
-    with open(path, "rb") as f:
-        head = f.read(2)  # a legacy pickle starts with its protocol opcode 0x80, a zip with "PK"
-    is_zip = zipfile.is_zipfile(path)  # torch.save's format
-    if not is_zip and head == b"PK":
-        raise ValueError(f"{path} is a zip archive cut short; was the download interrupted?")
-    if not (is_zip or head[:1] == b"\x80"):
-        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    try:  # a zip file is memory-mapped: a 10 GB checkpoint is not read into memory twice
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...
-        if "Weights only load failed" in str(e):
-            raise ValueError(f"{path} holds pickled Python objects besides tensors; it was not loaded, since "
-                             f"unpickling them could run code (re-save it as safetensors)") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e)[:80].strip()}); was the "
-                         f"download interrupted?") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
-    return sd
-
-
-# Copied from dcae.py: read_metadata
-def read_metadata(path):
-    """The string metadata of a .safetensors file ({} when it has none)."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found")
-    try:
-        with safe_open(path, "pt") as f:
-            return f.metadata() or {}
-    except Exception as e:  # SafetensorError
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-
-
-# Copied from dcae.py: check_state_dict
-def check_state_dict(own, sd, source, what="the model"):
-    """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
-    mis-shaped keys (with both shapes) unless names and shapes match exactly."""
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k])})" for k in sorted(set(own) & set(sd))
-             if tuple(sd[k].shape) != tuple(own[k])]
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                 f"{len(wrong)} with another shape: {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source} does not fit {what}: " + "; ".join(p for p in parts if p))
-
-
-# Copied from dcae.py: load_state_dict_strict
-def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+# (The ControlNets, whose original .pth holds their base model too, load in section 9.)
 
 
 def load_safetensors_dir(folder):
@@ -1362,68 +1475,6 @@ def load_transformer(path, preset=None, *, device="cpu", dtype=torch.float32):
     return model.to(device=device, dtype=dtype).eval()
 
 
-# An original ControlNet .pth holds the whole base model plus controlnet.{i}.copied_block.* (block i's keys),
-# controlnet.0.before_proj.* and controlnet.{i}.after_proj.*: the mapping of diffusers'
-# scripts/convert_sana_controlnet_to_diffusers.py, whose ControlNet gets copies of the base model's embedders.
-CONTROLNET_RENAMES = [(r"^controlnet\.(\d+)\.copied_block\.", r"blocks.\1."),  # then the base blocks' renames
-                      (r"^controlnet\.0\.before_proj\.", "input_block."),
-                      (r"^controlnet\.(\d+)\.after_proj\.", r"controlnet_blocks.\1.")]
-SHARED_EMBEDDERS = ("patch_embed.", "time_embed.", "caption_projection.", "caption_norm.")
-
-
-def convert_original_controlnet(sd):
-    """An original ControlNet .pth state dict -> (the base model's, the ControlNet's) state dicts in our keys."""
-    ctrl = {}
-    for key, value in sd.items():
-        if key.startswith("controlnet."):
-            for pattern, repl in CONTROLNET_RENAMES:
-                key = re.sub(pattern, repl, key)
-            ctrl[key] = value
-    base = convert_original({k: v for k, v in sd.items() if not k.startswith("controlnet.")})
-    ctrl = convert_original(ctrl)  # the copied blocks' renames and q|k|v, k|v splits
-    ctrl.update({k: v.clone() for k, v in base.items() if k.startswith(SHARED_EMBEDDERS)})  # copies, not aliases
-    return base, ctrl
-
-
-def controlnet_preset_from_name(path):
-    """The ControlNet preset whose name is in the file name (longest match): Sana_600M_1024px_ControlNet_HED.pth."""
-    names = [n for n in CONTROLNET_PRESETS if n in os.path.basename(os.path.normpath(path))]
-    return max(names, key=len) if names else None
-
-
-def load_controlnet(path, preset=None, *, device="cpu", dtype=torch.float32):
-    """A published ControlNet -> (SanaControlNet, the base SanaTransformer it carries or None). A diffusers
-    SanaControlNetModel folder (or the pipeline folder above its controlnet/) holds the ControlNet alone and runs the
-    diffusers wiring; an original .pth holds the base model too (the official pipeline uses both) and runs the
-    original wiring. `preset` (a name in CONTROLNET_PRESETS) gives a .pth its architecture."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"ControlNet {path} does not exist")
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "controlnet")):
-            path = os.path.join(path, "controlnet")
-        c = read_json(os.path.join(path, "config.json"))
-        if c.get("_class_name") != "SanaControlNetModel":
-            raise ValueError(f"{path} holds a {c.get('_class_name') or 'model of unknown type'}, not a "
-                             f"SanaControlNetModel")
-        with torch.device("meta"):
-            controlnet = SanaControlNet(config_from_diffusers(c), wiring="diffusers")
-        load_state_dict_strict(controlnet, load_safetensors_dir(path), path)
-        return controlnet.to(device=device, dtype=dtype).eval(), None
-    preset = preset or controlnet_preset_from_name(path)
-    if preset not in CONTROLNET_PRESETS:
-        raise ValueError(f"cannot tell which ControlNet {path} is from its name: pass preset= (one of "
-                         f"{', '.join(CONTROLNET_PRESETS)})")
-    base_cfg, cfg = CONTROLNET_PRESETS[preset]
-    base_sd, sd = convert_original_controlnet(read_weights(path))
-    with torch.device("meta"):
-        controlnet, transformer = SanaControlNet(cfg, wiring="original"), SanaTransformer(base_cfg)
-    for model, part, what in ((controlnet, sd, "ControlNet"), (transformer, base_sd, "base model")):
-        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, part, path, f"the {preset} {what}")
-        model.load_state_dict(part, strict=True, assign=True)
-    return controlnet.to(device=device, dtype=dtype).eval(), transformer.to(device=device, dtype=dtype).eval()
-
-
 def gemma_config_from_json(c):
     """A transformers Gemma2 config.json -> Gemma2Config."""
     return Gemma2Config(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
@@ -1461,31 +1512,6 @@ def load_tokenizer(path):
         raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
 
 
-# Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
-def dcae_config_from_diffusers(cfg):
-    """`AutoencoderDC` config.json (diffusers) -> DCAEConfig."""
-    n = len(cfg["encoder_block_out_channels"])
-    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
-    assert list(cfg["encoder_block_out_channels"]) == list(cfg["decoder_block_out_channels"])
-
-    def blocks(types, scales):
-        return tuple(t if t == "ResBlock" else ("EViTS5" if 5 in s else "EViT")
-                     for t, s in zip(per_stage(types), scales))
-
-    return DCAEConfig(
-        latent_channels=cfg["latent_channels"], widths=tuple(cfg["encoder_block_out_channels"]),
-        encoder_depths=tuple(cfg["encoder_layers_per_block"]), decoder_depths=tuple(cfg["decoder_layers_per_block"]),
-        encoder_blocks=blocks(cfg["encoder_block_types"], cfg["encoder_qkv_multiscales"]),
-        decoder_blocks=blocks(cfg["decoder_block_types"], cfg["decoder_qkv_multiscales"]),
-        decoder_norms=tuple({"rms_norm": "rms", "batch_norm": "bn"}[x] for x in per_stage(cfg["decoder_norm_types"])),
-        decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_head_act=cfg.get("decoder_conv_act_fn", "relu"),
-        downsample=cfg["downsample_block_type"], upsample=cfg["upsample_block_type"],
-        encoder_out_shortcut=cfg.get("encoder_out_shortcut", True), decoder_in_shortcut=cfg.get("decoder_in_shortcut", True),
-        in_channels=cfg.get("in_channels", 3), head_dim=cfg.get("attention_head_dim", 32),
-        scaling_factor=cfg.get("scaling_factor") or 1.0,
-    )
-
-
 def read_vae_config(folder):
     """The DCAEConfig of a diffusers vae/ folder, from its config.json."""
     c = read_json(os.path.join(folder, "config.json"))
@@ -1519,101 +1545,135 @@ def pipeline_configs(folder):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training
+# 8. Pipeline
 # ----------------------------------------------------------------------------------------------------------
-# Rectified flow (paper sec. 2.4): x_sigma = (1 - sigma) x0 + sigma eps, and the model learns the velocity
-# v = eps - x0 at t = 1000 sigma.
+# Prompt -> Gemma-2 (with the complex human instruction) -> the sampler of section 5 on the transformer, with CFG
+# -> DC-AE decode; published models generate at their closest trained aspect ratio (the bins below).
 
 
-def initialize_weights(model, y_norm_scale=0.01):
-    """The official initialization for training from scratch (Sana.initialize_weights): xavier-uniform Linears
-    with zero bias, the patch embedding like a Linear, N(0, 0.02) for the timestep and caption MLPs, and the
-    y_norm weight at y_norm_scale_factor = 0.01 (text tokens enter the cross-attention small and grow as
-    the model learns to read them). The convolutions of Mix-FFN keep PyTorch's default."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(model.cfg.hidden_size, -1))
-    t = model.time_embed
-    for lin in (t.emb.timestep_embedder.linear_1, t.emb.timestep_embedder.linear_2, t.linear,
-                model.caption_projection.linear_1, model.caption_projection.linear_2):
-        nn.init.normal_(lin.weight, std=0.02)
-    nn.init.constant_(model.caption_norm.weight, y_norm_scale)
-    return model
+# Aspect-ratio bins of the diffusers pipelines (height, width), in units of 1/16 of the base side: the 2K and 4K
+# tables hold all 41 entries below; the 512 and 1024 tables lack the 7 in _NOT_IN_SMALL_BINS.
+_AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+            (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
+            (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
+            (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
+_NOT_IN_SMALL_BINS = {(8, 31), (8, 30), (26, 9), (28, 9), (29, 8), (30, 8), (31, 8)}
 
 
-def grow_depth(transformer, depth, preserve=None):
-    """SANA 1.5's model growth (paper Sec. 2.2, "partial preservation"): a deeper model whose first `preserve`
-    blocks (default: all of the trained model's) and every weight outside the blocks are copied from the trained
-    `transformer`; the other blocks are newly initialised (the official initialization). -> the new model."""
-    old = transformer.cfg.depth
-    preserve = old if preserve is None else preserve
-    if not (old < depth and 1 <= preserve <= old):
-        raise ValueError(f"cannot grow a {old}-block model to {depth} blocks preserving {preserve}")
-    grown = initialize_weights(SanaTransformer(replace(transformer.cfg, depth=depth)))
-    sd = {k: v for k, v in transformer.state_dict().items()
-          if not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < preserve}
-    grown.load_state_dict(sd, strict=False)  # the new blocks keep their initialization
-    p = next(transformer.parameters())
-    return grown.to(device=p.device, dtype=p.dtype)
+def aspect_ratio_bin(height, width, base):
+    """Snap (height, width) to the closest trained aspect ratio at base resolution base (512/1024/2048/4096)."""
+    bins = [hw for hw in _AR_BINS if base >= 2048 or hw not in _NOT_IN_SMALL_BINS]
+    best = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))  # first wins on ties
+    return best[0] * base // 16, best[1] * base // 16
 
 
-def shift_sigma(sigma, s):
-    return s * sigma / (1 + (s - 1) * sigma)  # more steps at high noise for bigger images (SD3 / SANA time shift)
+def generation_size(cfg, f, height, width, resolution_binning=True):
+    """The (height, width) in pixels the model generates for a request: with binning, a published model's
+    closest trained aspect ratio at its training resolution (the image is resized to the request after). f: the
+    pixels per token (the DC-AE's compression x the patch size); sample_size counts latent cells."""
+    base = cfg.sample_size * f // cfg.patch_size
+    if resolution_binning and base in (512, 1024, 2048, 4096):
+        return aspect_ratio_bin(height, width, base)
+    return height, width
 
 
-def training_loss(model, x0, y, mask, null_y, null_mask, generator=None, uncond_prob=0.1, shift=1.0):
-    """One flow-matching loss. x0: (B, C, H, W) scaled latents; y: (B, L, Dy) text states, mask: (B, L).
-    sigma ~ logit-normal(0, 1) (SD3's time sampling, the official "logit_normal" weighting), optionally moved
-    towards noise by the time shift, where the layout of the image is decided; a tuple of shifts is taken by the
-    batch's samples in turn (the tiny recipe's (3, 1), section 8). With probability uncond_prob a caption is
-    replaced by the unconditional one so the model also learns v(x, t, null) for CFG."""
-    B = x0.shape[0]
-    g = dict(generator=generator, device=x0.device)
-    drop = torch.rand(B, **g) < uncond_prob
-    y = torch.where(drop[:, None, None], null_y.expand_as(y), y)
-    mask = torch.where(drop[:, None], null_mask.expand_as(mask), mask)
-    shifts = torch.tensor(shift, dtype=torch.float32, device=x0.device).flatten()  # (S,)
-    u = torch.sigmoid(torch.randn(B, **g))  # (B,)
-    sigma = shift_sigma(u, shifts[torch.arange(B, device=x0.device) % len(shifts)])  # (B,)
-    eps = torch.randn(x0.shape, **g)
-    s = sigma[:, None, None, None]
-    x_t = (1 - s) * x0 + s * eps
-    v = model(x_t, 1000 * sigma, y, mask)  # the model sees t = 1000 sigma
-    return F.mse_loss(v.float(), (eps - x0).float())
+def check_size(height, width, f):
+    """The model makes images whose sides are multiples of f, the pixels per latent cell."""
+    if height <= 0 or width <= 0 or height % f or width % f:
+        raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
 
 
-class JointLoss(nn.Module):
-    """The text encoder and the DiT trained together, as one module whose forward returns the flow-matching
-    loss: DistributedDataParallel then sees one call per step. x0: (B, C, H, W); ids, mask: (B, T). shift: the
-    training time shift(s) (training_loss), by default the model's sampling shift."""
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+    """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
+    activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
+    float32 output image at the size asked."""
+    f = vae_cfg.compression * cfg.patch_size
+    gh, gw = generation_size(cfg, f, height, width)
+    size = torch.finfo(dtype).bits // 8
+    dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+                                for i, (c, kind, depth) in enumerate(stages) if depth > 0)
+    image = batch * 3 * height * width * 4
+    return 10 * max(dit, decode, image)
 
-    def __init__(self, transformer, text_encoder, shift=None):
-        super().__init__()
-        self.transformer, self.text_encoder = transformer, text_encoder
-        self.shift = transformer.cfg.flow_shift if shift is None else shift
 
-    def forward(self, x0, ids, mask, null_ids, null_mask, generator):
-        te = self.text_encoder
-        return training_loss(self.transformer, x0, te(ids, mask), mask, te(null_ids, null_mask), null_mask,
-                             generator=generator, shift=self.shift)
+@dataclass
+class Sana:
+    transformer: SanaTransformer
+    text_encoder: Gemma2
+    tokenizer: object  # tokenizers.Tokenizer
+    vae: DCAE
+    vae_scale: float = VAE_SCALE
+    chi: str = CHI  # None: no complex human instruction (the tiny default)
+    max_len: int = MAX_TEXT_LEN
+    guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+
+    @property
+    def compression(self):  # pixels per latent cell side
+        return self.vae.cfg.compression * self.transformer.cfg.patch_size
+
+    @torch.no_grad()
+    def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
+                 negative_prompt="", resolution_binning=True, model=None):
+        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
+        model(x, t, y, mask) -> v is the network the sampler calls, by default the transformer; a ControlNet
+        steers it from outside (control_model, section 9)."""
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty")
+        f, cfg = self.compression, self.transformer.cfg
+        check_size(height, width, f)
+        out_hw = (height, width)
+        height, width = generation_size(cfg, f, height, width, resolution_binning)
+        device = self.transformer.proj_out.weight.device
+        dtype = self.transformer.proj_out.weight.dtype
+        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
+        # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
+        uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
+                                chi=None)
+        cond, uncond = [(y.to(dtype), m) for y, m in (cond, uncond)]
+        a = self.vae.cfg.compression  # latent cells per pixel side (f / patch size)
+        x = torch.randn(len(prompts), cfg.in_channels, height // a, width // a, generator=generator,
+                        device=generator.device if generator else "cpu").to(device)  # fp32 latents
+        schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
+                           "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
+        sigmas, timesteps = schedule(steps, cfg.flow_shift)
+        model = model or self.transformer
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        x = solve(guided_velocity(lambda x, t, y, m: model(x.to(dtype), t, y, m), cond, uncond, scale), x, sigmas,
+                  timesteps)
+        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
+            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
+            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
+            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
+            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-class ControlLoss(nn.Module):
-    """The flow-matching loss of a frozen base model steered by a ControlNet, the part that trains. x0, control:
-    (B, C, H, W) scaled latents of the images and of their control images; y: (B, L, D) text states, mask: (B, L)."""
+def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/, and the
+    flow shift of scheduler/ when there is one."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
+    transformer = load_transformer(folder, preset or preset_from_name(folder), device=device, dtype=dtype)
+    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched):  # the flow shift the checkpoint ships with
+        s = read_json(sched)
+        transformer.cfg = replace(transformer.cfg, flow_shift=s.get("flow_shift") or s.get("shift") or 3.0)
+    return Sana(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
+                load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
+                load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
 
-    def __init__(self, transformer, controlnet):
-        super().__init__()
-        self.transformer, self.controlnet = transformer, controlnet
 
-    def forward(self, x0, control, y, mask, null_y, null_mask, generator):
-        def model(x, t, y, m):
-            return self.transformer(x, t, y, m, controls=self.controlnet.controls(x, t, y, control, m))
-        return training_loss(model, x0, y, mask, null_y, null_mask, generator=generator,
-                             shift=self.transformer.cfg.flow_shift)
+# ----------------------------------------------------------------------------------------------------------
+# 9. Beyond the paper's core: SANA 1.5's techniques and ControlNet
+# ----------------------------------------------------------------------------------------------------------
+# SANA 1.5 (arXiv 2501.18427) scales training and inference: an 8-bit optimizer (CAME-8bit), a deeper model grown
+# from a trained one (Sec. 2.2), depth pruning (Sec. 2.3) and inference-time scaling (Sec. 4). Each runs on the tiny
+# model (section 10: train_tiny(optimizer=...), grow_tiny, finetune_tiny, shapes_judge); docs/sana.md has what each
+# one measured. Then the published HED ControlNets, and the tiny one.
 
 
 class CAME(torch.optim.Optimizer):
@@ -1715,224 +1775,35 @@ class CAME(torch.optim.Optimizer):
         return (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
 
 
-# Copied from dcae.py: ddp_setup
-def ddp_setup(device="cpu"):
-    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
-    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
-    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), world
+def make_optimizer(name, params, lr):
+    """An optimizer by name: "adamw" (the tiny recipe's; fused, one kernel for all the parameters), "came" (the
+    official recipe's CAME) or "came8bit" (SANA 1.5's CAME-8bit)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    if name in ("came", "came8bit"):
+        return CAME(params, lr=lr, eight_bit=name == "came8bit")
+    raise ValueError(f"the optimizer must be adamw, came or came8bit, not {name!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Sampler
-# ----------------------------------------------------------------------------------------------------------
-# The flow ODE dx/dsigma = v, integrated from sigma ~ 1 (noise) to 0 (data), with classifier-free guidance.
-
-
-def flow_dpm_schedule(steps, shift):
-    """diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True): sigmas uniform in (0, 0.999], shifted,
-    then 0 appended; the model gets floor(1000 sigma) as an int64."""
-    sigma = shift_sigma(1 - torch.linspace(1, 1 / 1000, steps + 1, dtype=torch.float64), shift).flip(0)[:-1]
-    timesteps = (sigma * 1000).long()  # truncated: the first is 999, not 1000
-    return torch.cat([sigma, sigma.new_zeros(1)]).float(), timesteps
-
-
-def flow_euler_schedule(steps, shift):
-    """diffusers' FlowMatchEulerDiscreteScheduler(shift): linspace from 1 to the shifted 1/1000 of the training
-    grid, shifted again (a quirk), float timesteps 1000 sigma."""
-    sigma_min = shift_sigma(torch.tensor(1 / 1000, dtype=torch.float32), shift).item()
-    sigma = shift_sigma(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift).float()
-    return torch.cat([sigma, sigma.new_zeros(1)]), sigma * 1000
-
-
-def sample_flow_dpm(velocity, x, sigmas, timesteps, callback=None):
-    """Flow-DPM-Solver: DPM-Solver++(2M) (Lu et al. 2022, data prediction, midpoint) on alpha = 1 - sigma,
-    lambda = log(alpha / sigma), with x0 = x - sigma v. First and last steps are first order."""
-    lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf  # noqa: E731
-    x0_prev = None
-    for i, t in enumerate(timesteps):
-        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        x0 = x - s * velocity(x, t)  # data prediction
-        h = lam(s_next) - lam(s)
-        D = x0
-        if x0_prev is not None and i < len(timesteps) - 1:  # 2nd order: extrapolate with the previous x0
-            r = (lam(s) - lam(sigmas[i - 1].item())) / h
-            D = x0 + 0.5 / r * (x0 - x0_prev)
-        x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D  # exact on the linear part of the ODE
-        x0_prev = x0
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_flow_euler(velocity, x, sigmas, timesteps, callback=None):
-    for i, t in enumerate(timesteps):
-        x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity(x, t)
-        if callback:
-            callback(i, x)
-    return x
-
-
-def guided_velocity(model, cond, uncond, scale):
-    """v = v_u + w (v_c - v_u) (CFG), one batched call in the order [uncond, cond]. cond/uncond: (y, mask)."""
-    y, mask = torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])
-
-    def velocity(x, t):
-        v_u, v_c = model(torch.cat([x, x]), t.expand(2 * x.shape[0]).to(x.device), y, mask).float().chunk(2)
-        return v_u + scale * (v_c - v_u)
-    return velocity
-
-
-# Aspect-ratio bins of the diffusers pipelines (height, width), in units of 1/16 of the base side: the 2K and 4K
-# tables hold all 41 entries below; the 512 and 1024 tables lack the 7 in _NOT_IN_SMALL_BINS.
-_AR_BINS = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
-            (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
-            (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
-            (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
-_NOT_IN_SMALL_BINS = {(8, 31), (8, 30), (26, 9), (28, 9), (29, 8), (30, 8), (31, 8)}
-
-
-def aspect_ratio_bin(height, width, base):
-    """Snap (height, width) to the closest trained aspect ratio at base resolution base (512/1024/2048/4096)."""
-    bins = [hw for hw in _AR_BINS if base >= 2048 or hw not in _NOT_IN_SMALL_BINS]
-    best = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))  # first wins on ties
-    return best[0] * base // 16, best[1] * base // 16
-
-
-def generation_size(cfg, f, height, width, resolution_binning=True):
-    """The (height, width) in pixels the model generates for a request: with binning, a published model's
-    closest trained aspect ratio at its training resolution (the image is resized to the request after). f: the
-    pixels per token (the DC-AE's compression x the patch size); sample_size counts latent cells."""
-    base = cfg.sample_size * f // cfg.patch_size
-    if resolution_binning and base in (512, 1024, 2048, 4096):
-        return aspect_ratio_bin(height, width, base)
-    return height, width
-
-
-def check_size(height, width, f):
-    """The model makes images whose sides are multiples of f, the pixels per latent cell."""
-    if height <= 0 or width <= 0 or height % f or width % f:
-        raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
-
-
-def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
-    """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
-    activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
-    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
-    float32 output image at the size asked."""
-    f = vae_cfg.compression * cfg.patch_size
-    gh, gw = generation_size(cfg, f, height, width)
-    size = torch.finfo(dtype).bits // 8
-    dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
-    stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
-    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
-                                for i, (c, kind, depth) in enumerate(stages) if depth > 0)
-    image = batch * 3 * height * width * 4
-    return 10 * max(dit, decode, image)
-
-
-@dataclass
-class Sana:
-    transformer: SanaTransformer
-    text_encoder: Gemma2
-    tokenizer: object  # tokenizers.Tokenizer
-    vae: DCAE
-    vae_scale: float = VAE_SCALE
-    chi: str = CHI  # None: no complex human instruction (the tiny default)
-    max_len: int = MAX_TEXT_LEN
-    guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
-    controlnet: nn.Module = None  # a SanaControlNet, for generate(control=...)
-
-    @property
-    def compression(self):  # pixels per latent cell side
-        return self.vae.cfg.compression * self.transformer.cfg.patch_size
-
-    @torch.no_grad()
-    def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True, control=None, conditioning_scale=1.0):
-        """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
-        control: for self.controlnet, the control image (1 or B, 3, height, width) in [-1, 1] (white edges on black
-        for the HED models): as in the official pipelines it is resized to the generation size, encoded by the DC-AE
-        and scaled like the latents, and the ControlNet runs on both CFG halves (diffusers' SanaControlNetPipeline)."""
-        if any(not p.strip() for p in prompts):
-            raise ValueError("the prompt is empty")
-        f, cfg = self.compression, self.transformer.cfg
-        check_size(height, width, f)
-        out_hw = (height, width)
-        height, width = generation_size(cfg, f, height, width, resolution_binning)
-        device = self.transformer.proj_out.weight.device
-        dtype = self.transformer.proj_out.weight.dtype
-        if control is not None:
-            if self.controlnet is None:
-                raise ValueError("a control image needs a ControlNet: set pipe.controlnet")
-            self.controlnet.check(self.transformer)
-            if control.ndim != 4 or control.shape[0] not in (1, len(prompts)) or control.shape[1:] != (3, *out_hw):
-                raise ValueError(f"the control image must be (1 or {len(prompts)}, 3, {out_hw[0]}, {out_hw[1]}) for "
-                                 f"{len(prompts)} {out_hw[1]}x{out_hw[0]} image(s), not {tuple(control.shape)}")
-            if (height, width) != out_hw:  # binned: the control image is resized to the generation size
-                control = F.interpolate(control.float(), size=(height, width), mode="bilinear")
-            vae_dtype = next(self.vae.parameters()).dtype
-            control = self.vae.encode(control.to(device=device, dtype=vae_dtype)) * self.vae_scale  # (1|B, C, h, w)
-            control = control.to(dtype).expand(len(prompts), -1, -1, -1)
-        cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
-        # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
-        uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
-                                chi=None)
-        cond, uncond = [(y.to(dtype), m) for y, m in (cond, uncond)]
-        a = self.vae.cfg.compression  # latent cells per pixel side (f / patch size)
-        x = torch.randn(len(prompts), cfg.in_channels, height // a, width // a, generator=generator,
-                        device=generator.device if generator else "cpu").to(device)  # fp32 latents
-        schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
-                           "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
-        sigmas, timesteps = schedule(steps, cfg.flow_shift)
-
-        def model(x, t, y, m):  # x: both CFG halves [uncond, cond], each with the control
-            x, controls = x.to(dtype), None
-            if control is not None:
-                c = control.repeat(len(x) // len(control), 1, 1, 1)
-                controls = self.controlnet.controls(x, t, y, c, m, conditioning_scale)
-            return self.transformer(x, t, y, m, controls=controls)
-
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        x = solve(guided_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
-        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
-        if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
-            r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
-            img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
-            top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
-            img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
-        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-# SANA 1.5's inference-time scaling (paper Sec. 4): sample many candidates and let a judge pick the winner in
-# pairwise knockout rounds. The paper's judge is a VLM (VILA-Judge) asked whether an image matches the prompt;
-# any function that compares two images for a prompt can stand in.
-
-
-def tournament(candidates, prefer):
-    """Knockout rounds: candidates meet in pairs, the judge's preferred one of each pair goes on (an odd one out
-    passes free), until one is left. prefer(a, b) -> True when the judge prefers a (or has no preference)."""
-    while len(candidates) > 1:
-        odd = candidates[-1:] if len(candidates) % 2 else []
-        candidates = [a if prefer(a, b) else b for a, b in zip(candidates[0::2], candidates[1::2])] + odd
-    return candidates[0]
-
-
-def best_of_n(pipe, prompt, n, prefer, height, width, generator=None, **kw):
-    """n candidates for one prompt (n noises drawn from `generator`, one batch) -> the tournament's winner
-    (height, width, 3) uint8. prefer(a, b, prompt) is the judge; **kw goes to pipe.generate."""
-    images = list(pipe.generate([prompt] * n, height, width, generator=generator, **kw))
-    return tournament(images, lambda a, b: prefer(a, b, prompt))
+def grow_depth(transformer, depth, preserve=None):
+    """SANA 1.5's model growth (paper Sec. 2.2, "partial preservation"): a deeper model whose first `preserve`
+    blocks (default: all of the trained model's) and every weight outside the blocks are copied from the trained
+    `transformer`; the other blocks are newly initialised (the official initialization). -> the new model."""
+    old = transformer.cfg.depth
+    preserve = old if preserve is None else preserve
+    if not (old < depth and 1 <= preserve <= old):
+        raise ValueError(f"cannot grow a {old}-block model to {depth} blocks preserving {preserve}")
+    grown = initialize_weights(SanaTransformer(replace(transformer.cfg, depth=depth)))
+    sd = {k: v for k, v in transformer.state_dict().items()
+          if not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < preserve}
+    grown.load_state_dict(sd, strict=False)  # the new blocks keep their initialization
+    p = next(transformer.parameters())
+    return grown.to(device=p.device, dtype=p.dtype)
 
 
 # SANA 1.5's depth pruning (paper Sec. 2.3): a block whose output is close to its input adds little. Importance =
 # 1 - the mean cosine similarity between a block's input and output tokens over calibration prompts and times; the
-# least important blocks go, and a short fine-tune (section 8, finetune_tiny) recovers what they did.
+# least important blocks go, and a short fine-tune (section 10, finetune_tiny) recovers what they did.
 
 
 @torch.no_grad()
@@ -1967,35 +1838,349 @@ def prune_blocks(transformer, depth, importance):
     return keep
 
 
-def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
-    """A published diffusers pipeline folder as downloaded: transformer/ text_encoder/ tokenizer/ vae/, and the
-    flow shift of scheduler/ when there is one."""
+# SANA 1.5's inference-time scaling (paper Sec. 4): sample many candidates and let a judge pick the winner in
+# pairwise knockout rounds. The paper's judge is a VLM (VILA-Judge) asked whether an image matches the prompt;
+# any function that compares two images for a prompt can stand in.
+
+
+def tournament(candidates, prefer):
+    """Knockout rounds: candidates meet in pairs, the judge's preferred one of each pair goes on (an odd one out
+    passes free), until one is left. prefer(a, b) -> True when the judge prefers a (or has no preference)."""
+    while len(candidates) > 1:
+        odd = candidates[-1:] if len(candidates) % 2 else []
+        candidates = [a if prefer(a, b) else b for a, b in zip(candidates[0::2], candidates[1::2])] + odd
+    return candidates[0]
+
+
+def best_of_n(pipe, prompt, n, prefer, height, width, generator=None, **kw):
+    """n candidates for one prompt (n noises drawn from `generator`, one batch) -> the tournament's winner
+    (height, width, 3) uint8. prefer(a, b, prompt) is the judge; **kw goes to pipe.generate."""
+    images = list(pipe.generate([prompt] * n, height, width, generator=generator, **kw))
+    return tournament(images, lambda a, b: prefer(a, b, prompt))
+
+
+# ControlNet (Zhang et al., arXiv 2302.05543) as SANA's code has it: a trainable copy of the frozen model's first n
+# blocks reads the noisy latent plus the control (the DC-AE latent of an edge map, x vae_scale); each copied block's
+# output goes through a zero-initialized Linear and is added to the base model's tokens. The same weights have two
+# wirings, and they are NOT the same function (so no key mapping makes one layout compute the other's output):
+#   original (NVlabs diffusion/model/nets/sana_multi_scale_controlnet.py, SanaMSControlNet.forward and
+#     ControlSanaMSBlock): the base model runs its block 0 first; control block 0 reads those tokens +
+#     before_proj(x_embedder(control)); x = blocks[i + 1](x + after_proj_i(control block i)) for i = 0..n-1, so sample
+#     i goes in right after base block i. The embedders are the base model's own. No conditioning scale (here it
+#     scales the samples in both wirings; 1 is the original).
+#   diffusers (src/diffusers/models/controlnets/controlnet_sana.py, SanaControlNetModel.forward, and the loop of
+#     SanaTransformer2DModel.forward): control block 0 reads patch_embed(x) + input_block(patch_embed(control)), not
+#     the base model's block-0 tokens, and sample i (x conditioning_scale) goes in right after base block i + 1;
+#     the ControlNet holds its own copies of the embedders.
+# diffusers' scripts/convert_sana_controlnet_to_diffusers.py maps the keys one to one (convert_original_controlnet,
+# below), so a converted .pth runs there with the diffusers wiring. Here each layout runs its own code's wiring:
+# a diffusers folder the diffusers one, an original .pth the original one. The ControlNet never enters the sampler:
+# control_model wraps the transformer, and Sana.generate samples that (model=...).
+
+# The published ControlNets, HED edge maps as the control: (the base model's config, the ControlNet's: its first 7
+# blocks copied, the original's copy_blocks_num). Their .pth holds both models.
+CONTROLNET_PRESETS = {name: (PRESETS[base], replace(PRESETS[base], depth=7)) for name, base in [
+    ("Sana_600M_1024px_ControlNet_HED", "Sana_600M_1024px"),
+    ("Sana_1600M_1024px_BF16_ControlNet_HED", "Sana_1600M_1024px_BF16")]}
+
+
+class SanaControlNet(nn.Module):
+    """Module names = diffusers' SanaControlNetModel keys; cfg.depth = the number of copied blocks (7 published)."""
+
+    def __init__(self, cfg, wiring="diffusers"):
+        super().__init__()
+        if wiring not in ("diffusers", "original"):
+            raise ValueError(f"wiring must be 'diffusers' or 'original', not {wiring!r}")
+        self.cfg, self.wiring = cfg, wiring
+        D = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg)  # embeds x and the control alike (original: the base's x_embedder)
+        self.time_embed = AdaLNSingle(D)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.caption_norm = RMSNorm(D)
+        self.transformer_blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])  # original: copied_block
+        self.input_block = nn.Linear(D, D)  # original: controlnet.0.before_proj
+        self.controlnet_blocks = nn.ModuleList([nn.Linear(D, D) for _ in range(cfg.depth)])  # original: after_proj
+
+    @classmethod
+    def from_transformer(cls, transformer, depth, wiring="original"):
+        """The official initialization (ControlSanaMSBlock.initialize_all_and_copy_from_base): the blocks start as
+        the base model's first `depth` blocks, the embedders as its own, input_block and controlnet_blocks at zero, so
+        that the controlled model starts as the base model exactly."""
+        net = cls(replace(transformer.cfg, depth=depth), wiring)
+        own = net.state_dict()
+        net.load_state_dict({k: v for k, v in transformer.state_dict().items() if k in own}, strict=False)
+        for linear in [net.input_block, *net.controlnet_blocks]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        p = next(transformer.parameters())
+        return net.to(device=p.device, dtype=p.dtype)
+
+    def check(self, transformer):
+        """One sentence unless this ControlNet fits the base model `transformer`."""
+        base, own = transformer.cfg, self.cfg
+        for field in ("in_channels", "hidden_size", "caption_channels", "patch_size"):
+            if getattr(base, field) != getattr(own, field):
+                raise ValueError(f"the ControlNet does not fit the base model: its {field} is {getattr(own, field)}, "
+                                 f"the base model's {getattr(base, field)}")
+        if own.depth >= base.depth:
+            raise ValueError(f"a ControlNet of {own.depth} blocks needs a base model of more than {own.depth} blocks, "
+                             f"not {base.depth}")
+
+    def controls(self, x, t, y, control, mask=None, scale=1.0):
+        """What SanaTransformer.forward takes as `controls` in this wiring: the samples (diffusers), or the function
+        of the base model's tokens after its block 0 that returns them (original)."""
+        if self.wiring == "diffusers":
+            return self(x, t, y, control, mask, scale)
+        return lambda tokens: self(x, t, y, control, mask, scale, tokens)
+
+    def forward(self, x, t, y, control, mask=None, scale=1.0, tokens=None):
+        """x, t, y, mask: as SanaTransformer's; control: (B, C, H, W) the control latent; tokens: the original
+        wiring's input, the base model's tokens after its block 0 (B, N, D). Returns the n samples (B, N, D) x scale."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if self.wiring == "original" and tokens is None:
+            raise ValueError("the original wiring reads the base model's tokens after its block 0: pass tokens")
+        h = self.patch_embed(x) if self.wiring == "diffusers" else tokens  # (B, N, D)
+        # input_block starts at zero, so training starts from the base model's input. (With a sincos PE, 2K/4K, the
+        # original would embed the control without it; the published ControlNets are 1024 px, without PE.)
+        h = h + self.input_block(self.patch_embed(control))
+        t6, _ = self.time_embed(t.expand(B))  # (B, 6D)
+        bias = None
+        if mask is not None:  # as in SanaTransformer.forward
+            if mask.any(dim=1).all():
+                L = int(mask.nonzero()[:, 1].max()) + 1
+                y, mask = y[:, :L], mask[:, :L]
+            bias = ((1 - mask.to(h.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
+        samples = []
+        for block, out in zip(self.transformer_blocks, self.controlnet_blocks):
+            h = block(h, y, bias, t6, (H // p, W // p))
+            samples.append(out(h) * scale)  # (B, N, D)
+        return samples
+
+
+def control_model(pipe, controlnet, control, height, width, scale=1.0, resolution_binning=True):
+    """pipe.transformer steered by `controlnet`, as the network Sana.generate(..., model=) samples with. control: the
+    control image (1 or B, 3, height, width) in [-1, 1] for B prompts of height x width pixels (white edges on black
+    for the HED models). As in the official pipelines it is resized to the generation size, encoded by the DC-AE and
+    scaled like the latents, and the ControlNet runs on both CFG halves (diffusers' SanaControlNetPipeline)."""
+    controlnet.check(pipe.transformer)
+    if control.ndim != 4 or control.shape[1:] != (3, height, width):
+        raise ValueError(f"the control image must be (1 or one per prompt, 3, {height}, {width}) for {width}x{height} "
+                         f"images, not {tuple(control.shape)}")
+    f = pipe.compression
+    check_size(height, width, f)
+    size = generation_size(pipe.transformer.cfg, f, height, width, resolution_binning)
+    if size != (height, width):  # binned: the control image is resized to the generation size
+        control = F.interpolate(control.float(), size=size, mode="bilinear")
+    weight, vae_dtype = pipe.transformer.proj_out.weight, next(pipe.vae.parameters()).dtype
+    with torch.no_grad():
+        c = pipe.vae.encode(control.to(device=weight.device, dtype=vae_dtype)) * pipe.vae_scale  # (1|B, C, H, W)
+    c = c.to(weight.dtype)
+
+    def model(x, t, y, mask):  # x: both CFG halves [uncond, cond] of B images each
+        if len(c) not in (1, len(x) // 2):
+            raise ValueError(f"{len(c)} control images for {len(x) // 2} prompts: give one, or one per prompt")
+        controls = controlnet.controls(x, t, y, c.repeat(len(x) // len(c), 1, 1, 1), mask, scale)
+        return pipe.transformer(x, t, y, mask, controls=controls)
+    return model
+
+
+class ControlLoss(nn.Module):
+    """The flow-matching loss of a frozen base model steered by a ControlNet, the part that trains. x0, control:
+    (B, C, H, W) scaled latents of the images and of their control images; y: (B, L, D) text states, mask: (B, L)."""
+
+    def __init__(self, transformer, controlnet):
+        super().__init__()
+        self.transformer, self.controlnet = transformer, controlnet
+
+    def forward(self, x0, control, y, mask, null_y, null_mask, generator):
+        def model(x, t, y, m):
+            return self.transformer(x, t, y, m, controls=self.controlnet.controls(x, t, y, control, m))
+        return training_loss(model, x0, y, mask, null_y, null_mask, generator=generator,
+                             shift=self.transformer.cfg.flow_shift)
+
+
+def edge_map(images, threshold=0.1):
+    """The control image of the HED ControlNets, standing in for HED (Xie & Tu, "Holistically-Nested Edge Detection",
+    ICCV 2015), a learned edge network whose weights are not downloadable here: the Sobel gradient magnitude of each
+    colour channel (the largest of the three: red on blue has almost no luminance edge), thresholded to white edges on
+    black, as the official app binarizes its HED map (get_scribble_map, which app/sana_controlnet_pipeline.py imports
+    from tools/controlnet/utils.py). The shapes scenes are flat colours with crisp edges, which this finds exactly;
+    on photographs it also keeps texture that HED would drop. images: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) in
+    {-1, 1}."""
+    B, C, H, W = images.shape
+    x = (images.float().reshape(B * C, 1, H, W) + 1) / 2  # each channel in [0, 1]
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4  # a unit step reads 1
+    kernels = torch.stack([sobel, sobel.T])[:, None].to(x)  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)  # (B C, 2, H, W)
+    magnitude = g.norm(dim=1).view(B, C, H, W).amax(dim=1, keepdim=True)  # (B, 1, H, W)
+    return ((magnitude > threshold).float() * 2 - 1).expand(B, 3, H, W).to(images.dtype)
+
+
+# An original ControlNet .pth holds the whole base model plus controlnet.{i}.copied_block.* (block i's keys),
+# controlnet.0.before_proj.* and controlnet.{i}.after_proj.*: the mapping of diffusers'
+# scripts/convert_sana_controlnet_to_diffusers.py, whose ControlNet gets copies of the base model's embedders.
+CONTROLNET_RENAMES = [(r"^controlnet\.(\d+)\.copied_block\.", r"blocks.\1."),  # then the base blocks' renames
+                      (r"^controlnet\.0\.before_proj\.", "input_block."),
+                      (r"^controlnet\.(\d+)\.after_proj\.", r"controlnet_blocks.\1.")]
+SHARED_EMBEDDERS = ("patch_embed.", "time_embed.", "caption_projection.", "caption_norm.")
+
+
+def convert_original_controlnet(sd):
+    """An original ControlNet .pth state dict -> (the base model's, the ControlNet's) state dicts in our keys."""
+    ctrl = {}
+    for key, value in sd.items():
+        if key.startswith("controlnet."):
+            for pattern, repl in CONTROLNET_RENAMES:
+                key = re.sub(pattern, repl, key)
+            ctrl[key] = value
+    base = convert_original({k: v for k, v in sd.items() if not k.startswith("controlnet.")})
+    ctrl = convert_original(ctrl)  # the copied blocks' renames and q|k|v, k|v splits
+    ctrl.update({k: v.clone() for k, v in base.items() if k.startswith(SHARED_EMBEDDERS)})  # copies, not aliases
+    return base, ctrl
+
+
+def controlnet_preset_from_name(path):
+    """The ControlNet preset whose name is in the file name (longest match): Sana_600M_1024px_ControlNet_HED.pth."""
+    names = [n for n in CONTROLNET_PRESETS if n in os.path.basename(os.path.normpath(path))]
+    return max(names, key=len) if names else None
+
+
+def load_controlnet(path, preset=None, *, device="cpu", dtype=torch.float32):
+    """A published ControlNet -> (SanaControlNet, the base SanaTransformer it carries or None). A diffusers
+    SanaControlNetModel folder (or the pipeline folder above its controlnet/) holds the ControlNet alone and runs the
+    diffusers wiring; an original .pth holds the base model too (the official pipeline uses both) and runs the
+    original wiring. `preset` (a name in CONTROLNET_PRESETS) gives a .pth its architecture."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    pipeline_configs(folder)  # the folder's layout and configs, checked before any weights are read
-    transformer = load_transformer(folder, preset or preset_from_name(folder), device=device, dtype=dtype)
-    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched):  # the flow shift the checkpoint ships with
-        s = read_json(sched)
-        transformer.cfg = replace(transformer.cfg, flow_shift=s.get("flow_shift") or s.get("shift") or 3.0)
-    return Sana(transformer, load_text_encoder(os.path.join(folder, "text_encoder"), device=device, dtype=dtype),
-                load_tokenizer(os.path.join(folder, "tokenizer", "tokenizer.json")),
-                load_vae(os.path.join(folder, "vae"), device=device, dtype=dtype))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ControlNet {path} does not exist")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "controlnet")):
+            path = os.path.join(path, "controlnet")
+        c = read_json(os.path.join(path, "config.json"))
+        if c.get("_class_name") != "SanaControlNetModel":
+            raise ValueError(f"{path} holds a {c.get('_class_name') or 'model of unknown type'}, not a "
+                             f"SanaControlNetModel")
+        with torch.device("meta"):
+            controlnet = SanaControlNet(config_from_diffusers(c), wiring="diffusers")
+        load_state_dict_strict(controlnet, load_safetensors_dir(path), path)
+        return controlnet.to(device=device, dtype=dtype).eval(), None
+    preset = preset or controlnet_preset_from_name(path)
+    if preset not in CONTROLNET_PRESETS:
+        raise ValueError(f"cannot tell which ControlNet {path} is from its name: pass preset= (one of "
+                         f"{', '.join(CONTROLNET_PRESETS)})")
+    base_cfg, cfg = CONTROLNET_PRESETS[preset]
+    base_sd, sd = convert_original_controlnet(read_weights(path))
+    with torch.device("meta"):
+        controlnet, transformer = SanaControlNet(cfg, wiring="original"), SanaTransformer(base_cfg)
+    for model, part, what in ((controlnet, sd, "ControlNet"), (transformer, base_sd, "base model")):
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, part, path, f"the {preset} {what}")
+        model.load_state_dict(part, strict=True, assign=True)
+    return controlnet.to(device=device, dtype=dtype).eval(), transformer.to(device=device, dtype=dtype).eval()
+
+
+# The tiny ControlNet: the shapes data gives the control for free, since each scene's edge map (edge_map, above) is
+# known. Trained by `python sana.py --train-controlnet` on the committed tiny SANA, which stays frozen.
+
+TINY_CONTROLNET_STEPS = 1000  # the recipe's
+
+
+def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CONTROLNET, log=print, *, depth=2,
+                          batch=32, lr=3e-3, n_images=4096, ema_decay=0.99, bf16=None, threads=2):
+    """SANA's ControlNet training on a tiny pipeline: the base model frozen (SanaMSControlNet.initialize_all freezes
+    it and trains the copied blocks and projections), the text encoder too; a ControlNet of `depth` copied blocks
+    (SanaControlNet.from_transformer, original wiring) learns the flow-matching loss on fresh shapes scenes whose
+    control is their edge map, encoded by the tiny DC-AE and scaled like the latents. Writes the ControlNet (its EMA
+    in fp16) to `out` unless None, and returns it."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    if bf16 is None:
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    t0 = time.time()
+    transformer, te = pipe.transformer.eval().requires_grad_(False), pipe.text_encoder.eval().requires_grad_(False)
+    controlnet = SanaControlNet.from_transformer(transformer, depth).train()
+    z, control, captions = [], [], []
+    with torch.no_grad():
+        for i in range(0, n_images, 256):  # scenes apart from train_tiny's and finetune_tiny's
+            x, caps = shapes_batch(min(256, n_images - i), seed=(seed + 2) * 1_000_003 + i)
+            z.append(pipe.vae.encode(x) * pipe.vae_scale)
+            control.append(pipe.vae.encode(edge_map(x)) * pipe.vae_scale)
+            captions += caps
+        ids, mask = tokenize(pipe.tokenizer, captions, TINY_TEXT_LEN)
+        null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
+        y, null_y = te(ids, mask), te(null_ids, null_mask)
+    log(f"encoded {n_images} scenes and their edge maps in {time.time() - t0:.0f}s")
+    fit(ControlLoss(transformer, controlnet), list(controlnet.parameters()),
+        (torch.cat(z), torch.cat(control), y, mask, null_y, null_mask), torch.Generator().manual_seed(seed), steps,
+        batch, lr, ema_decay, bf16, log, t0)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_file({k: v.half() for k, v in controlnet.state_dict().items()}, out,
+                  metadata={"depth": str(depth), "wiring": controlnet.wiring, "seed": str(seed), "steps": str(steps),
+                            "batch": str(batch), "lr": str(lr)})
+        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    return controlnet.eval()
+
+
+def load_tiny_controlnet(path=TINY_CONTROLNET, *, device="cpu", dtype=torch.float32):
+    """A tiny ControlNet written by `python sana.py --train-controlnet` (its depth and wiring in the metadata)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train-controlnet` to create it")
+    meta = read_metadata(path)
+    if not meta.get("depth", "").isdigit() or meta.get("wiring") not in ("diffusers", "original"):
+        raise ValueError(f"{path} is not a tiny ControlNet written by `python sana.py --train-controlnet` (its "
+                         f"metadata has no depth and wiring)")
+    controlnet = SanaControlNet(replace(PRESETS["tiny"], depth=int(meta["depth"])), meta["wiring"])
+    load_state_dict_strict(controlnet, read_weights(path), path)
+    return controlnet.to(device=device, dtype=dtype).eval()
+
+
+def object_mask(image):
+    """(H, W) bool: the pixels whose nearest shapes colour is not the background's, the most common one (as
+    read_scene reads a scene). image: (H, W, 3) uint8."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    labels = ((img[:, :, None] - _PALETTE) ** 2).sum(-1).argmin(-1)  # (H, W)
+    return labels != np.bincount(labels.ravel()).argmax()
+
+
+def control_iou(scene, generated):
+    """How well an image generated from a scene's edge map follows it: the IoU of the two object masks (1 when every
+    object pixel lands where the control put one). scene, generated: (H, W, 3) uint8."""
+    a, b = object_mask(scene), object_mask(generated)
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def steer_scenes(pipe, controlnet, x, captions, scale, seed=0, chunk=32):
+    """uint8 images (n, H, W, 3), one per shapes scene of x (n, 3, H, W) in [-1, 1]: its caption the prompt, its edge
+    map the control at conditioning scale `scale` (0: no control), 20 steps, the noise drawn from one generator chunk
+    by chunk (scripts/bench_sana_controlnet.py measures control_iou on them)."""
+    out, g = [], torch.Generator().manual_seed(seed)
+    H, W = x.shape[-2:]
+    for i in range(0, len(captions), chunk):
+        kw = dict(model=control_model(pipe, controlnet, edge_map(x[i:i + chunk]), H, W, scale)) if scale else {}
+        out.append(pipe.generate(captions[i:i + chunk], H, W, 20, None, g, **kw).numpy())
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Tiny default: shapes latents, train_tiny, load_tiny
+# 10. Tiny default: shapes latents, train_tiny, load_tiny
 # ----------------------------------------------------------------------------------------------------------
 # A DiT of width 192 x 4 blocks and a 2-layer Gemma-2, trained together from scratch on the synthetic shapes
-# captions (section 4) and the latents of the tiny DC-AE that dcae.py commits.
+# captions (section 6) and the latents of the tiny DC-AE that dcae.py commits.
 
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
 TINY_STEPS = 2800  # the recipe's
+TINY_GROW_STEPS = 400  # --grow's training steps (scripts/bench_sana_growth.py's)
+# the peak learning rate of each optimizer (make_optimizer): CAME, without Adam's bias correction, takes early steps
+# several times larger than Adam's at the same lr (docs/sana.md)
+TINY_LR = {"adamw": 3e-3, "came": 5e-4, "came8bit": 5e-4}
 # the training time shifts, taken by the batch's samples in turn: half the batch at the sampler's shift 3 (high noise,
-# where the layout and the count are decided), half at shift 1 (low noise, where edges and corners are). Prompt
-# fidelity on the README's prompts at 3,400 steps: 0.760 with shift 3 alone, 0.875 with the two (README, SANA)
+# where the layout and the count are decided), half at shift 1 (low noise, where edges and corners are); docs/sana.md
+# has what each choice scored
 TINY_TRAIN_SHIFT = (3.0, 1.0)
-TINY_GROW_STEPS = 400  # --grow's training steps (tests/bench_sana_growth.py's)
 TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + BOS
 TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
                     | {"on", "background"})  # the captions' vocabulary
@@ -2067,13 +2252,14 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
                 max_len=TINY_TEXT_LEN, guidance_scale=2.0)
 
 
-def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0):
-    """The tiny recipe's loop over data = (per-sample tensors (latents, ids, mask, ...), null ids, null mask): AdamW,
-    linear warmup then cosine decay to 10%, bf16 autocast (fp32 master weights), gradients clipped at 1, an EMA of the
-    weights, which ends in the parameters rounded to fp16 (what the weights file holds)."""
+def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0, optimizer="adamw"):
+    """The tiny recipe's loop over data = (per-sample tensors (latents, ids, mask, ...), null ids, null mask): the
+    optimizer named (make_optimizer: AdamW, CAME or CAME-8bit), linear warmup then cosine decay to 10%, bf16 autocast
+    (fp32 master weights), gradients clipped at 1, an EMA of the weights, which ends in the parameters rounded to fp16
+    (what the weights file holds)."""
     *samples, null_ids, null_mask = data
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)  # one kernel for all: 1.5 ms, not 6
+    opt = make_optimizer(optimizer, params, lr)
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
@@ -2094,17 +2280,19 @@ def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0):
             p.copy_(e.half())
 
 
-def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=128, lr=3e-3, n_images=12288,
-               ema_decay=0.995, bf16=None):
+def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=128, lr=None, n_images=12288,
+               ema_decay=0.995, bf16=None, optimizer="adamw"):
     """Trains the tiny DiT and the tiny Gemma-2 jointly (there is no pretrained tiny LM to freeze) on shapes
     latents, deterministically from the seed on 2 threads (the recipe's: the result depends on the thread count),
-    in bf16 autocast where the CPU computes bf16 natively (0.31 s a step against 0.41 in float32 on 2026-12-03's
-    machine), float32 elsewhere (`bf16` forces either). Under torchrun each rank draws its own batches and rank 0
-    writes the weights and the tokenizer beside them. Returns the pipeline, with the weights as saved, on every
-    rank."""
+    in bf16 autocast where the CPU computes bf16 natively (faster than float32 there), float32 elsewhere (`bf16`
+    forces either). optimizer: "adamw" (the recipe's), "came" or "came8bit" (SANA 1.5's), at lr (default: its
+    TINY_LR). Under torchrun each rank draws its own batches and rank 0 writes the weights and the tokenizer beside
+    them. Returns the pipeline, with the weights as saved, on every rank."""
+    if optimizer not in TINY_LR:
+        raise ValueError(f"the optimizer must be adamw, came or came8bit, not {optimizer!r}")
+    lr = TINY_LR[optimizer] if lr is None else lr
     rank, world = ddp_setup()
-    # the recipe's 2 threads, shared among the processes: more threads than cores stall OpenMP (2 processes x 2
-    # threads on 2 cores: 13 s a step instead of 0.6 s)
+    # the recipe's 2 threads, shared among the processes: more threads than cores stall OpenMP
     threads = max(1, 2 // world)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -2114,7 +2302,8 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
         bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         why = "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
     precision = f"{'bfloat16 autocast' if bf16 else 'float32'} ({why})"
-    log(f"training on cpu, {precision}, {threads} thread(s) per process, {world} process(es)")
+    log(f"training on cpu, {precision}, {threads} thread(s) per process, {world} process(es), {optimizer} at lr "
+        f"{lr:g}")
     torch.manual_seed(seed)
     t0 = time.time()
     vae = load_tiny_dcae()
@@ -2127,8 +2316,8 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
     # y_norm starts at 1, not 0.01: the official value scales the text encoder's gradients by 0.01 too, which
     # a frozen pretrained Gemma does not mind but the tiny one, trained from scratch with the DiT, does
     te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]), y_norm_scale=1.0)
-    # and the output layer starts at zero, as DiT's (the model starts by predicting v = 0): with lr 3e-3 instead of
-    # 1.4e-3, prompt fidelity after 1,300 steps went from 0.47 to 0.66
+    # and the output layer starts at zero, as DiT's (the model starts by predicting v = 0), which lets it train at
+    # the higher lr 3e-3 (docs/sana.md)
     nn.init.zeros_(model.proj_out.weight)
     nn.init.zeros_(model.proj_out.bias)
     joint = JointLoss(model, te, TINY_TRAIN_SHIFT)
@@ -2140,9 +2329,10 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     params = list(model.parameters()) + list(te.parameters())
     g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
-    fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, log, t0)
+    fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, log, t0, optimizer)
     if rank == 0:
-        save_tiny(tiny_pipeline(model, te, tok, vae), out, seed=seed, steps=steps, batch=batch, lr=lr)
+        save_tiny(tiny_pipeline(model, te, tok, vae), out, seed=seed, steps=steps, batch=batch, lr=lr,
+                  optimizer=optimizer)
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     if world > 1:
         dist.destroy_process_group()
@@ -2165,6 +2355,17 @@ def finetune_tiny(pipe, steps, seed=0, log=print, *, batch=128, lr=1e-3, n_image
     fit(JointLoss(model, te, TINY_TRAIN_SHIFT), params, (z * pipe.vae_scale, ids, mask, null_ids, null_mask),
         torch.Generator().manual_seed(seed), steps, batch, lr, 0.99, bf16, log, t0)
     return tiny_pipeline(model, te, pipe.tokenizer, pipe.vae)
+
+
+def grow_tiny(weights, depth, out, steps=TINY_GROW_STEPS, seed=0, lr=3e-3, log=print):
+    """`--train --grow`: the tiny model of `weights` grown to `depth` blocks (grow_depth) and trained `steps` steps
+    with the tiny recipe's loss (finetune_tiny, at the recipe's peak lr), written to `out`. Returns the pipeline."""
+    pipe = load_tiny(weights)
+    grown = tiny_pipeline(grow_depth(pipe.transformer, depth), pipe.text_encoder, pipe.tokenizer, pipe.vae)
+    grown = finetune_tiny(grown, steps, seed=seed, log=log, lr=lr)
+    save_tiny(grown, out, seed=seed, steps=steps, lr=lr, grown_from=os.path.basename(weights))
+    log(f"grew {os.path.basename(weights)} to {depth} blocks, trained {steps} steps: wrote {out}")
+    return grown
 
 
 def save_tiny(pipe, out, **metadata):
@@ -2211,16 +2412,17 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
                          tokenizer, load_tiny_dcae(device=device, dtype=dtype))
 
 
-# The tiny model's judge for SANA 1.5's inference-time scaling (`--samples`): the project's shapes scorer, which reads
-# colour, shape and count back from the pixels, standing in offline for the paper's VLM judge (VILA-Judge).
+# The tiny model's judge (`--samples`), standing in offline for the paper's VLM: it reads colour, shape and count
+# back from the pixels of a shapes scene. Pixels snap to the nearest palette colour; the most common one is the
+# background, the most common other one the object colour; objects are the 4-connected components of that colour
+# (specks dropped). Triangles are drawn apex up, so their centroid sits 1/6 of their height below the centre of their
+# bounding box; a square fills its box (~1), a circle pi/4. A scene whose objects disagree reads as "mixed". The
+# tests score every file's tiny model with it (tests/shapes_score.py imports it from here).
 
-# Copied from tests/shapes_score.py: _NAMES
 _NAMES = list(SHAPE_COLORS)
-# Copied from tests/shapes_score.py: _PALETTE
 _PALETTE = np.array([SHAPE_COLORS[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
 
 
-# Copied from tests/shapes_score.py: parse_caption
 def parse_caption(caption):
     """'two red circles on a blue background' -> dict(count=2, color='red', shape='circle', background='blue')."""
     words = caption.lower().split()
@@ -2230,7 +2432,6 @@ def parse_caption(caption):
     return dict(count=count, color=words[1], shape=shape, background=background)
 
 
-# Copied from tests/shapes_score.py: _components
 def _components(mask):
     """4-connected components of a boolean mask, as arrays of (row, col) indices."""
     seen = np.zeros_like(mask, dtype=bool)
@@ -2252,9 +2453,8 @@ def _components(mask):
     return comps
 
 
-# Copied from tests/shapes_score.py: read_scene
 def read_scene(image):
-    """image: (H, W, 3) uint8 array or PIL image."""
+    """{"background", "color", "shape", "count"} read from the pixels. image: (H, W, 3) uint8 array or PIL image."""
     img = np.asarray(image, dtype=np.float32)[..., :3]
     H, W, _ = img.shape
     labels = ((img[:, :, None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)  # (H, W) nearest palette colour
@@ -2276,8 +2476,8 @@ def read_scene(image):
     return dict(background=_NAMES[bg], color=_NAMES[fg] if objects else None, shape=shape, count=len(objects))
 
 
-# Copied from tests/shapes_score.py: score
 def score(image, caption):
+    """{attribute: read right} for the colour, shape, count and background the caption names."""
     want, got = parse_caption(caption), read_scene(image)
     return {k: want[k] == got[k] for k in ("color", "shape", "count", "background") if want[k] is not None}
 
@@ -2289,120 +2489,13 @@ def shapes_judge(a, b, prompt):
     return right(a) >= right(b)
 
 
-# The tiny ControlNet: the shapes data gives the control for free, since each scene's edge map (edge_map, section 4)
-# is known. Trained by `python sana.py --train-controlnet` on the committed tiny SANA, which stays frozen.
-
-TINY_CONTROLNET_STEPS = 1000  # the recipe's
-
-
-def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CONTROLNET, log=print, *, depth=2,
-                          batch=32, lr=3e-3, n_images=4096, ema_decay=0.99, bf16=None, threads=2):
-    """SANA's ControlNet training on a tiny pipeline: the base model frozen (SanaMSControlNet.initialize_all freezes
-    it and trains the copied blocks and projections), the text encoder too; a ControlNet of `depth` copied blocks
-    (SanaControlNet.from_transformer, original wiring) learns the flow-matching loss on fresh shapes scenes whose
-    control is their edge map, encoded by the tiny DC-AE and scaled like the latents. Writes the ControlNet (its EMA
-    in fp16) to `out` unless None; returns the pipeline with it as pipe.controlnet."""
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    t0 = time.time()
-    transformer, te = pipe.transformer.eval().requires_grad_(False), pipe.text_encoder.eval().requires_grad_(False)
-    controlnet = SanaControlNet.from_transformer(transformer, depth).train()
-    z, control, captions = [], [], []
-    with torch.no_grad():
-        for i in range(0, n_images, 256):  # scenes apart from train_tiny's and finetune_tiny's
-            x, caps = shapes_batch(min(256, n_images - i), seed=(seed + 2) * 1_000_003 + i)
-            z.append(pipe.vae.encode(x) * pipe.vae_scale)
-            control.append(pipe.vae.encode(edge_map(x)) * pipe.vae_scale)
-            captions += caps
-        ids, mask = tokenize(pipe.tokenizer, captions, TINY_TEXT_LEN)
-        null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
-        y, null_y = te(ids, mask), te(null_ids, null_mask)
-    log(f"encoded {n_images} scenes and their edge maps in {time.time() - t0:.0f}s")
-    fit(ControlLoss(transformer, controlnet), list(controlnet.parameters()),
-        (torch.cat(z), torch.cat(control), y, mask, null_y, null_mask), torch.Generator().manual_seed(seed), steps,
-        batch, lr, ema_decay, bf16, log, t0)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file({k: v.half() for k, v in controlnet.state_dict().items()}, out,
-                  metadata={"depth": str(depth), "wiring": controlnet.wiring, "seed": str(seed), "steps": str(steps),
-                            "batch": str(batch), "lr": str(lr)})
-        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
-    pipe.controlnet = controlnet.eval()
-    return pipe
-
-
-def load_tiny_controlnet(path=TINY_CONTROLNET, *, device="cpu", dtype=torch.float32):
-    """A tiny ControlNet written by `python sana.py --train-controlnet` (its depth and wiring in the metadata)."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train-controlnet` to create it")
-    meta = read_metadata(path)
-    if not meta.get("depth", "").isdigit() or meta.get("wiring") not in ("diffusers", "original"):
-        raise ValueError(f"{path} is not a tiny ControlNet written by `python sana.py --train-controlnet` (its "
-                         f"metadata has no depth and wiring)")
-    controlnet = SanaControlNet(replace(PRESETS["tiny"], depth=int(meta["depth"])), meta["wiring"])
-    load_state_dict_strict(controlnet, read_weights(path), path)
-    return controlnet.to(device=device, dtype=dtype).eval()
-
-
-def object_mask(image):
-    """(H, W) bool: the pixels whose nearest shapes colour is not the background's, the most common one (as
-    tests/shapes_score.py reads a scene). image: (H, W, 3) uint8."""
-    img = np.asarray(image, dtype=np.float32)[..., :3]
-    palette = np.array(list(SHAPE_COLORS.values()), dtype=np.float32)  # (K, 3)
-    labels = ((img[:, :, None] - palette) ** 2).sum(-1).argmin(-1)  # (H, W)
-    return labels != np.bincount(labels.ravel()).argmax()
-
-
-def control_iou(scene, generated):
-    """How well an image generated from a scene's edge map follows it: the IoU of the two object masks (1 when every
-    object pixel lands where the control put one). scene, generated: (H, W, 3) uint8."""
-    a, b = object_mask(scene), object_mask(generated)
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 9. CLI
+# 11. CLI
 # ----------------------------------------------------------------------------------------------------------
 # Every root file takes the same flags, in this order, where they apply: --prompt --ckpt --model --steps
-# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own.
-# Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded or generated.
-
-
-# Copied from dcae.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
-
-
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
+# --guidance --height --width --seed --device --dtype --out --train --train-out --train-steps, then its own, then
+# its research options. Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded
+# or generated.
 
 
 def available_memory(device):
@@ -2418,31 +2511,7 @@ def available_memory(device):
     return None
 
 
-# Copied from dcae.py: load_image
-def load_image(path, multiple):
-    """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
-    are scaled to 8 bits (Pillow would clip them)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        img = Image.open(path)
-        if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-        img = img.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot read {path} as an image ({e})") from None
-    w, h = img.size
-    W, H = w - w % multiple, h - h % multiple
-    if W == 0 or H == 0:
-        raise ValueError(f"image {path} is {w}x{h}: smaller than {multiple}, the compression of this DC-AE")
-    if (W, H) != (w, h):  # the model never pads: centre-crop to the nearest multiple
-        print(f"note: {w}x{h} is not a multiple of {multiple}; centre-cropped to {W}x{H}")
-        left, top = (w - W) // 2, (h - H) // 2
-        img = img.crop((left, top, left + W, top + H))
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="SANA text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
     p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
@@ -2450,8 +2519,8 @@ def main(argv=None):
                    "vae/); default: the tiny model")
     p.add_argument("--model", help=f"preset of a --ckpt folder (its flow shift): {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
-                   "model's: 4.5 for the published models, 2.0 for the tiny one)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w: v = v_u + w (v_c - v_u); "
+                   "1 = off (default: the model's: 4.5 for the published models, 2.0 for the tiny one)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the initial noise; --train)")
@@ -2461,150 +2530,185 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train or --train-controlnet: train this many "
-                   "steps instead of the recipe's (a quick check)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
+                   "the recipe in place of its own counts (a quick check)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
                    "(default: %(default)s)")
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
-    p.add_argument("--prune-to", type=int, default=None, help="SANA 1.5's depth pruning: keep this many blocks, the "
+    p.add_argument("--tiny-weights", default=TINY_WEIGHTS, help="without --ckpt: the tiny model's weights, e.g. "
+                   "a grown one (default: the committed ones)")
+    r = p.add_argument_group("research options", "SANA 1.5's techniques and ControlNet (section 9)")
+    r.add_argument("--optimizer", default="adamw", choices=list(TINY_LR), help="with --train: the tiny recipe's "
+                   "AdamW, the official recipe's CAME or SANA 1.5's CAME-8bit (default: %(default)s)")
+    r.add_argument("--samples", type=int, default=1, help="SANA 1.5's inference-time scaling: draw this many "
+                   "candidates and keep the judge's pick of a knockout tournament (the tiny model's judge: the shapes "
+                   "scorer; default: %(default)s)")
+    r.add_argument("--prune-to", type=int, default=None, help="SANA 1.5's depth pruning: keep this many blocks, the "
                    "most important ones as measured while sampling the prompt first (no fine-tune)")
-    p.add_argument("--samples", type=int, default=1, help="SANA 1.5's inference-time scaling: draw this many candidates "
-                   "and keep the judge's pick of a knockout tournament (the tiny model's judge: the shapes scorer; "
-                   "default: %(default)s)")
-    p.add_argument("--grow", type=int, default=None, help="with --train: SANA 1.5's depth growth: grow the tiny model "
+    r.add_argument("--grow", type=int, default=None, help="with --train: SANA 1.5's depth growth: grow the tiny model "
                    "of --tiny-weights to this many blocks (its blocks and the weights outside them copied, the new "
                    "blocks initialised) and train it --train-steps steps (default 400); writes --train-out (default "
                    "weights/sana_tiny_grown.safetensors)")
-    p.add_argument("--tiny-weights", default=TINY_WEIGHTS, help="without --ckpt: the tiny model's weights, e.g. "
-                   "a grown one (default: the committed ones)")
-    p.add_argument("--control", help="ControlNet: an image whose edges steer the layout (edges are always extracted: "
+    r.add_argument("--control", help="ControlNet: an image whose edges steer the layout (edges are always extracted: "
                    "a Sobel edge map standing in for HED, as the official pipeline runs HED on its reference image); "
                    "it sets the output size")
-    p.add_argument("--controlnet", help="with --control and --ckpt: a published SANA ControlNet, an original .pth "
+    r.add_argument("--controlnet", help="with --control and --ckpt: a published SANA ControlNet, an original .pth "
                    "(it carries its base model, which then replaces the folder's) or a diffusers SanaControlNetModel "
                    "folder; without --ckpt: a tiny ControlNet (default: the one --train-controlnet writes in weights/)")
-    p.add_argument("--conditioning-scale", type=float, default=1.0, help="with --control: the weight of the "
+    r.add_argument("--conditioning-scale", type=float, default=1.0, help="with --control: the weight of the "
                    "ControlNet's samples (default: %(default)s)")
-    p.add_argument("--train-controlnet", action="store_true", help="train the tiny ControlNet on the committed tiny "
+    r.add_argument("--train-controlnet", action="store_true", help="train the tiny ControlNet on the committed tiny "
                    "model, its edge maps from the shapes data (writes weights/sana_controlnet_tiny.safetensors, or "
                    "--train-out)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cli_train(args):
+    """--train (the tiny model), --train --grow N (SANA 1.5's growth) or --train-controlnet."""
+    if args.train and args.train_controlnet:
+        raise ValueError("--train and --train-controlnet train different models: give one")
+    if args.train_steps is not None and args.train_steps < 1:
+        raise ValueError("--train-steps must be at least 1")
+    if args.grow is not None and not args.train:
+        raise ValueError("--grow goes with --train: the grown model trains before it is written")
+    if args.optimizer != "adamw" and (args.train_controlnet or args.grow is not None):
+        raise ValueError("--optimizer goes with --train alone: growth and the ControlNet train with AdamW")
+    out = args.train_out or (TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None
+                             else TINY_WEIGHTS)
+    check_out_path(out, (".safetensors",), "--train-out")
+    if args.grow is not None:
+        depth = tiny_depth(read_tiny(args.tiny_weights))
+        if args.grow <= depth:
+            raise ValueError(f"--grow must be more than the model's {depth} blocks, not {args.grow}")
+        grow_tiny(args.tiny_weights, args.grow, out, args.train_steps or TINY_GROW_STEPS, args.seed)
+    elif args.train:
+        train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, optimizer=args.optimizer)
+    else:
+        train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out)
+
+
+def check_args(args):
+    """One sentence for a bad flag, before anything is loaded. Returns (the SanaConfig, the DCAEConfig, height, width,
+    the control image's edge map or None)."""
+    resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, not {value}")
+    if args.model:
+        get_preset(args.model)
+        if not args.ckpt and args.model != "tiny":
+            raise ValueError("--model names the preset of a --ckpt folder; give --ckpt too")
+    if not args.ckpt:
+        check_tiny_prompt(args.prompt)
+    if not math.isfinite(args.conditioning_scale):
+        raise ValueError(f"--conditioning-scale must be a finite number, not {args.conditioning_scale}")
+    if args.controlnet and not args.control:
+        raise ValueError("--controlnet goes with --control IMAGE, the image whose edges steer the layout")
+    if args.control and args.ckpt and not args.controlnet:
+        raise ValueError("--control with --ckpt needs --controlnet, a published SANA ControlNet (.pth or folder)")
+    args.controlnet = args.controlnet or (TINY_CONTROLNET if args.control else None)
+    if args.controlnet and not os.path.exists(args.controlnet):
+        hint = "; run `python sana.py --train-controlnet` to create it" * (args.controlnet == TINY_CONTROLNET)
+        raise FileNotFoundError(f"ControlNet {args.controlnet} does not exist{hint}")
+    cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
+    f = vae_cfg.compression * cfg.patch_size
+    side = cfg.sample_size * vae_cfg.compression  # the training resolution (sample_size counts latent cells)
+    h, w = args.height or side, args.width or side
+    control = None
+    if args.control:
+        control = load_image(args.control, f)  # (1, 3, H, W): its size is the output's
+        h, w = control.shape[-2:]
+        if (args.height or h, args.width or w) != (h, w):
+            raise ValueError(f"the control image is {w}x{h} and sets the output size, not {args.width or w}x"
+                             f"{args.height or h}: leave out --height/--width or resize the image")
+        control = edge_map(control)
+    check_size(h, w, f)
+    if args.grow is not None:
+        raise ValueError("--grow goes with --train: the grown model trains before it is written")
+    if args.optimizer != "adamw":
+        raise ValueError("--optimizer goes with --train: it picks the optimizer of the tiny model's training")
+    if args.ckpt and args.tiny_weights != TINY_WEIGHTS:
+        raise ValueError("--tiny-weights is the tiny model's; --ckpt loads a published one: give one of them")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, not {args.samples}")
+    if args.samples > 1 and args.ckpt:
+        raise ValueError("--samples needs a judge, and a published model has none offline (the paper's is a VLM, "
+                         "VILA-Judge); the tiny model's is the shapes scorer")
+    if not args.ckpt:
+        cfg = replace(cfg, depth=tiny_depth(read_tiny(args.tiny_weights)))
+    if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
+        raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
+    check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    return cfg, vae_cfg, h, w, control
+
+
+def cli_load(args, device, dtype):
+    """The pipeline of --ckpt or the tiny one, and the ControlNet of --control (or None), checked against it."""
+    pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
+        load_tiny(args.tiny_weights, device=device, dtype=dtype)
+    if not args.control:
+        return pipe, None
+    if not args.ckpt:
+        controlnet = load_tiny_controlnet(args.controlnet, device=device, dtype=dtype)
+    else:
+        controlnet, base = load_controlnet(args.controlnet, device=device, dtype=dtype)
+        if base is not None:  # an original .pth: its ControlNet steers the base model it was trained with
+            base.cfg = replace(base.cfg, flow_shift=pipe.transformer.cfg.flow_shift)
+            pipe.transformer = base
+            print(f"note: {args.controlnet} carries its base model, which replaces {args.ckpt}'s")
+    controlnet.check(pipe.transformer)
+    return pipe, controlnet
+
+
+def cli_prune(pipe, args, h, w):
+    """--prune-to N: SANA 1.5's block importance, measured while sampling the prompt, then the N kept."""
+    t0 = time.time()
+    importance = block_importance(pipe, [args.prompt], h, w, args.steps, torch.Generator().manual_seed(args.seed))
+    keep = prune_blocks(pipe.transformer, args.prune_to, importance)
+    scores = ", ".join(f"{v:.3f}" for v in importance)
+    print(f"pruned to blocks {keep} of {len(importance)} (importance {scores}, {time.time() - t0:.1f}s)")
+
+
+def cli_sample(args, pipe, controlnet, control, h, w):
+    """The image of --prompt, (h, w, 3) uint8: one sample from the sampler, or the judge's pick of --samples N. A
+    ControlNet steers the model the sampler calls (control_model)."""
+    g = torch.Generator().manual_seed(args.seed)
+    kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, negative_prompt=args.negative)
+    if controlnet is not None:
+        kw["model"] = control_model(pipe, controlnet, control, h, w, args.conditioning_scale)
+    if args.samples > 1:
+        return best_of_n(pipe, args.prompt, args.samples, shapes_judge, h, w, g, **kw)
+    return pipe.generate([args.prompt], h, w, generator=g, **kw)[0]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.train or args.train_controlnet:
-            if args.train and args.train_controlnet:
-                raise ValueError("--train and --train-controlnet train different models: give one")
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            if args.grow is not None and not args.train:
-                raise ValueError("--grow goes with --train: the grown model trains before it is written")
-            out = args.train_out or (TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None
-                                     else TINY_WEIGHTS)
-            check_out_path(out, (".safetensors",), "--train-out")
-            if args.grow is not None:
-                depth = tiny_depth(read_tiny(args.tiny_weights))
-                if args.grow <= depth:
-                    raise ValueError(f"--grow must be more than the model's {depth} blocks, not {args.grow}")
-                pipe = load_tiny(args.tiny_weights)
-                grown = tiny_pipeline(grow_depth(pipe.transformer, args.grow), pipe.text_encoder, pipe.tokenizer,
-                                      pipe.vae)
-                steps = args.train_steps or TINY_GROW_STEPS
-                save_tiny(finetune_tiny(grown, steps, seed=args.seed, lr=3e-3), out, seed=args.seed, steps=steps,
-                          lr=3e-3, grown_from=os.path.basename(args.tiny_weights))
-                print(f"grew {os.path.basename(args.tiny_weights)} to {args.grow} blocks, trained {steps} steps: "
-                      f"wrote {out}")
-            elif args.train:
-                train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS)
-            else:
-                train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out)
-            return
-        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
-        if args.prompt is None or not args.prompt.strip():
-            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-        if args.steps < 1:
-            raise ValueError("--steps must be at least 1")
-        if args.guidance is not None and not math.isfinite(args.guidance):
-            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
-        for name, value in (("--height", args.height), ("--width", args.width)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
-        if args.model:
-            get_preset(args.model)
-            if not args.ckpt and args.model != "tiny":
-                raise ValueError("--model names the preset of a --ckpt folder; give --ckpt too")
-        if not args.ckpt:
-            check_tiny_prompt(args.prompt)
-        if not math.isfinite(args.conditioning_scale):
-            raise ValueError(f"--conditioning-scale must be a finite number, not {args.conditioning_scale}")
-        if args.controlnet and not args.control:
-            raise ValueError("--controlnet goes with --control IMAGE, the image whose edges steer the layout")
-        if args.control and args.ckpt and not args.controlnet:
-            raise ValueError("--control with --ckpt needs --controlnet, a published SANA ControlNet (.pth or folder)")
-        controlnet_path = args.controlnet or (TINY_CONTROLNET if args.control else None)
-        if controlnet_path and not os.path.exists(controlnet_path):
-            hint = "; run `python sana.py --train-controlnet` to create it" * (controlnet_path == TINY_CONTROLNET)
-            raise FileNotFoundError(f"ControlNet {controlnet_path} does not exist{hint}")
-        cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
-        f = vae_cfg.compression * cfg.patch_size
-        side = cfg.sample_size * vae_cfg.compression  # the training resolution (sample_size counts latent cells)
-        h, w = args.height or side, args.width or side
-        control = None
-        if args.control:
-            control = load_image(args.control, f)  # (1, 3, H, W): its size is the output's
-            h, w = control.shape[-2:]
-            if (args.height or h, args.width or w) != (h, w):
-                raise ValueError(f"the control image is {w}x{h} and sets the output size, not {args.width or w}x"
-                                 f"{args.height or h}: leave out --height/--width or resize the image")
-            control = edge_map(control)
-        check_size(h, w, f)
-        if args.grow is not None:
-            raise ValueError("--grow goes with --train: the grown model trains before it is written")
-        if args.ckpt and args.tiny_weights != TINY_WEIGHTS:
-            raise ValueError("--tiny-weights is the tiny model's; --ckpt loads a published one: give one of them")
-        if args.samples < 1:
-            raise ValueError(f"--samples must be at least 1, not {args.samples}")
-        if args.samples > 1 and args.ckpt:
-            raise ValueError("--samples needs a judge, and a published model has none offline (the paper's is a VLM, "
-                             "VILA-Judge); the tiny model's is the shapes scorer")
-        if not args.ckpt:
-            cfg = replace(cfg, depth=tiny_depth(read_tiny(args.tiny_weights)))
-        if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
-            raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
-        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+            return cli_train(args)
+        cfg, vae_cfg, h, w, control = check_args(args)
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         need, free = generation_bytes(cfg, vae_cfg, h, w, dtype), available_memory(device)
         if free is not None and need > free:
             raise ValueError(f"a {w}x{h} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} GB "
                              f"is available on {device}: ask for a smaller --height/--width")
         t0 = time.time()
-        pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
-            load_tiny(args.tiny_weights, device=device, dtype=dtype)
-        if control is not None:
-            if args.ckpt:
-                pipe.controlnet, base = load_controlnet(controlnet_path, device=device, dtype=dtype)
-                if base is not None:  # an original .pth: its ControlNet steers the base model it was trained with
-                    base.cfg = replace(base.cfg, flow_shift=pipe.transformer.cfg.flow_shift)
-                    pipe.transformer = base
-                    print(f"note: {controlnet_path} carries its base model, which replaces {args.ckpt}'s")
-            else:
-                pipe.controlnet = load_tiny_controlnet(controlnet_path, device=device, dtype=dtype)
-            pipe.controlnet.check(pipe.transformer)
+        pipe, controlnet = cli_load(args, device, dtype)
         print(f"loaded in {time.time() - t0:.1f}s")
         cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
         if cut:
             print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "
                   f"its end was cut off")
         if args.prune_to is not None:
-            t0 = time.time()
-            g = torch.Generator().manual_seed(args.seed)
-            importance = block_importance(pipe, [args.prompt], h, w, args.steps, g)
-            keep = prune_blocks(pipe.transformer, args.prune_to, importance)
-            scores = ", ".join(f"{v:.3f}" for v in importance)
-            print(f"pruned to blocks {keep} of {len(importance)} (importance {scores}, {time.time() - t0:.1f}s)")
+            cli_prune(pipe, args, h, w)
         t0 = time.time()
-        g = torch.Generator().manual_seed(args.seed)
-        kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, negative_prompt=args.negative,
-                  control=control, conditioning_scale=args.conditioning_scale)
-        img = best_of_n(pipe, args.prompt, args.samples, shapes_judge, h, w, g, **kw)  # 1 sample: no judge needed
+        img = cli_sample(args, pipe, controlnet, control, h, w)
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance_scale if args.guidance is None else args.guidance
         steered = f", steered by the edges of {args.control} x {args.conditioning_scale}" if args.control else ""

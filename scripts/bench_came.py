@@ -9,6 +9,8 @@
    batches: the loss every 50 steps (a mean over the 50), and each optimizer's state bytes.
 2. The optimizer state bytes of the SANA1.5_4.8B_1024px transformer, from one step with gradients on the meta
    device (nothing is allocated): AdamW (two float32 moments), CAME, CAME-8bit.
+The tiny recipe itself (EMA, cosine decay, 2,800 steps) trains with CAME or CAME-8bit by `python sana.py --train
+--optimizer came|came8bit` (sana.train_tiny(optimizer=...), at the lr of this run); docs/sana.md has the figures.
 """
 import argparse
 import os
@@ -20,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import sana  # noqa: E402
 
-OPTIMIZERS = {  # name: (make, the tiny run's lr)
+OPTIMIZERS = {  # name: (make, the tiny run's lr); the CAMEs as `sana.py --train --optimizer came|came8bit` makes them
     "AdamW": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0), 3e-3),
-    "CAME": (lambda params, lr: sana.CAME(params, lr=lr), 5e-4),
-    "CAME-8bit": (lambda params, lr: sana.CAME(params, lr=lr, eight_bit=True), 5e-4),
+    "CAME": (lambda params, lr: sana.make_optimizer("came", params, lr), sana.TINY_LR["came"]),
+    "CAME-8bit": (lambda params, lr: sana.make_optimizer("came8bit", params, lr), sana.TINY_LR["came8bit"]),
 }
 
 

@@ -4,7 +4,8 @@
 
 Held-out shapes scenes (seeded apart from every training set) are rendered; each scene's Sobel edge map
 (`sana.edge_map`) is the control image, and its caption the prompt. For each conditioning scale the tiny SANA
-generates one image per scene (the same noise at every scale; scale 0 = no control) and the table reports:
+generates one image per scene (`sana.steer_scenes`: the same noise at every scale; scale 0 = no control) and the
+table reports:
   - IoU: of the object masks of the control scene and the output (`sana.control_iou`; 1 = every object pixel where
     the control put one), the mean over scenes;
   - fidelity: the shapes scorer's prompt fidelity of the outputs (colour, shape and count all right), so that
@@ -21,41 +22,24 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
 
 SCENE_SEED = 31337  # apart from train_tiny's (seed * 1_000_003 + i), finetune_tiny's and train_controlnet_tiny's
-
-
-def held_out(n):
-    """n scenes: images (n, 3, 64, 64) in [-1, 1] and captions."""
-    return sana.shapes_batch(n, seed=SCENE_SEED)
-
-
-def steer(pipe, x, captions, scale, seed=0, chunk=32):
-    """uint8 images (n, 64, 64, 3) generated from each scene's caption and edge map at conditioning scale `scale`."""
-    out = []
-    g = torch.Generator().manual_seed(seed)
-    for i in range(0, len(captions), chunk):
-        control = sana.edge_map(x[i:i + chunk])
-        kw = dict(control=control, conditioning_scale=scale) if scale else {}
-        out.append(pipe.generate(captions[i:i + chunk], 64, 64, 20, None, g, **kw).numpy())
-    return np.concatenate(out)
+# (tests/test_sana.py's HELD_OUT_SEED)
 
 
 def main(n, scales):
     torch.set_num_threads(2)
-    pipe = sana.load_tiny()
-    pipe.controlnet = sana.load_tiny_controlnet()
-    x, captions = held_out(n)
+    pipe, controlnet = sana.load_tiny(), sana.load_tiny_controlnet()
+    x, captions = sana.shapes_batch(n, seed=SCENE_SEED)  # held-out scenes: (n, 3, 64, 64) in [-1, 1], captions
     scenes = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    print(f"| conditioning scale | IoU with the control scene | prompt fidelity | s / image |")
+    print("| conditioning scale | IoU with the control scene | prompt fidelity | s / image |")
     print("|---|---|---|---|")
     for scale in scales:
         t0 = time.time()
-        images = steer(pipe, x, captions, scale)
+        images = sana.steer_scenes(pipe, controlnet, x, captions, scale)
         dt = (time.time() - t0) / n
         iou = np.mean([sana.control_iou(s, img) for s, img in zip(scenes, images)])
         fid = shapes_score.fidelity(list(images), captions)

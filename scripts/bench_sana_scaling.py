@@ -4,8 +4,8 @@
 
 For N = 1, 2, 4, 8, 16 candidates per prompt (sana.best_of_n: N noises, then the judge's knockout tournament),
 the prompt fidelity of the winners on the README's 24 prompts x `--seeds` seeds, and the time per prompt. The
-judge is the project's shapes scorer (tests/shapes_score.py: it prefers the image with more of colour, shape,
-count and background right), standing in offline for the paper's VLM judge. It is also the metric, so these
+judge is `sana.shapes_judge`, the project's shapes scorer (it prefers the image with more of colour, shape, count
+and background right), standing in offline for the paper's VLM judge. It is also the metric, so these
 figures are what a perfect judge would reach: an upper bound for a real judge, as in the paper's oracle rows.
 """
 import argparse
@@ -17,15 +17,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # shapes_score
 import sana  # noqa: E402
 import shapes_score  # noqa: E402
-
-
-def judge(a, b, prompt):
-    right = lambda img: sum(shapes_score.score(img.numpy(), prompt).values())  # noqa: E731
-    return right(a) >= right(b)
 
 
 if __name__ == "__main__":
@@ -42,7 +36,7 @@ if __name__ == "__main__":
         for seed in range(args.seeds):
             for prompt in prompts:
                 g = torch.Generator().manual_seed(seed)
-                images.append(sana.best_of_n(pipe, prompt, n, judge, 64, 64, g).numpy())
+                images.append(sana.best_of_n(pipe, prompt, n, sana.shapes_judge, 64, 64, g).numpy())
         seconds = (time.time() - t0) / len(images)
         r = shapes_score.report(images, prompts * args.seeds)
         shapes = ", ".join(f"{sh} {right}/{total}" for sh, (right, total) in r["by_shape"].items())

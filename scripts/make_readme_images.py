@@ -171,12 +171,12 @@ def main():
         grid(seed_rows(lambda p, s: ha.generate([p], generator=torch.Generator().manual_seed(s))[0].numpy(),
                        "HART")).save(os.path.join(ASSETS, "hart_tiny.png"))
     if os.path.isfile(sana.TINY_CONTROLNET):
-        controlled = sana.load_tiny()
-        controlled.controlnet = sana.load_tiny_controlnet()
+        controlled, controlnet = sana.load_tiny(), sana.load_tiny_controlnet()
         x, captions = sana.shapes_batch(4, seed=2028)
         edges = sana.edge_map(x)
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        steered = controlled.generate(captions, 64, 64, 20, None, g(), control=edges).numpy()
+        steered = controlled.generate(captions, 64, 64, 20, None, g(),
+                                      model=sana.control_model(controlled, controlnet, edges, 64, 64)).numpy()
         free = controlled.generate(captions, 64, 64, 20, None, g()).numpy()
         u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
         for cap, scene, a, b in zip(captions, u8(x), steered, free):

@@ -1,19 +1,21 @@
 """A miniature GenEval for the synthetic shapes data: read colour, shape and count back from an image.
 
-    read_scene(image)           -> {"background", "color", "shape", "count"} by pixel analysis
-    score(image, caption)       -> which of colour / shape / count / background match the caption
+    read_scene(image)           -> {"background", "color", "shape", "count"} by pixel analysis (sana.read_scene)
+    score(image, caption)       -> which of colour / shape / count / background match the caption (sana.score)
     fidelity(images, captions)  -> fraction of images whose colour, shape and count are all right
     report(images, captions)    -> that fraction, per attribute and per shape
     readme_prompts()            -> the README's 24 prompts; second_prompts() the 48 no setting was chosen on;
     all_color_prompts()         -> 48 more with objects of every colour
     render(caption, seed)       -> a rendering of the caption's scene
 
-Pixels are snapped to the nearest palette colour; the most common one is the background, the most common
-other one the object colour. Objects are the 4-connected components of that colour (specks dropped). The data draws
-triangles apex up, so their centroid sits 1/6 of their height below the centre of their bounding box, while
-circles and squares are symmetric; a square fills its bounding box (~1), a circle pi/4 (~0.79). Both cues
-survive blur, as a human reading a slightly blurred image would (tests/test_shapes.py checks that). A scene
-whose objects disagree reads as "mixed": "three squares" holds only if all three are squares."""
+The reader lives in sana.py, where it is the tiny model's judge for SANA 1.5's inference-time scaling
+(`--samples`); this module imports it and adds the scores and the prompt sets. Pixels are snapped to the nearest
+palette colour; the most common one is the background, the most common other one the object colour. Objects are the
+4-connected components of that colour (specks dropped). The data draws triangles apex up, so their centroid sits
+1/6 of their height below the centre of their bounding box, while circles and squares are symmetric; a square fills
+its bounding box (~1), a circle pi/4 (~0.79). Both cues survive blur, as a human reading a slightly blurred image
+would (tests/test_shapes.py checks that). A scene whose objects disagree reads as "mixed": "three squares" holds
+only if all three are squares."""
 import os
 import random
 import sys
@@ -21,68 +23,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dcae import COLORS, COUNT_WORDS, SHAPE_COLORS, SHAPES, draw_shapes, random_scene, shapes_caption  # noqa: E402
-
-_NAMES = list(SHAPE_COLORS)
-_PALETTE = np.array([SHAPE_COLORS[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
-
-
-def parse_caption(caption):
-    """'two red circles on a blue background' -> dict(count=2, color='red', shape='circle', background='blue')."""
-    words = caption.lower().split()
-    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}[words[0]]
-    shape = words[2][:-1] if words[2].endswith("s") else words[2]
-    background = words[words.index("background") - 1] if "background" in words else None
-    return dict(count=count, color=words[1], shape=shape, background=background)
-
-
-def _components(mask):
-    """4-connected components of a boolean mask, as arrays of (row, col) indices."""
-    seen = np.zeros_like(mask, dtype=bool)
-    H, W = mask.shape
-    comps = []
-    for r0, c0 in zip(*np.nonzero(mask)):
-        if seen[r0, c0]:
-            continue
-        stack, pix = [(r0, c0)], []
-        seen[r0, c0] = True
-        while stack:
-            r, c = stack.pop()
-            pix.append((r, c))
-            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-                if 0 <= rr < H and 0 <= cc < W and mask[rr, cc] and not seen[rr, cc]:
-                    seen[rr, cc] = True
-                    stack.append((rr, cc))
-        comps.append(np.array(pix))
-    return comps
-
-
-def read_scene(image):
-    """image: (H, W, 3) uint8 array or PIL image."""
-    img = np.asarray(image, dtype=np.float32)[..., :3]
-    H, W, _ = img.shape
-    labels = ((img[:, :, None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)  # (H, W) nearest palette colour
-    counts = np.bincount(labels.ravel(), minlength=len(_NAMES))
-    bg = int(counts.argmax())
-    counts[bg] = 0
-    fg = int(counts.argmax())
-    min_area = max(6, int(0.004 * H * W))  # anti-aliased edges leave specks of in-between colours
-    objects = [c for c in _components(labels == fg) if len(c) >= min_area]
-    shapes = []
-    for comp in objects:
-        top, bottom = comp[:, 0].min(), comp[:, 0].max()
-        h = bottom - top + 1
-        w = comp[:, 1].max() - comp[:, 1].min() + 1
-        fill = len(comp) / (h * w)
-        drop = (comp[:, 0].mean() - (top + bottom) / 2) / h  # apex-up triangles are bottom-heavy (1/6 of h)
-        shapes.append("triangle" if drop > 0.05 else "square" if fill > 0.87 else "circle")
-    shape = shapes[0] if len(set(shapes)) == 1 else "mixed" if shapes else None  # "three squares" = all three
-    return dict(background=_NAMES[bg], color=_NAMES[fg] if objects else None, shape=shape, count=len(objects))
-
-
-def score(image, caption):
-    want, got = parse_caption(caption), read_scene(image)
-    return {k: want[k] == got[k] for k in ("color", "shape", "count", "background") if want[k] is not None}
+from dcae import COLORS, COUNT_WORDS, SHAPES, draw_shapes, random_scene, shapes_caption  # noqa: E402
+from sana import parse_caption, read_scene, score  # noqa: E402  the reader: the tiny SANA's judge (--samples)
 
 
 def fidelity(images, captions):

@@ -1,6 +1,8 @@
 """Tests for sana.py: parity with the diffusers-produced fixtures (every case directory under fixtures/sana is
 discovered), meta-device manifests of every published transformer in both layouts, strict loading, the
-samplers step by step, the training step, and the committed tiny demo model."""
+samplers step by step, the training step, the committed tiny demo model, and what goes beyond the paper's core:
+the ControlNets in both layouts and wirings, SANA 1.5's CAME, growth, pruning and best-of-N, and the tiny
+ControlNet. `python tests/test_sana.py` prints the tiny model's full scores (docs/sana.md)."""
 import glob
 import json
 import os
@@ -11,19 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close  # also puts the repository root on the path, for `python tests/test_sana.py`
+from conftest import assert_close, cases, committed, tiny_fidelity  # conftest also puts the repository root on the path
 import sana
 import shapes_score
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana")
-
-
-def cases(*required, forbidden=()):
-    """Case directories that contain every path in `required` and none in `forbidden`."""
-    dirs = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "io.safetensors")))
-    dirs = [d for d in dirs if all(os.path.exists(os.path.join(d, r)) for r in required)
-            and not any(os.path.exists(os.path.join(d, f)) for f in forbidden)]
-    return pytest.mark.parametrize("case", dirs, ids=[os.path.basename(d) for d in dirs])
+HELD_OUT_SEED = 31337  # shapes scenes apart from every training set's (scripts/bench_sana_controlnet.py's)
+TINY = (sana.TINY_WEIGHTS, sana.TINY_DCAE)  # the committed tiny SANA and the DC-AE it decodes with
 
 
 def debug_activations(model, io, args):
@@ -43,7 +39,7 @@ def debug_activations(model, io, args):
     return out, acts  # a dict keeps insertion order: the order the hooks fired
 
 
-@cases("transformer", "original/checkpoint.pth")
+@cases("sana", "io.safetensors", "transformer", "original/checkpoint.pth")
 @pytest.mark.parametrize("layout", ["diffusers", "original"])
 def test_transformer_parity(case, layout, monkeypatch):
     io = load_file(os.path.join(case, "io.safetensors"))
@@ -209,7 +205,7 @@ def test_sharded_and_variant_folders(tmp_path):
 
 # ControlNet. The fixture runs diffusers' wiring (SanaControlNetModel + SanaTransformer2DModel); the original
 # wiring (NVlabs SanaMSControlNet) is another function of the same weights, checked against a transcription of the
-# official forward and by where each tensor goes (sana.py, section 3, says both).
+# official forward and by where each tensor goes (sana.py, section 9, says both).
 
 def controlnet_case(case):
     """The case's inputs (B, ...) and its run parameters, all read from io.safetensors: the conditioning scale
@@ -232,7 +228,7 @@ def original_controlnet_checkpoint(case, path, monkeypatch):
     return base, ctrl
 
 
-@cases("controlnet", "transformer")
+@cases("sana", "io.safetensors", "controlnet", "transformer")
 def test_controlnet_parity(case):
     """diffusers layout: every control sample (x the case's conditioning scale), and the transformer's output with
     them and without."""
@@ -248,7 +244,7 @@ def test_controlnet_parity(case):
         assert_close("output_without_controlnet", transformer(*args, mask), io["output_without_controlnet"])
 
 
-@cases("controlnet", "transformer")
+@cases("sana", "io.safetensors", "controlnet", "transformer")
 def test_controlnet_parity_original_layout(case, tmp_path, monkeypatch):
     """The case written as an original .pth loads back key for key: the base model and every ControlNet weight the
     original holds are the case's; the ControlNet's embedders are the base model's (the original shares them).
@@ -295,7 +291,7 @@ def official_controlnet_forward(base, ctrl, x, t, y, mask, cond):
     return x.reshape(B, -1, H, W)
 
 
-@cases("controlnet", "transformer")
+@cases("sana", "io.safetensors", "controlnet", "transformer")
 def test_controlnet_original_wiring_is_the_official_forward(case, tmp_path, monkeypatch):
     """The original .pth runs the original wiring: the output is the transcribed official forward's (conditioning
     scale 1, the original has none), and it is not what the diffusers wiring makes of the same weights."""
@@ -311,7 +307,66 @@ def test_controlnet_original_wiring_is_the_official_forward(case, tmp_path, monk
     assert (out - other).abs().max() > 0.1, "the two wirings should differ on these weights"
 
 
-@cases("controlnet", "transformer")
+# The cases whose original/checkpoint.pth the fixture maker wrote (from diffusers' conversion mapping, not the tests'
+# to_original) and whose model has no position table (the published ControlNets have none; with one, sana.py embeds
+# the control with it, which the official forward does not)
+ORIGINAL_CASES = [d for d in sorted(glob.glob(os.path.join(FIX, "*"))) if os.path.isfile(os.path.join(d, "original",
+                  "checkpoint.pth")) and sana.read_transformer_config(os.path.join(d, "transformer"))
+                  .interpolation_scale is None]
+
+
+@pytest.mark.parametrize("case", ORIGINAL_CASES, ids=[os.path.basename(d) for d in ORIGINAL_CASES])
+def test_original_controlnet_pth_built_from_the_original_checkpoint(case, tmp_path, monkeypatch):
+    """An NVlabs ControlNet .pth built without the tests' inverse mapping: the case's original checkpoint, plus
+    controlnet.0.copied_block.* = its own last block's keys (ControlSanaMSBlock's copied_block is a copy of a base
+    block under the same names; the last one, so that a copy read as base block 0 shows) and random
+    controlnet.0.before_proj / after_proj. load_controlnet gives the case's diffusers-layout transformer as the base
+    model (whose output is the case's), its last block as the ControlNet's block, its embedders, the projections as
+    written; and the original wiring's output is the transcribed official forward on modules built here from the
+    diffusers layout."""
+    import copy
+    import types
+    base_cfg = sana.read_transformer_config(os.path.join(case, "transformer"))
+    monkeypatch.setitem(sana.CONTROLNET_PRESETS, "_fixture", (base_cfg, sana.replace(base_cfg, depth=1)))
+    sd = torch.load(os.path.join(case, "original", "checkpoint.pth"), weights_only=True)["state_dict"]
+    last, D, g = f"blocks.{base_cfg.depth - 1}.", base_cfg.hidden_size, torch.Generator().manual_seed(0)
+    pth = dict(sd)
+    pth.update({"controlnet.0.copied_block." + k[len(last):]: v.clone() for k, v in sd.items() if k.startswith(last)})
+    proj = {name: (torch.randn(D, D, generator=g) / D**0.5, torch.randn(D, generator=g))
+            for name in ("before", "after")}
+    for name, (weight, bias) in proj.items():
+        pth[f"controlnet.0.{name}_proj.weight"], pth[f"controlnet.0.{name}_proj.bias"] = weight, bias
+    torch.save({"state_dict": pth}, tmp_path / "checkpoint.pth")
+    controlnet, transformer = sana.load_controlnet(str(tmp_path / "checkpoint.pth"), preset="_fixture")
+    reference = sana.load_transformer(case)
+    assert controlnet.wiring == "original" and controlnet.cfg.depth == 1
+    ref = reference.state_dict()
+    assert transformer.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) for k, v in transformer.state_dict().items())
+    block = reference.transformer_blocks[-1]
+    for k, v in controlnet.transformer_blocks[0].state_dict().items():
+        assert torch.equal(v, block.state_dict()[k]), k
+    for k, v in controlnet.state_dict().items():
+        if k.startswith(sana.SHARED_EMBEDDERS):
+            assert torch.equal(v, ref[k]), k
+    linears = []
+    for name, module in (("before", controlnet.input_block), ("after", controlnet.controlnet_blocks[0])):
+        assert torch.equal(module.weight, proj[name][0]) and torch.equal(module.bias, proj[name][1]), name
+        linears.append(torch.nn.Linear(D, D))
+        linears[-1].load_state_dict(dict(weight=proj[name][0], bias=proj[name][1]))
+    official = types.SimpleNamespace(cfg=controlnet.cfg, transformer_blocks=[copy.deepcopy(block)],
+                                     input_block=linears[0], controlnet_blocks=[linears[1]])
+    io = load_file(os.path.join(case, "io.safetensors"))
+    args, mask = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"]), io["encoder_attention_mask"]
+    cond = torch.randn(args[0].shape, generator=g)
+    with torch.no_grad():
+        assert_close("output", transformer(*args, mask), io["output"])
+        out = transformer(*args, mask, controls=controlnet.controls(*args, cond, mask))
+        assert_close("official forward", out, official_controlnet_forward(reference, official, *args, mask, cond))
+        assert (out - io["output"]).abs().max() > 0.1, "the ControlNet should change the output"
+
+
+@cases("sana", "io.safetensors", "controlnet", "transformer")
 @pytest.mark.parametrize("wiring", ["original", "diffusers"])
 def test_controlnet_wiring_puts_each_tensor_where_its_code_does(case, wiring):
     """Recorded inputs of every block: control block 0 reads (original) the base model's tokens after its block 0
@@ -355,7 +410,7 @@ def test_controlnet_wiring_puts_each_tensor_where_its_code_does(case, wiring):
         assert_close(f"input after base block {i}", seen[f"base{i + 1}" if i + 1 < depth else "final"][0], out)
 
 
-@cases("controlnet", "transformer")
+@cases("sana", "io.safetensors", "controlnet", "transformer")
 def test_zeroed_controlnet_leaves_the_output_unchanged(case):
     """A ControlNet whose controlnet_blocks are zero (as SanaControlNet.from_transformer starts) adds exact zeros,
     in either wiring: the output is the base model's, bit for bit."""
@@ -427,7 +482,7 @@ def test_control_iou():
     assert sana.control_iou(a, b) == pytest.approx((ma & mb).sum() / (ma | mb).sum())
 
 
-@cases("text_encoder", forbidden=("transformer",))
+@cases("sana", "io.safetensors", "text_encoder", forbidden=("transformer",))
 def test_text_encoder_parity(case):
     io = load_file(os.path.join(case, "io.safetensors"))
     te = sana.load_text_encoder(os.path.join(case, "text_encoder"))
@@ -444,7 +499,7 @@ SAMPLERS = {"DPMSolverMultistepScheduler": (sana.flow_dpm_schedule, sana.sample_
             "FlowMatchEulerDiscreteScheduler": (sana.flow_euler_schedule, sana.sample_flow_euler)}
 
 
-@cases("scheduler", "transformer")
+@cases("sana", "io.safetensors", "scheduler", "transformer")
 def test_sampler_parity(case):
     """The reference pipeline call of call.json (steps, guidance) with the scheduler of scheduler/: every
     transformer call and every step."""
@@ -560,7 +615,7 @@ def test_training_loss_time_shifts_alternate_over_the_batch():
     assert (seen[3.0] > seen[1.0]).all()  # the shift moves every time towards noise
 
 
-@pytest.mark.skipif(not os.path.isfile(sana.TINY_DCAE), reason="weights/dcae_tiny.safetensors (the latents) missing")
+@committed(sana.TINY_DCAE)
 def test_tiny_recipe_trains_with_both_shifts(tmp_path, monkeypatch):
     """train_tiny's loss (and finetune_tiny's, which --grow and pruning use) draws its times at the recipe's shifts
     (3, 1), not at the sampler's 3 alone: one step of each, with the loss's shift recorded."""
@@ -658,30 +713,23 @@ def test_tiny_grammar_takes_every_training_caption_and_is_in_the_help(capsys):
     assert sana.TINY_GRAMMAR in " ".join(capsys.readouterr().out.split())
 
 
-def tiny_fidelity(prompts, seeds, steps=20, guidance=None):
+def tiny_sampler(guidance=None, steps=20):
+    """The committed tiny pipeline as conftest.tiny_fidelity's generate(prompts, generator): 64x64 images."""
     pipe = sana.load_tiny()
-    images, captions = [], []
-    for seed in seeds:  # one generator per seed draws the noise of the whole batch of prompts
-        imgs = pipe.generate(prompts, 64, 64, steps, guidance, torch.Generator().manual_seed(seed))
-        images += [img.numpy() for img in imgs]
-        captions += prompts
-    return shapes_score.fidelity(images, captions), images, captions
+    return lambda prompts, g: pipe.generate(prompts, 64, 64, steps, guidance, g)
 
 
-needs_tiny = pytest.mark.skipif(not os.path.isfile(sana.TINY_WEIGHTS), reason="weights/sana_tiny.safetensors missing")
-
-
-@needs_tiny
+@committed(*TINY)
 def test_tiny_prompt_fidelity():
-    """The README's score (24 prompts x 4 seeds: 0.823, above the issue's bar of 0.8) on its first two seeds
+    """docs/sana.md's score (24 prompts x 4 seeds: 0.823, above the issue's bar of 0.8) on its first two seeds
     (measured 0.875, 42 of 48 images; the bar leaves two images of slack for other CPUs' numerics), with colours
-    checked exactly: what fails is a few squares and counts, never a colour (see the README)."""
-    score, images, captions = tiny_fidelity(shapes_score.readme_prompts(), seeds=[0, 1])
+    checked exactly: what fails is a few squares and counts, never a colour (see docs/sana.md)."""
+    score, images, captions = tiny_fidelity(tiny_sampler(), shapes_score.readme_prompts(), seeds=[0, 1])
     assert score >= 40 / 48, score
     assert all(shapes_score.score(img, cap)["color"] for img, cap in zip(images, captions))
 
 
-@needs_tiny
+@committed(*TINY)
 def test_tiny_draws_white_objects(tmp_path):
     """The issue's example: white is an object colour too now (it was only a background before)."""
     from PIL import Image
@@ -691,7 +739,7 @@ def test_tiny_draws_white_objects(tmp_path):
     assert (scene["color"], scene["background"], scene["count"]) == ("white", "red", 1), scene
 
 
-@needs_tiny
+@committed(*TINY)
 def test_cli_tiny_default(tmp_path):
     """`python sana.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
     from PIL import Image
@@ -701,7 +749,7 @@ def test_cli_tiny_default(tmp_path):
     assert Image.open(out).size == (64, 64) and scene["color"] == "red" and scene["background"] == "blue"
 
 
-@pytest.mark.skipif(not os.path.isfile(sana.TINY_DCAE), reason="weights/dcae_tiny.safetensors (the latents) missing")
+@committed(sana.TINY_DCAE)
 def test_tiny_training_is_deterministic(tmp_path):
     """Two short runs from the same seed give bit-identical weights (the committed ones come from `--train`)."""
     runs = []
@@ -739,27 +787,6 @@ def print_report(name, images, captions):
     shapes = ", ".join(f"{sh} {right}/{n}" for sh, (right, n) in r["by_shape"].items())
     print(f"{name}: fidelity {r['fidelity']:.3f} over {len(images)} images | colour {r['color']:.2f}, shape "
           f"{r['shape']:.2f}, count {r['count']:.2f}, background {r['background']:.2f} | {shapes}")
-
-
-if __name__ == "__main__":  # the full scores for the README: python tests/test_sana.py [--choose]
-    import sys
-    import time
-    t0 = time.time()
-    guidance = sana.load_tiny().guidance_scale
-    if "--choose" in sys.argv:  # how the default guidance was chosen: on prompts apart from the README's
-        for g in (1.5, 2.0, 2.5, 3.0, 4.0):
-            _, images, captions = tiny_fidelity(shapes_score.choice_prompts(), [0, 1, 2, 3], guidance=g)
-            print_report(f"choice set (48 prompts x 4 seeds), guidance {g}", images, captions)
-        sys.exit()
-    _, images, captions = tiny_fidelity(shapes_score.readme_prompts(), seeds=[0, 1, 2, 3])
-    print_report(f"README prompts (24 x 4 seeds, 20 Flow-DPM steps, guidance {guidance})", images, captions)
-    _, images, captions = tiny_fidelity(shapes_score.second_prompts(), seeds=[0, 1, 2, 3])
-    print_report("second set, no setting chosen on it (48 x 4 seeds)", images, captions)
-    _, images, captions = tiny_fidelity(shapes_score.all_color_prompts(), seeds=[0, 1, 2, 3])
-    print_report("all-colour set, objects of every colour (48 x 4 seeds)", images, captions)
-    print(f"({time.time() - t0:.0f}s)")
-    print("fidelity when denoising encoded real scenes from noise level sigma0 (0 = the DC-AE alone):",
-          ", ".join(f"{s0:.1f}: {f:.3f}" for s0, f in fidelity_from_noise_level().items()))
 
 
 def came_reference():
@@ -836,7 +863,7 @@ def test_tournament_finds_the_judges_favourite():
     assert sana.tournament(["a", "b", "c"], lambda a, b: True) == "a"
 
 
-@needs_tiny
+@committed(*TINY)
 def test_best_of_n_returns_the_judges_pick():
     """Best of 4 with a judge that prefers fewer red pixels returns the least red of the 4 images the same generator
     draws (the candidates are the pipeline's own batch), at the first seed where that one is unique and not the
@@ -856,24 +883,21 @@ def test_best_of_n_returns_the_judges_pick():
     assert torch.equal(best, candidates[least])
 
 
-@needs_tiny
-@needs_tiny
+@committed(*TINY)
 def test_cli_samples_writes_the_judges_pick(tmp_path):
     """`--samples 4`: the image written is the shapes judge's tournament winner among the 4 candidates that the seed's
-    noise gives, and the judge in sana.py scores as tests/shapes_score.py does."""
+    noise gives."""
     from PIL import Image
     prompt, out = "two gray squares on a white background", tmp_path / "best.png"
     sana.main(["--prompt", prompt, "--samples", "4", "--seed", "3", "--out", str(out), "--device", "cpu"])
     candidates = sana.load_tiny().generate([prompt] * 4, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
     right = [sum(shapes_score.score(c, prompt).values()) for c in candidates]
-    assert [sum(sana.score(c, prompt).values()) for c in candidates] == right
     written = np.asarray(Image.open(out))
     assert any(np.array_equal(written, c) for c in candidates)
     assert sum(shapes_score.score(written, prompt).values()) == max(right), right
 
 
-@pytest.mark.skipif(not os.path.isfile(sana.TINY_DCAE), reason="weights/dcae_tiny.safetensors (the latents) missing")
-@needs_tiny
+@committed(*TINY)
 def test_cli_grow_trains_and_writes_a_deeper_model(tmp_path):
     """`--train --grow 5`: the committed 4-block model grown to 5 blocks and trained, written where --train-out says;
     `--tiny-weights` then samples it."""
@@ -915,7 +939,7 @@ class PassThrough(torch.nn.Module):
         return x
 
 
-@needs_tiny
+@committed(*TINY)
 def test_block_importance_of_an_identity_block_is_zero():
     pipe = sana.load_tiny()
     pipe.transformer.transformer_blocks[1] = PassThrough()
@@ -925,7 +949,7 @@ def test_block_importance_of_an_identity_block_is_zero():
     assert (importance[[0, 2, 3]] > 1e-3).all(), importance
 
 
-@needs_tiny
+@committed(*TINY)
 def test_pruning_removes_the_least_important_blocks():
     """Pruning keeps the most important blocks in their order, and the pruned model still runs."""
     pipe = sana.load_tiny()
@@ -938,7 +962,7 @@ def test_pruning_removes_the_least_important_blocks():
         sana.prune_blocks(pipe.transformer, 3, torch.zeros(2))
 
 
-@needs_tiny
+@committed(*TINY)
 def test_finetune_tiny_trains_the_pruned_model():
     """A few fine-tune steps move every kept weight (the text encoder's too) and keep the pipeline usable."""
     pipe = sana.load_tiny()
@@ -966,34 +990,68 @@ def test_came_first_step_on_a_rank_one_gradient(eight_bit):
     assert_close("bias step", bias, -lr * (1 - b1) * b.sign(), atol=1e-9, rtol=1e-5)
 
 
-@needs_tiny
+@committed(sana.TINY_DCAE)
+def test_train_tiny_takes_came(tmp_path, monkeypatch, capsys):
+    """train_tiny(optimizer="came8bit") (--train --optimizer came8bit) steps with SANA 1.5's CAME-8bit at its
+    TINY_LR, its momentum held in uint8, and says so in the weights' metadata; an unknown optimizer, or --optimizer
+    without --train, is refused in one sentence."""
+    made, make = [], sana.make_optimizer
+
+    def recording(name, params, lr):
+        made.append((name, lr, make(name, params, lr)))
+        return made[-1][2]
+
+    monkeypatch.setattr(sana, "make_optimizer", recording)
+    out = str(tmp_path / "came.safetensors")
+    sana.train_tiny(out=out, log=lambda *a: None, steps=2, batch=4, n_images=8, optimizer="came8bit")
+    (name, lr, opt), = made
+    assert (name, lr) == ("came8bit", sana.TINY_LR["came8bit"]) and isinstance(opt, sana.CAME) and opt.eight_bit
+    assert any(isinstance(s["exp_avg"], dict) and s["exp_avg"]["codes"].dtype == torch.uint8
+               for s in opt.state.values())
+    meta = sana.read_metadata(out)
+    assert meta["optimizer"] == "came8bit" and float(meta["lr"]) == sana.TINY_LR["came8bit"]
+    with pytest.raises(ValueError, match="the optimizer must be adamw, came or came8bit, not 'adam'"):
+        sana.train_tiny(out=out, optimizer="adam")
+    with pytest.raises(SystemExit):
+        sana.main(["--prompt", "a red circle on a blue background", "--optimizer", "came"])
+    assert "--optimizer goes with --train" in capsys.readouterr().err
+
+
+@committed(*TINY)
 def test_generate_runs_the_controlnet_on_both_cfg_halves():
-    """Under CFG the ControlNet sees the batch [uncond, cond] with the same control latent in both halves, the DC-AE
-    encoding of the control image x vae_scale (as diffusers' SanaControlNetPipeline); a freshly initialized ControlNet
-    (zero projections) leaves the images exactly as without it."""
+    """The ControlNet wraps the model the sampler calls (control_model): under CFG it sees the batch [uncond, cond]
+    with the same control latent in both halves, the DC-AE encoding of the control image x vae_scale (as diffusers'
+    SanaControlNetPipeline); a freshly initialized ControlNet (zero projections) leaves the images exactly as without
+    it; one control image serves every prompt."""
     pipe = sana.load_tiny()
-    pipe.controlnet = sana.SanaControlNet.from_transformer(pipe.transformer, 2)
+    controlnet = sana.SanaControlNet.from_transformer(pipe.transformer, 2)
     x, captions = sana.shapes_batch(2, seed=3)
     control = sana.edge_map(x)
-    calls, forward = [], pipe.controlnet.forward
+    calls, forward = [], controlnet.forward
 
     def recording(*args, **kwargs):
         calls.append(args)
         return forward(*args, **kwargs)
 
-    pipe.controlnet.forward = recording
+    controlnet.forward = recording
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    steered = pipe.generate(captions, 64, 64, 3, generator=g(), control=control)
+    steered = pipe.generate(captions, 64, 64, 3, generator=g(),
+                            model=sana.control_model(pipe, controlnet, control, 64, 64))
     assert len(calls) == 3 and torch.equal(steered, pipe.generate(captions, 64, 64, 3, generator=g()))
     x_in, _, _, c = calls[0][:4]
     assert x_in.shape[0] == 4 and torch.equal(x_in[:2], x_in[2:]) and torch.equal(c[:2], c[2:])
     with torch.no_grad():
         assert_close("control latent", c[:2], pipe.vae.encode(control) * pipe.vae_scale)
-    with pytest.raises(ValueError, match=r"the control image must be \(1 or 2, 3, 64, 64\)"):
-        pipe.generate(captions, 64, 64, 1, control=control[:, :, :32])
+    calls.clear()
+    pipe.generate(captions, 64, 64, 1, model=sana.control_model(pipe, controlnet, control[:1], 64, 64))
+    assert_close("one control for every prompt", calls[0][3], c[[0, 0, 0, 0]], atol=1e-5)
+    with pytest.raises(ValueError, match=r"the control image must be \(1 or one per prompt, 3, 64, 64\)"):
+        sana.control_model(pipe, controlnet, control[:, :, :32], 64, 64)
+    with pytest.raises(ValueError, match="2 control images for 3 prompts"):
+        pipe.generate(captions + captions[:1], 64, 64, 1, model=sana.control_model(pipe, controlnet, control, 64, 64))
 
 
-@needs_tiny
+@committed(*TINY)
 def test_train_controlnet_tiny_reduces_the_loss(tmp_path):
     """30 steps (lr 1e-2 to show it in so few) lower the flow loss of the frozen tiny SANA steered by the ControlNet,
     on scenes it did not train on, with their edge maps as the control, at fixed noise (measured 0.325 -> 0.239); the
@@ -1015,44 +1073,41 @@ def test_train_controlnet_tiny_reduces_the_loss(tmp_path):
     before = loss(sana.SanaControlNet.from_transformer(pipe.transformer, 2))
     base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     out = str(tmp_path / "controlnet.safetensors")
-    pipe = sana.train_controlnet_tiny(pipe, 30, out=out, log=lambda *a: None, batch=16, lr=1e-2, n_images=64,
-                                      bf16=False, threads=1)
-    after = loss(pipe.controlnet)
+    controlnet = sana.train_controlnet_tiny(pipe, 30, out=out, log=lambda *a: None, batch=16, lr=1e-2, n_images=64,
+                                            bf16=False, threads=1)
+    after = loss(controlnet)
     assert after < 0.9 * before, (before, after)
     assert all(torch.equal(v, base[k]) for k, v in pipe.transformer.state_dict().items())
     loaded = sana.load_tiny_controlnet(out)
     assert loaded.wiring == "original" and loaded.cfg.depth == 2
-    assert all(torch.equal(v, pipe.controlnet.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, controlnet.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-@needs_tiny
+@committed(*TINY)
 def test_cli_tiny_control(tmp_path):
     """`--control scene.png --controlnet tiny.safetensors`: the edges of the scene steer the tiny model; the output
     has the control image's size."""
     from PIL import Image
-    pipe = sana.train_controlnet_tiny(sana.load_tiny(), 2, out=str(tmp_path / "cn.safetensors"), log=lambda *a: None,
-                                      batch=4, n_images=8, bf16=False, threads=1)
+    controlnet = sana.train_controlnet_tiny(sana.load_tiny(), 2, out=str(tmp_path / "cn.safetensors"),
+                                            log=lambda *a: None, batch=4, n_images=8, bf16=False, threads=1)
     x, captions = sana.shapes_batch(1, seed=4)
     Image.fromarray(((x[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
     out = tmp_path / "out.png"
     sana.main(["--prompt", captions[0], "--steps", "2", "--device", "cpu", "--out", str(out), "--control",
                str(tmp_path / "scene.png"), "--controlnet", str(tmp_path / "cn.safetensors")])
-    assert Image.open(out).size == (64, 64) and pipe.controlnet.cfg.depth == 2
+    assert Image.open(out).size == (64, 64) and controlnet.cfg.depth == 2
 
 
-@pytest.mark.skipif(not os.path.isfile(sana.TINY_CONTROLNET), reason="weights/sana_controlnet_tiny.safetensors missing")
-@needs_tiny
+@committed(*TINY, sana.TINY_CONTROLNET)
 def test_committed_tiny_controlnet_steers_the_layout():
     """The committed tiny ControlNet on 16 held-out scenes (seed 0): the outputs' objects land where the control
-    scene's are. tests/bench_sana_controlnet.py measured a mean IoU of 0.892 with control and 0.200 without on 96
+    scene's are. scripts/bench_sana_controlnet.py measured a mean IoU of 0.892 with control and 0.200 without on 96
     scenes; the bars leave room for 16 scenes and other CPUs' numerics."""
-    import bench_sana_controlnet as bench
-    pipe = sana.load_tiny()
-    pipe.controlnet = sana.load_tiny_controlnet()
-    x, captions = bench.held_out(16)
+    pipe, controlnet = sana.load_tiny(), sana.load_tiny_controlnet()
+    x, captions = sana.shapes_batch(16, seed=HELD_OUT_SEED)
     scenes = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    iou = {scale: float(np.mean([sana.control_iou(s, img) for s, img in zip(scenes, bench.steer(pipe, x, captions,
-                                                                                                   scale))]))
+    iou = {scale: float(np.mean([sana.control_iou(s, img) for s, img in
+                                 zip(scenes, sana.steer_scenes(pipe, controlnet, x, captions, scale))]))
            for scale in (0.0, 1.0)}
     assert iou[1.0] > 0.75 and iou[0.0] < 0.4, iou
 
@@ -1074,3 +1129,24 @@ def test_cli_published_controlnet_pth(tmp_path, monkeypatch, capsys):
         sana.main(["--ckpt", folder, "--prompt", "a red circle", "--steps", "2", "--device", "cpu", "--out", str(out),
                    "--control", str(tmp_path / "control.png"), "--controlnet", os.path.join(FIX, "controlnet_forward")])
     assert "a ControlNet of 2 blocks needs a base model of more than 2 blocks, not 2" in capsys.readouterr().err
+
+
+if __name__ == "__main__":  # the full scores of docs/sana.md: python tests/test_sana.py [--choose]
+    import sys
+    import time
+    t0 = time.time()
+    guidance = sana.load_tiny().guidance_scale
+    if "--choose" in sys.argv:  # how the default guidance was chosen: on prompts apart from the README's
+        for g in (1.5, 2.0, 2.5, 3.0, 4.0):
+            _, images, captions = tiny_fidelity(tiny_sampler(g), shapes_score.choice_prompts(), [0, 1, 2, 3])
+            print_report(f"choice set (48 prompts x 4 seeds), guidance {g}", images, captions)
+        sys.exit()
+    _, images, captions = tiny_fidelity(tiny_sampler(), shapes_score.readme_prompts(), seeds=[0, 1, 2, 3])
+    print_report(f"README prompts (24 x 4 seeds, 20 Flow-DPM steps, guidance {guidance})", images, captions)
+    _, images, captions = tiny_fidelity(tiny_sampler(), shapes_score.second_prompts(), seeds=[0, 1, 2, 3])
+    print_report("second set, no setting chosen on it (48 x 4 seeds)", images, captions)
+    _, images, captions = tiny_fidelity(tiny_sampler(), shapes_score.all_color_prompts(), seeds=[0, 1, 2, 3])
+    print_report("all-colour set, objects of every colour (48 x 4 seeds)", images, captions)
+    print(f"({time.time() - t0:.0f}s)")
+    print("fidelity when denoising encoded real scenes from noise level sigma0 (0 = the DC-AE alone):",
+          ", ".join(f"{s0:.1f}: {f:.3f}" for s0, f in fidelity_from_noise_level().items()))
