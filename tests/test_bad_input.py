@@ -248,6 +248,8 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--prune-to", "0"], "--prune-to must be between 1 and the model's 4 blocks, "
                                                            "not 0", True),
     ("sana", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--optimizer", "came"], "--optimizer goes with --train", True),
+    ("sana", ["--train-controlnet", "--optimizer", "came"], "--optimizer goes with --train alone", True),
     ("sana", ["--train", "--train-out", "/proc/sana.safetensors"], "cannot write to the folder /proc", True),
     ("sana", ["--prompt", SANA_PROMPT, "--conditioning-scale", "nan"], "--conditioning-scale must be a finite number, "
                                                                        "not nan", True),
