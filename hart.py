@@ -14,22 +14,24 @@ Three ideas:
   3. Residual diffusion (Sec. 3.3): a 37M-parameter MLP (MAR's) samples the continuous residual token of every
      last-scale position in 8 steps, conditioned on the transformer's hidden state there.
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-5 are the whole method; the rest can be skipped on first read):
   1. Config and presets: `HARTTokenizerConfig`, `HARTConfig`, `Qwen2Config`; the published hart-0.7b-1024px
   2. Modules: the multi-scale hybrid quantizer (phi, its sharing rule), the 1-D/2-D rotary positions, the
-     attention (0.25/sqrt(d), k without bias), the block (plain or per-block AdaLN), the head, the residual
-     diffusion MLP and its IDDPM schedule (copied from dcar.py)
-  3. Model: `HART` (teacher forcing with the block-causal mask; one scale at a time with a KV cache), and
+     attention (0.25/sqrt(d), k without bias), the block (plain or per-block AdaLN), the head
+  3. Model: `HART` (teacher forcing with the block-causal mask; one scale at a time with a KV cache) and
      `HybridTokenizer`
-  4. Components, skip on first read: the tokenizer's convolutional encoder and decoder (LDM's); the DC-AE of
-     dcae.py (the tiny tokenizer's); the Qwen2 text encoder and its prompt encoding
-  5. Checkpoint loading: the published `llm/` (EMA weights, as sample.py) and `tokenizer/` folders, Qwen2 folders
-  6. Training (not released): the tokenizer's alternating discrete / continuous decoding, the transformer's
+  4. Training (not released): the tokenizer's alternating discrete / continuous decoding, the transformer's
      cross-entropy plus the residual diffusion loss on its own samples (MAR's last-scale subsampling)
-  7. Sampler: `generate` (guidance ramp over scales, top-k / top-p, more_smooth, the residual diffusion on the
-     last scale), the `HARTPipeline`
-  8. Tiny default: the shapes data (copied from dcae.py), the tiny tokenizer, Qwen2 and transformer
-  9. CLI
+  5. Sampler: `generate` (guidance ramp over scales, top-k / top-p, more_smooth, the residual diffusion on the
+     last scale: `sample_residual`)
+  6. Components, skip on first read: the kernel loader; every marked copy (RMSNorm; the residual diffusion MLP
+     and its IDDPM schedule, copied from dcar.py, DC-AR having taken them from HART; the DC-AE of dcae.py, the
+     tiny tokenizer's; the loading helpers; the shapes data); the tokenizer's LDM encoder and decoder; the Qwen2
+     text encoder and its prompt encoding
+  7. Checkpoint loading: the published `llm/` (EMA weights, as sample.py) and `tokenizer/` folders, Qwen2 folders
+  8. Pipeline: `HARTPipeline` (prompts -> Qwen2 features -> `generate` -> uint8 images), `load_pipeline`
+  9. Tiny default: the tiny tokenizer, Qwen2 and transformer, and their training recipe (`train_tiny`)
+ 10. CLI
 
 Run:
   python hart.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
@@ -50,8 +52,8 @@ release fixes it at 600 / 300 and fails below 600 codes; the tiny model has 256)
 the last-scale subsampling ratio is drawn from a torch generator instead of scipy's truncated normal with
 numpy's shuffle, the cross-entropy on every predicted token and the tokenizer's loss (MSE + VQ, no perceptual or
 adversarial term) are this file's choices; (5) the tiny tokenizer is HART's quantizer on the encoder and decoder of
-the committed tiny DC-AE (as HART starts from VAR's tokenizer: a trained autoencoder; an LDM one trained from
-scratch reached only 20 dB in the time), and the tiny Qwen2 is trained with the transformer (section 8).
+the committed tiny DC-AE (as HART starts from VAR's trained tokenizer, the tiny one starts from a trained
+autoencoder), and the tiny Qwen2 is trained with the transformer (section 9).
 """
 import argparse
 import importlib.util
@@ -75,38 +77,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-# Copied from dcae.py: load_kernel
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
+TINY_WEIGHTS = os.path.join(HERE, "weights", "hart_tiny.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,18 +301,8 @@ def rotate(x, cos, sin):  # x (B, H, n, d), cos/sin (B, n, d)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# Copied from fast_dllm.py: RMSNorm
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # Normalise in float32, cast back, *then* scale (both families' order; it matters in bf16).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+# The transformer's layers. RMSNorm (normalise in float32, cast back, then scale) is a marked copy of fast_dllm.py's,
+# in section 6 with the rest of what HART uses but did not invent.
 
 
 class Attention(nn.Module):
@@ -424,6 +387,342 @@ class LevelEmbedder(nn.Module):
 
     def forward(self, levels):  # (n,) -> (n, C)
         return self.mlp(timestep_embedding(levels).to(self.mlp[0].weight.dtype))
+
+
+# The residual diffusion MLP (paper Sec. 3.3; MAR's "SimpleMLPAdaLN", 37M parameters at full size) and its IDDPM
+# schedule are in section 6: DC-AR took both from HART, so this file holds them as marked copies of dcar.py's
+# `DiffusionHead` (noisy residual token, timestep and the transformer's hidden state -> epsilon and a variance
+# interpolation, one token at a time, through adaLN residual blocks) and `Diffusion` (the 1000-step cosine schedule,
+# respaced to 8 steps to sample, the network fed the original step indices), with `timestep_embedding` (DiT's
+# sinusoid, which LevelEmbedder uses too). `sample_residual` (section 5) and `hart_losses` (section 4) use them.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class HART(nn.Module):
+    """The text-conditioned next-scale transformer with its residual diffusion MLP (`diffloss.net`). The sequence
+    is [T context tokens; the tokens of scales 1..K-1]: scale 0 (1x1) has no input of its own, its logits come
+    from the last context slot. Module names = the published checkpoint's keys."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps)
+        self.context_embed = nn.Linear(cfg.context_dim, C)
+        self.word_embed = nn.Linear(cfg.token_dim, C)
+        self.lvl_embed = LevelEmbedder(C)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_nm = HeadNorm(C, cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.codebook_size)
+        self.decoder_norm = RMSNorm(C, cfg.norm_eps)
+        self.diffloss = nn.Module()
+        self.diffloss.net = DiffusionHead(cfg)
+
+    def embed_context(self, context):  # text features (B, T, context_dim) -> (B, T, C): tokens AND condition
+        return self.context_embed(self.context_norm(context))
+
+    def run(self, x, cond, cos, sin, mask=None, cache=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, cos, sin, mask, None if cache is None else cache[i])
+        return x
+
+    def logits(self, h, cond):  # (B, n, C) -> (B, n, V) in float32
+        return self.head(self.head_nm(h.float(), cond)).float()
+
+    def forward(self, context, positions, x_in, keep=None):
+        """Teacher forcing. context (B, T, context_dim) text features; positions (B, T) their rotary positions;
+        x_in (B, L - 1, Cv) the inputs of scales 1..K-1 (HybridTokenizer.next_scale_inputs); keep (B, P^2) bool,
+        the same count per row: the last scale's tokens that stay (MAR-style subsampling), None = all.
+        -> hidden (B, T + n - 1, C) over [context; kept image tokens] and the condition (B, T, C). Token a sees
+        token b when level(a) >= level(b): whole scales at once, the context as level 0."""
+        cfg = self.cfg
+        pn, T, P, B = cfg.patch_nums, cfg.context_token, cfg.patch_nums[-1], context.shape[0]
+        cond = self.embed_context(context)
+        x = torch.cat([cond, self.word_embed(x_in)], 1)  # (B, T + L - 1, C)
+        levels = torch.cat([torch.zeros(T, dtype=torch.long)] +
+                           [torch.full((p * p,), k, dtype=torch.long) for k, p in enumerate(pn) if k > 0])
+        grid = torch.cat([scale_grid(p, P) for p in pn[1:]]).to(x.device)  # (L - 1, 2)
+        grid = grid[None] + positions[:, -1, None, None]  # offset by the last context position
+        if keep is not None:
+            keep_all = torch.cat([keep.new_ones(B, x.shape[1] - keep.shape[1]), keep], 1)
+            x = x[keep_all].view(B, -1, x.shape[-1])
+            grid = grid[keep_all[:, T:]].view(B, -1, 2)
+            levels = levels[:x.shape[1]]  # only last-scale tokens go: the levels of what stays come first
+        levels = levels.to(x.device)
+        x = x + self.lvl_embed(levels)
+        (cos_c, sin_c), (cos_i, sin_i) = rope_1d(positions, self.head_dim), rope_2d(grid, self.head_dim)
+        mask = levels[:, None] >= levels[None, :]
+        h = self.run(x, cond, torch.cat([cos_c, cos_i], 1), torch.cat([sin_c, sin_i], 1), mask)
+        return h, cond
+
+    @property
+    def head_dim(self):
+        return self.cfg.hidden_size // self.cfg.num_heads
+
+
+class HybridTokenizer(nn.Module):
+    """The hybrid tokenizer (the published `tokenizer/`, keys under `vae.`): image (B, 3, 16P, 16P) in [-1, 1]
+    <-> latent f (B, Cv, P, P) <-> multi-scale codes + the residual token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.ae is None:  # the published one: LDM's convolutional encoder and decoder (section 6)
+            self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        else:  # the tiny one: the DC-AE's (section 6)
+            self.encoder, self.decoder = DCAEEncoder(cfg.ae), DCAEDecoder(cfg.ae)
+        pad = cfg.quant_conv_ks // 2
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=pad)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=pad)
+        self.quantize = MultiScaleQuantizer(cfg)
+
+    def latent(self, image):
+        return self.quant_conv(self.encoder(image))
+
+    def encode(self, image, patch_nums):
+        """-> ids [(B, pn_k^2)], the rest before the last codes (B, P^2, Cv) (residual = it - codebook[ids[-1]])."""
+        return self.quantize.encode(self.latent(image), patch_nums)
+
+    def decode(self, f_hat):  # (B, Cv, P, P) -> image in [-1, 1]
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def forward(self, image, patch_nums, continuous):
+        """Training: -> reconstruction (unclamped) through the continuous (f itself) or the discrete path, VQ loss."""
+        f_hat, vq = self.quantize(self.latent(image), patch_nums, continuous)
+        return self.decoder(self.post_quant_conv(f_hat)), vq
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Training (not released; the model's forward, the paper and MAR's recipe)
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer: VAR's multi-scale quantization with phi at every scale, then the decoder reads either f itself
+# (continuous path) or the discrete f_hat, alternating 50/50 ("alternating training", Sec. 3.1), so that one
+# decoder serves both. Loss: MSE(reconstruction) + the VQ loss (the paper adds perceptual and GAN terms).
+# The transformer: cross-entropy on every predicted code, plus the residual diffusion loss on the last scale,
+# where the target is what the transformer's OWN sampled codes miss: the MLP learns to fix the AR model's
+# mistakes, not only the quantization residual. As in MAR, part of the last scale's tokens is left out of the
+# sequence (ratio from a normal(1, 0.25) truncated to [0.5, 1], at least 32 kept).
+
+
+def tokenizer_loss(vae, images, patch_nums, continuous):
+    out, vq = vae(images, patch_nums, continuous)
+    recon = F.mse_loss(out, images)
+    return recon + vq, recon, vq
+
+
+def last_scale_keep(B, n, generator=None, device=None):
+    """Which of the n last-scale tokens stay, (B, n) bool, the same count in every row: ceil(r n) are left out,
+    r from a normal(1, 0.25) truncated to [0.5, 1], but at least 32 stay (the release's slice bound; below 32
+    tokens that bound is negative and 2n - 32 go, or none)."""
+    lo = 0.5 * (1 + math.erf(-2 / math.sqrt(2)))  # the normal's CDF at -2 sigma
+    u = lo + (0.5 - lo) * torch.rand((), generator=generator, dtype=torch.float64)
+    r = 1 + 0.25 * math.sqrt(2) * torch.erfinv(2 * u - 1).item()
+    drop = min(math.ceil(n * r), n - 32)
+    drop = drop if drop >= 0 else max(0, n + drop)
+    order = torch.rand(B, n, generator=generator).argsort(1)[:, :drop]
+    return torch.ones(B, n, dtype=torch.bool).scatter_(1, order, False).to(device)
+
+
+def hart_losses(model, codebook, context, positions, x_in, ids, last_rest, keep=None, generator=None, rng=None):
+    """One training step's losses. context (B, T, context_dim), positions (B, T), x_in (B, L - 1, Cv) and ids
+    [(B, pn_k^2)] of the tokenizer, last_rest (B, P^2, Cv) the rest before the last codes, keep (B, P^2) or None.
+    `generator` draws the caption dropout, the diffusion timesteps and noise (in the release's order), `rng` the
+    codes the model samples for the diffusion target (top-k 600, top-p 0.96)."""
+    cfg = model.cfg
+    B, T, V, Cv = context.shape[0], cfg.context_token, cfg.codebook_size, cfg.token_dim
+    drop = (torch.randn(B, generator=generator) < cfg.cond_drop_rate).to(context.device)  # randn: ~54% at 0.1
+    context = torch.where(drop[:, None, None], torch.zeros_like(context), context)
+    h, cond = model(context, positions, x_in, keep)
+    logits = model.logits(h[:, T - 1:], cond)  # (B, 1 + n, V): scale 0 from the last context slot
+    last_ids, last_rest = ids[-1], last_rest
+    if keep is not None:
+        last_ids, last_rest = last_ids[keep].view(B, -1), last_rest[keep].view(B, -1, Cv)
+    targets = torch.cat(list(ids[:-1]) + [last_ids], 1)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    n = last_ids.shape[1]
+    with torch.no_grad():
+        sampled = sample_top_k_top_p(logits[:, -n:].detach().clone(), min(600, V), 0.96, rng)
+    e = codebook[sampled]  # (B, n, Cv)
+    c = model.decoder_norm(h[:, -n:] + model.word_embed(e)).reshape(B * n, -1)
+    x0 = (last_rest - e).reshape(B * n, Cv) / cfg.vae_scale
+    x0, cm = x0.repeat(cfg.diffusion_batch_mul, 1), c.repeat(cfg.diffusion_batch_mul, 1)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    rows = Diffusion(cosine_betas()).training_losses(model.diffloss.net, x0, t, cm, noise)[0]
+    return dict(loss=ce + rows.mean(), ce=ce, diffusion=rows.mean(), rows=rows, sampled=sampled, c=c, x0=x0,
+                t=t, noise=noise, logits=logits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampler
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sample_top_k_top_p(logits, top_k, top_p, generator=None):
+    """logits (B, l, V), filtered IN PLACE (the release's; more_smooth reads them afterwards): all but the top_k
+    set to -inf, then, if top_p > 0, the smallest ones whose probabilities sum to at most 1 - top_p. -> one
+    multinomial draw per row (B, l)."""
+    B, l, V = logits.shape
+    if top_k > 0:
+        logits.masked_fill_(logits < logits.topk(top_k, sorted=False, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum_(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, order, remove), -torch.inf)
+    probs = logits.softmax(-1).view(-1, V)
+    where = generator.device if generator is not None else probs.device  # a CPU generator samples on the CPU
+    return torch.multinomial(probs.to(where), 1, replacement=True, generator=generator).view(B, l).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0, more_smooth=False,
+             generator=None, noise_generator=None, trace=None):
+    """Next-scale prediction with CFG (the release's autoregressive_infer_cfg). context (B, T, context_dim),
+    positions (B, T) -> images (B, 3, 16P, 16P) in [0, 1].
+
+    The batch runs as [cond; uncond], the unconditional context all zeros at positions 0. At scale k < K-1 the new
+    tokens (the context at k = 0) go through the blocks with the KV cache; the logits are guided,
+    l = (1 + t) l_c - t l_u with t = guidance r, r = k / (K - 1) (so scale 0 is unguided; guidance 0 is off),
+    and filtered (top_k: the release's 600 below scale 7, 300 after, capped at V, unless given; top_p off at 0);
+    one code per token is drawn. Its embedding (or, with more_smooth, a Gumbel-softmax mixture of the codebook at
+    temperature max(0.27 (1 - 0.95 r), 0.005)) joins f_hat; f_hat, area-downsampled to the next scale, is the
+    next input. The last scale reuses r = (K-2)/(K-1); then the residual diffusion samples a continuous token per
+    position (condition: the hidden state + the embedding of the HARD sampled code), guided with the same t,
+    which is added to the last codes with no phi.
+    `generator` draws the codes and Gumbel noise, `noise_generator` (default: seeded like `generator`) the
+    diffusion noise. `trace`, a dict, collects each scale's codes and guided logits and the diffusion's inputs."""
+    cfg = model.cfg
+    pn, K, P, V, B = cfg.patch_nums, len(cfg.patch_nums), cfg.patch_nums[-1], cfg.codebook_size, context.shape[0]
+    if noise_generator is None:
+        noise_generator = torch.Generator().manual_seed(generator.initial_seed()) if generator is not None else None
+    codebook = vae.quantize.embedding.weight.to(context.dtype)
+    cond = model.embed_context(torch.cat([context, torch.zeros_like(context)]))  # (2B, T, C)
+    positions = torch.cat([positions, torch.zeros_like(positions)])
+    lvl = model.lvl_embed(torch.arange(K, device=context.device))  # (K, C)
+    x = cond + lvl[0]
+    f_hat = context.new_zeros(B, cfg.token_dim, P, P)
+    cache = [[None, None] for _ in model.blocks]
+    for k in range(K):
+        if k == 0:
+            cos, sin = rope_1d(positions, model.head_dim)
+        else:
+            cos, sin = rope_2d(scale_grid(pn[k], P, context.device)[None] + positions[:, -1, None, None],
+                               model.head_dim)
+        h = model.run(x, cond, cos, sin, cache=cache)
+        logits = model.logits(h, cond)
+        r = k / (K - 1) if k < K - 1 else (K - 2) / (K - 1)
+        t = guidance * r
+        logits = (1 + t) * logits[:B] - t * logits[B:]
+        if k == 0:
+            logits = logits[:, -1:]
+        if trace is not None:
+            trace[f"logits_cfg_s{k:02d}"] = logits.clone()
+        kk = min(top_k if top_k is not None else 600 if k < 7 else 300, V)
+        idx = sample_top_k_top_p(logits, kk, top_p, generator)  # (B, l)
+        if more_smooth:
+            tau = max(0.27 * (1 - r * 0.95), 0.005)
+            where = generator.device if generator is not None else logits.device
+            g = -torch.empty(logits.shape, device=where).exponential_(generator=generator).log().to(logits.device)
+            emb = ((logits * (1 + r) + g) / tau).softmax(-1) @ codebook[None]
+        else:
+            emb = codebook[idx]  # (B, l, Cv)
+        if trace is not None:
+            trace[f"idx_s{k:02d}"] = idx
+        if k < K - 1:
+            f_hat = vae.quantize.add_scale(f_hat, emb.transpose(1, 2).reshape(B, -1, pn[k], pn[k]), k, K)
+            x = model.word_embed(downsample(f_hat, pn[k + 1]).flatten(2).transpose(1, 2)) + lvl[k + 1]
+            x = torch.cat([x, x])
+        else:
+            c = model.decoder_norm(h + model.word_embed(codebook[idx]).repeat(2, 1, 1)).flatten(0, 1)  # (2B P^2, C)
+            residual = sample_residual(model.diffloss.net, c, t, cfg.num_sampling_steps, noise_generator)
+            residual = residual * cfg.vae_scale
+            if trace is not None:
+                trace.update({"diff.z": c, "diff.out": residual, "diff.cfg": t})
+            tokens = emb + residual.view(B, P * P, -1)
+            f_hat = vae.quantize.add_scale(f_hat, tokens.transpose(1, 2).reshape(B, -1, P, P), k, K)
+    return (vae.decode(f_hat.float()) + 1) / 2
+
+
+@torch.no_grad()
+def sample_residual(net, c, guidance, steps, generator=None):
+    """The residual tokens of every last-scale position: c (2M, C) = the conditions [cond; uncond] -> (M, Cv) in
+    the net's scaled units. Ancestral IDDPM sampling over `steps` respaced steps, x0 clipped to [-1, 1], from one
+    noise shared by both halves; epsilon guided (1 + g) eps_c - g eps_u (at exactly g = 1 the release switches to
+    unguided sampling of both halves, and so does this). One randn for the start, then one per step (the last
+    step's is drawn and multiplied by 0), as the release draws them."""
+    betas, timestep_map = respace(cosine_betas(), steps)
+    diffusion = Diffusion(betas, timestep_map)
+    M, C = c.shape[0] // 2, net.input_proj.in_features
+    if guidance != 1.0:
+        x = torch.randn(M, C, generator=generator).to(c.device, c.dtype)
+        x, fn = torch.cat([x, x]), lambda x, t: net.forward_with_cfg(x[:M], t, c, guidance)
+    else:
+        x, fn = torch.randn(2 * M, C, generator=generator).to(c.device, c.dtype), lambda x, t: net(x, t, c)
+    for i in reversed(range(steps)):
+        t = torch.full((2 * M,), i, dtype=torch.long, device=c.device)
+        mean, _, log_var, _ = diffusion.p_mean_variance(fn(x, timestep_map.to(c.device)[t]), x, t)
+        noise = torch.randn(x.shape, generator=generator).to(c.device, c.dtype)
+        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+    return x[:M]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# What HART uses but did not invent: the kernel loader, marked copies of other files' code (the copy test checks
+# them verbatim), the tokenizer's LDM autoencoder, the Qwen2 text encoder, and the loading and command-line helpers.
+
+
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+
+
+# Copied from fast_dllm.py: RMSNorm
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32, cast back, *then* scale (both families' order; it matters in bf16).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 # The residual diffusion MLP (paper Sec. 3.3; MAR's "SimpleMLPAdaLN") and its IDDPM schedule: DC-AR took both from
@@ -585,131 +884,6 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, mid))
 
 
-@torch.no_grad()
-def sample_residual(net, c, guidance, steps, generator=None):
-    """The residual tokens of every last-scale position: c (2M, C) = the conditions [cond; uncond] -> (M, Cv) in
-    the net's scaled units. Ancestral IDDPM sampling over `steps` respaced steps, x0 clipped to [-1, 1], from one
-    noise shared by both halves; epsilon guided (1 + g) eps_c - g eps_u (at exactly g = 1 the release switches to
-    unguided sampling of both halves, and so does this). One randn for the start, then one per step (the last
-    step's is drawn and multiplied by 0), as the release draws them."""
-    betas, timestep_map = respace(cosine_betas(), steps)
-    diffusion = Diffusion(betas, timestep_map)
-    M, C = c.shape[0] // 2, net.input_proj.in_features
-    if guidance != 1.0:
-        x = torch.randn(M, C, generator=generator).to(c.device, c.dtype)
-        x, fn = torch.cat([x, x]), lambda x, t: net.forward_with_cfg(x[:M], t, c, guidance)
-    else:
-        x, fn = torch.randn(2 * M, C, generator=generator).to(c.device, c.dtype), lambda x, t: net(x, t, c)
-    for i in reversed(range(steps)):
-        t = torch.full((2 * M,), i, dtype=torch.long, device=c.device)
-        mean, _, log_var, _ = diffusion.p_mean_variance(fn(x, timestep_map.to(c.device)[t]), x, t)
-        noise = torch.randn(x.shape, generator=generator).to(c.device, c.dtype)
-        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
-    return x[:M]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Model
-# ----------------------------------------------------------------------------------------------------------
-
-
-class HART(nn.Module):
-    """The text-conditioned next-scale transformer with its residual diffusion MLP (`diffloss.net`). The sequence
-    is [T context tokens; the tokens of scales 1..K-1]: scale 0 (1x1) has no input of its own, its logits come
-    from the last context slot. Module names = the published checkpoint's keys."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        C = cfg.hidden_size
-        self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps)
-        self.context_embed = nn.Linear(cfg.context_dim, C)
-        self.word_embed = nn.Linear(cfg.token_dim, C)
-        self.lvl_embed = LevelEmbedder(C)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.head_nm = HeadNorm(C, cfg.norm_eps)
-        self.head = nn.Linear(C, cfg.codebook_size)
-        self.decoder_norm = RMSNorm(C, cfg.norm_eps)
-        self.diffloss = nn.Module()
-        self.diffloss.net = DiffusionHead(cfg)
-
-    def embed_context(self, context):  # text features (B, T, context_dim) -> (B, T, C): tokens AND condition
-        return self.context_embed(self.context_norm(context))
-
-    def run(self, x, cond, cos, sin, mask=None, cache=None):
-        for i, block in enumerate(self.blocks):
-            x = block(x, cond, cos, sin, mask, None if cache is None else cache[i])
-        return x
-
-    def logits(self, h, cond):  # (B, n, C) -> (B, n, V) in float32
-        return self.head(self.head_nm(h.float(), cond)).float()
-
-    def forward(self, context, positions, x_in, keep=None):
-        """Teacher forcing. context (B, T, context_dim) text features; positions (B, T) their rotary positions;
-        x_in (B, L - 1, Cv) the inputs of scales 1..K-1 (HybridTokenizer.next_scale_inputs); keep (B, P^2) bool,
-        the same count per row: the last scale's tokens that stay (MAR-style subsampling), None = all.
-        -> hidden (B, T + n - 1, C) over [context; kept image tokens] and the condition (B, T, C). Token a sees
-        token b when level(a) >= level(b): whole scales at once, the context as level 0."""
-        cfg = self.cfg
-        pn, T, P, B = cfg.patch_nums, cfg.context_token, cfg.patch_nums[-1], context.shape[0]
-        cond = self.embed_context(context)
-        x = torch.cat([cond, self.word_embed(x_in)], 1)  # (B, T + L - 1, C)
-        levels = torch.cat([torch.zeros(T, dtype=torch.long)] +
-                           [torch.full((p * p,), k, dtype=torch.long) for k, p in enumerate(pn) if k > 0])
-        grid = torch.cat([scale_grid(p, P) for p in pn[1:]]).to(x.device)  # (L - 1, 2)
-        grid = grid[None] + positions[:, -1, None, None]  # offset by the last context position
-        if keep is not None:
-            keep_all = torch.cat([keep.new_ones(B, x.shape[1] - keep.shape[1]), keep], 1)
-            x = x[keep_all].view(B, -1, x.shape[-1])
-            grid = grid[keep_all[:, T:]].view(B, -1, 2)
-            levels = levels[:x.shape[1]]  # only last-scale tokens go: the levels of what stays come first
-        levels = levels.to(x.device)
-        x = x + self.lvl_embed(levels)
-        (cos_c, sin_c), (cos_i, sin_i) = rope_1d(positions, self.head_dim), rope_2d(grid, self.head_dim)
-        mask = levels[:, None] >= levels[None, :]
-        h = self.run(x, cond, torch.cat([cos_c, cos_i], 1), torch.cat([sin_c, sin_i], 1), mask)
-        return h, cond
-
-    @property
-    def head_dim(self):
-        return self.cfg.hidden_size // self.cfg.num_heads
-
-
-class HybridTokenizer(nn.Module):
-    """The hybrid tokenizer (the published `tokenizer/`, keys under `vae.`): image (B, 3, 16P, 16P) in [-1, 1]
-    <-> latent f (B, Cv, P, P) <-> multi-scale codes + the residual token."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        if cfg.ae is None:
-            self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        else:
-            self.encoder, self.decoder = DCAEEncoder(cfg.ae), DCAEDecoder(cfg.ae)
-        pad = cfg.quant_conv_ks // 2
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=pad)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, cfg.quant_conv_ks, padding=pad)
-        self.quantize = MultiScaleQuantizer(cfg)
-
-    def latent(self, image):
-        return self.quant_conv(self.encoder(image))
-
-    def encode(self, image, patch_nums):
-        """-> ids [(B, pn_k^2)], the rest before the last codes (B, P^2, Cv) (residual = it - codebook[ids[-1]])."""
-        return self.quantize.encode(self.latent(image), patch_nums)
-
-    def decode(self, f_hat):  # (B, Cv, P, P) -> image in [-1, 1]
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
-
-    def forward(self, image, patch_nums, continuous):
-        """Training: -> reconstruction (unclamped) through the continuous (f itself) or the discrete path, VQ loss."""
-        f_hat, vq = self.quantize(self.latent(image), patch_nums, continuous)
-        return self.decoder(self.post_quant_conv(f_hat)), vq
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Components: skip on first read
-# ----------------------------------------------------------------------------------------------------------
 # The tokenizer's convolutional encoder and decoder: LDM's (taming-transformers names), GroupNorm(32, eps 1e-6),
 # SiLU, self-attention at the coarsest level and in the middle.
 
@@ -1225,7 +1399,6 @@ def encode_prompts(text_encoder, tok, prompts, length, pad_id, system_prompt=Non
     return context.float(), positions.to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Loading helpers shared by every root file (copied from dcae.py).
 
 
@@ -1358,8 +1531,192 @@ def load_state_dict_strict(model, sd, source):
     return model
 
 
+# Copied from sana.py: load_tokenizer
+def load_tokenizer(path):
+    """A tokenizer.json (Hugging Face `tokenizers`)."""
+    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
+
+
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# The synthetic shapes data of dcae.py (the tiny model's training data) and the tiny model's checks.
+
+
+# Copied from dcae.py: SHAPE_COLORS
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+
+# Copied from dcae.py: COLORS
+COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")  # of the objects and of the background
+
+# Copied from dcae.py: SHAPES
+SHAPES = ("circle", "square", "triangle")
+
+# Copied from dcae.py: COUNT_WORDS
+COUNT_WORDS = ("a", "two", "three")
+
+# Copied from dcae.py: RADIUS
+RADIUS = {1: (0.16, 0.25), 2: (0.14, 0.19), 3: (0.14, 0.19)}  # object radius per count, as a fraction of the size
+
+
+# Copied from dcae.py: shapes_caption
+def shapes_caption(count, color, shape, background):
+    noun = shape if count == 1 else shape + "s"
+    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
+
+
+# Copied from dcae.py: place_objects
+def place_objects(count, rng, gap=0.06):
+    """(cx, cy, r) in [0, 1] for `count` objects whose bounding boxes stay `gap` apart (so they can be counted);
+    a scene with no room left for the next object is drawn again from the start."""
+    lo, hi = RADIUS[count]
+    while True:
+        boxes = []
+        for _ in range(count):
+            for _attempt in range(100):
+                r = rng.uniform(lo, hi)
+                cx, cy = rng.uniform(r + 0.01, 1 - r - 0.01), rng.uniform(r + 0.01, 1 - r - 0.01)
+                if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
+                    boxes.append((cx, cy, r))
+                    break
+            else:  # no room for this object after 100 tries: draw the scene again
+                break
+        if len(boxes) == count:
+            return boxes
+
+
+# Copied from dcae.py: draw_shapes
+def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
+    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
+    rng = rng or random.Random(0)
+    S = size * supersample
+    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
+    draw = ImageDraw.Draw(img)
+    fill = SHAPE_COLORS[color]
+    for cx, cy, r in place_objects(count, rng):
+        cx, cy, r = cx * S, cy * S, r * S
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":  # the circle's bounding box
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+# Copied from dcae.py: random_scene
+def random_scene(rng, colors=COLORS):
+    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
+    color = rng.choice(colors)
+    background = rng.choice([b for b in COLORS if b != color])
+    return rng.randint(1, 3), color, rng.choice(SHAPES), background
+
+
+# Copied from dcae.py: shapes_batch
+def shapes_batch(n, seed, size=64):
+    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
+        captions.append(shapes_caption(*scene))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+# Copied from sana.py: check_tiny_prompt
+def check_tiny_prompt(prompt):
+    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
+    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
+    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
+    if unknown:
+        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
+        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
+    colors, shapes, many = "|".join(COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
+    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
+               rf"on a (?:{colors}) background")
+    if not re.fullmatch(caption, " ".join(words)):
+        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
+
+
+# Copied from sana.py: tiny_dcae_config
+def tiny_dcae_config(path=TINY_DCAE):
+    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+    try:
+        meta = json.loads(read_metadata(path)["config"])
+        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
+                         f"DC-AE config)") from None
+
+
+# Copied from sana.py: load_tiny_dcae
+def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
+    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
+    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    model = DCAE(tiny_dcae_config(path))
+    load_state_dict_strict(model, read_weights(path), path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading
+# 7. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
 # The published mit-han-lab/hart-0.7b-1024px: llm/ (config.json "hart_transformer_t2i", pytorch_model.bin and
 # ema_model.bin, whose EMA weights sample.py uses) and tokenizer/ (config.json "hart_autoencoder_with_disc",
@@ -1516,203 +1873,9 @@ def qwen2_pad_id(folder, tok):
     return pad_id
 
 
-def load_pipeline(ckpt, text_encoder=None, *, device="cpu", dtype=torch.float32):
-    """The published folder (llm/ and tokenizer/ inside; or the llm/ folder itself, with ../tokenizer) and a Qwen2
-    folder (default: Qwen2-VL-1.5B-Instruct beside the checkpoint) -> HARTPipeline."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    llm = os.path.join(ckpt, "llm") if os.path.isdir(os.path.join(ckpt, "llm")) else ckpt
-    tokenizer = os.path.join(os.path.dirname(os.path.abspath(llm)), "tokenizer")
-    if not os.path.isdir(tokenizer):
-        raise FileNotFoundError(f"{ckpt}: no tokenizer/ folder beside {llm} (the published layout has llm/ and "
-                                f"tokenizer/ side by side)")
-    if text_encoder is None:
-        text_encoder = os.path.join(os.path.dirname(os.path.abspath(llm.rstrip("/"))), "..", "Qwen2-VL-1.5B-Instruct")
-        if not os.path.isdir(text_encoder):
-            raise FileNotFoundError(f"no Qwen2 text encoder given: pass --text-encoder DIR (a Hugging Face "
-                                    f"Qwen2-1.5B(-Instruct) folder with tokenizer.json)")
-    vae = load_hart_tokenizer(tokenizer, device=device, dtype=torch.float32)
-    model = load_hart(llm, vae.cfg, device=device, dtype=dtype)
-    te = load_qwen2(text_encoder, device=device, dtype=dtype)
-    tok = load_tokenizer(os.path.join(text_encoder, "tokenizer.json"))
-    if te.cfg.hidden_size != model.cfg.context_dim:
-        raise ValueError(f"{text_encoder} is {te.cfg.hidden_size} wide; the transformer reads {model.cfg.context_dim}")
-    return HARTPipeline(vae, model, te, tok, qwen2_pad_id(text_encoder, tok), system_prompt=SYSTEM_PROMPT)
-
-
-# Copied from sana.py: load_tokenizer
-def load_tokenizer(path):
-    """A tokenizer.json (Hugging Face `tokenizers`)."""
-    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} not found")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises a bare Exception
-        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training (not released; the model's forward, the paper and MAR's recipe)
+# 8. Pipeline
 # ----------------------------------------------------------------------------------------------------------
-# The tokenizer: VAR's multi-scale quantization with phi at every scale, then the decoder reads either f itself
-# (continuous path) or the discrete f_hat, alternating 50/50 ("alternating training", Sec. 3.1), so that one
-# decoder serves both. Loss: MSE(reconstruction) + the VQ loss (the paper adds perceptual and GAN terms).
-# The transformer: cross-entropy on every predicted code, plus the residual diffusion loss on the last scale,
-# where the target is what the transformer's OWN sampled codes miss: the MLP learns to fix the AR model's
-# mistakes, not only the quantization residual. As in MAR, part of the last scale's tokens is left out of the
-# sequence (ratio from a normal(1, 0.25) truncated to [0.5, 1], at least 32 kept).
-
-
-def tokenizer_loss(vae, images, patch_nums, continuous):
-    out, vq = vae(images, patch_nums, continuous)
-    recon = F.mse_loss(out, images)
-    return recon + vq, recon, vq
-
-
-def last_scale_keep(B, n, generator=None, device=None):
-    """Which of the n last-scale tokens stay, (B, n) bool, the same count in every row: ceil(r n) are left out,
-    r from a normal(1, 0.25) truncated to [0.5, 1], but at least 32 stay (the release's slice bound; below 32
-    tokens that bound is negative and 2n - 32 go, or none)."""
-    lo = 0.5 * (1 + math.erf(-2 / math.sqrt(2)))  # the normal's CDF at -2 sigma
-    u = lo + (0.5 - lo) * torch.rand((), generator=generator, dtype=torch.float64)
-    r = 1 + 0.25 * math.sqrt(2) * torch.erfinv(2 * u - 1).item()
-    drop = min(math.ceil(n * r), n - 32)
-    drop = drop if drop >= 0 else max(0, n + drop)
-    order = torch.rand(B, n, generator=generator).argsort(1)[:, :drop]
-    return torch.ones(B, n, dtype=torch.bool).scatter_(1, order, False).to(device)
-
-
-def hart_losses(model, codebook, context, positions, x_in, ids, last_rest, keep=None, generator=None, rng=None):
-    """One training step's losses. context (B, T, context_dim), positions (B, T), x_in (B, L - 1, Cv) and ids
-    [(B, pn_k^2)] of the tokenizer, last_rest (B, P^2, Cv) the rest before the last codes, keep (B, P^2) or None.
-    `generator` draws the caption dropout, the diffusion timesteps and noise (in the release's order), `rng` the
-    codes the model samples for the diffusion target (top-k 600, top-p 0.96)."""
-    cfg = model.cfg
-    B, T, V, Cv = context.shape[0], cfg.context_token, cfg.codebook_size, cfg.token_dim
-    drop = (torch.randn(B, generator=generator) < cfg.cond_drop_rate).to(context.device)  # randn: ~54% at 0.1
-    context = torch.where(drop[:, None, None], torch.zeros_like(context), context)
-    h, cond = model(context, positions, x_in, keep)
-    logits = model.logits(h[:, T - 1:], cond)  # (B, 1 + n, V): scale 0 from the last context slot
-    last_ids, last_rest = ids[-1], last_rest
-    if keep is not None:
-        last_ids, last_rest = last_ids[keep].view(B, -1), last_rest[keep].view(B, -1, Cv)
-    targets = torch.cat(list(ids[:-1]) + [last_ids], 1)
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    n = last_ids.shape[1]
-    with torch.no_grad():
-        sampled = sample_top_k_top_p(logits[:, -n:].detach().clone(), min(600, V), 0.96, rng)
-    e = codebook[sampled]  # (B, n, Cv)
-    c = model.decoder_norm(h[:, -n:] + model.word_embed(e)).reshape(B * n, -1)
-    x0 = (last_rest - e).reshape(B * n, Cv) / cfg.vae_scale
-    x0, cm = x0.repeat(cfg.diffusion_batch_mul, 1), c.repeat(cfg.diffusion_batch_mul, 1)
-    t = torch.randint(0, 1000, (x0.shape[0],), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    rows = Diffusion(cosine_betas()).training_losses(model.diffloss.net, x0, t, cm, noise)[0]
-    return dict(loss=ce + rows.mean(), ce=ce, diffusion=rows.mean(), rows=rows, sampled=sampled, c=c, x0=x0,
-                t=t, noise=noise, logits=logits)
-
-
-# Copied from dcae.py: ddp_setup
-def ddp_setup(device="cpu"):
-    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
-    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
-    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Sampler
-# ----------------------------------------------------------------------------------------------------------
-
-
-def sample_top_k_top_p(logits, top_k, top_p, generator=None):
-    """logits (B, l, V), filtered IN PLACE (the release's; more_smooth reads them afterwards): all but the top_k
-    set to -inf, then, if top_p > 0, the smallest ones whose probabilities sum to at most 1 - top_p. -> one
-    multinomial draw per row (B, l)."""
-    B, l, V = logits.shape
-    if top_k > 0:
-        logits.masked_fill_(logits < logits.topk(top_k, sorted=False, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
-    if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum_(-1) <= 1 - top_p
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, order, remove), -torch.inf)
-    probs = logits.softmax(-1).view(-1, V)
-    where = generator.device if generator is not None else probs.device  # a CPU generator samples on the CPU
-    return torch.multinomial(probs.to(where), 1, replacement=True, generator=generator).view(B, l).to(logits.device)
-
-
-@torch.no_grad()
-def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0, more_smooth=False,
-             generator=None, noise_generator=None, trace=None):
-    """Next-scale prediction with CFG (the release's autoregressive_infer_cfg). context (B, T, context_dim),
-    positions (B, T) -> images (B, 3, 16P, 16P) in [0, 1].
-
-    The batch runs as [cond; uncond], the unconditional context all zeros at positions 0. At scale k < K-1 the new
-    tokens (the context at k = 0) go through the blocks with the KV cache; the logits are guided with
-    t = guidance k / (K - 1) (scale 0 unguided) and filtered (top_k: the release's 600 below scale 7, 300 after,
-    capped at V, unless given; top_p off at 0); one code per token is drawn. Its embedding (or, with more_smooth,
-    a Gumbel-softmax mixture of the codebook at temperature max(0.27 (1 - 0.95 r), 0.005), r = k / (K - 1)) joins
-    f_hat; f_hat, area-downsampled to the next scale, is the next input. The last scale reuses r = (K-2)/(K-1);
-    then the residual diffusion samples a continuous token per position (condition: the hidden state + the
-    embedding of the HARD sampled code), which is added to the last codes with no phi.
-    `generator` draws the codes and Gumbel noise, `noise_generator` (default: seeded like `generator`) the
-    diffusion noise. `trace`, a dict, collects each scale's codes and guided logits and the diffusion's inputs."""
-    cfg = model.cfg
-    pn, K, P, V, B = cfg.patch_nums, len(cfg.patch_nums), cfg.patch_nums[-1], cfg.codebook_size, context.shape[0]
-    if noise_generator is None:
-        noise_generator = torch.Generator().manual_seed(generator.initial_seed()) if generator is not None else None
-    codebook = vae.quantize.embedding.weight.to(context.dtype)
-    cond = model.embed_context(torch.cat([context, torch.zeros_like(context)]))  # (2B, T, C)
-    positions = torch.cat([positions, torch.zeros_like(positions)])
-    lvl = model.lvl_embed(torch.arange(K, device=context.device))  # (K, C)
-    x = cond + lvl[0]
-    f_hat = context.new_zeros(B, cfg.token_dim, P, P)
-    cache = [[None, None] for _ in model.blocks]
-    for k in range(K):
-        if k == 0:
-            cos, sin = rope_1d(positions, model.head_dim)
-        else:
-            cos, sin = rope_2d(scale_grid(pn[k], P, context.device)[None] + positions[:, -1, None, None],
-                               model.head_dim)
-        h = model.run(x, cond, cos, sin, cache=cache)
-        logits = model.logits(h, cond)
-        r = k / (K - 1) if k < K - 1 else (K - 2) / (K - 1)
-        t = guidance * r
-        logits = (1 + t) * logits[:B] - t * logits[B:]
-        if k == 0:
-            logits = logits[:, -1:]
-        if trace is not None:
-            trace[f"logits_cfg_s{k:02d}"] = logits.clone()
-        kk = min(top_k if top_k is not None else 600 if k < 7 else 300, V)
-        idx = sample_top_k_top_p(logits, kk, top_p, generator)  # (B, l)
-        if more_smooth:
-            tau = max(0.27 * (1 - r * 0.95), 0.005)
-            where = generator.device if generator is not None else logits.device
-            g = -torch.empty(logits.shape, device=where).exponential_(generator=generator).log().to(logits.device)
-            emb = ((logits * (1 + r) + g) / tau).softmax(-1) @ codebook[None]
-        else:
-            emb = codebook[idx]  # (B, l, Cv)
-        if trace is not None:
-            trace[f"idx_s{k:02d}"] = idx
-        if k < K - 1:
-            f_hat = vae.quantize.add_scale(f_hat, emb.transpose(1, 2).reshape(B, -1, pn[k], pn[k]), k, K)
-            x = model.word_embed(downsample(f_hat, pn[k + 1]).flatten(2).transpose(1, 2)) + lvl[k + 1]
-            x = torch.cat([x, x])
-        else:
-            c = model.decoder_norm(h + model.word_embed(codebook[idx]).repeat(2, 1, 1)).flatten(0, 1)  # (2B P^2, C)
-            residual = sample_residual(model.diffloss.net, c, t, cfg.num_sampling_steps, noise_generator)
-            residual = residual * cfg.vae_scale
-            if trace is not None:
-                trace.update({"diff.z": c, "diff.out": residual, "diff.cfg": t})
-            tokens = emb + residual.view(B, P * P, -1)
-            f_hat = vae.quantize.add_scale(f_hat, tokens.transpose(1, 2).reshape(B, -1, P, P), k, K)
-    return (vae.decode(f_hat.float()) + 1) / 2
 
 
 class HARTPipeline:
@@ -1738,21 +1901,42 @@ class HARTPipeline:
         return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def load_pipeline(ckpt, text_encoder=None, *, device="cpu", dtype=torch.float32):
+    """The published folder (llm/ and tokenizer/ inside; or the llm/ folder itself, with ../tokenizer) and a Qwen2
+    folder (default: Qwen2-VL-1.5B-Instruct beside the checkpoint) -> HARTPipeline."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    llm = os.path.join(ckpt, "llm") if os.path.isdir(os.path.join(ckpt, "llm")) else ckpt
+    tokenizer = os.path.join(os.path.dirname(os.path.abspath(llm)), "tokenizer")
+    if not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"{ckpt}: no tokenizer/ folder beside {llm} (the published layout has llm/ and "
+                                f"tokenizer/ side by side)")
+    if text_encoder is None:
+        text_encoder = os.path.join(os.path.dirname(os.path.abspath(llm.rstrip("/"))), "..", "Qwen2-VL-1.5B-Instruct")
+        if not os.path.isdir(text_encoder):
+            raise FileNotFoundError("no Qwen2 text encoder given: pass --text-encoder DIR (a Hugging Face "
+                                    "Qwen2-1.5B(-Instruct) folder with tokenizer.json)")
+    vae = load_hart_tokenizer(tokenizer, device=device, dtype=torch.float32)
+    model = load_hart(llm, vae.cfg, device=device, dtype=dtype)
+    te = load_qwen2(text_encoder, device=device, dtype=dtype)
+    tok = load_tokenizer(os.path.join(text_encoder, "tokenizer.json"))
+    if te.cfg.hidden_size != model.cfg.context_dim:
+        raise ValueError(f"{text_encoder} is {te.cfg.hidden_size} wide; the transformer reads {model.cfg.context_dim}")
+    return HARTPipeline(vae, model, te, tok, qwen2_pad_id(text_encoder, tok), system_prompt=SYSTEM_PROMPT)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 8. Tiny default
+# 9. Tiny default
 # ----------------------------------------------------------------------------------------------------------
 # The tiny HART, trained on the synthetic shapes of dcae.py by `python hart.py --train` (within 10 minutes on 2
-# CPU cores, reproducible from the seed), in two parts:
-#   1. the tiny hybrid tokenizer: the committed tiny DC-AE (f8c4: 64x64 images -> 8x8 latents of 4 channels) with
-#      HART's quantizer (256 codes over 6 scales, started on the latents' own multi-scale rests), in two stages:
-#      the codes and phi learn while the decoder alternates 50/50 between f_hat and f (encoder frozen), then the
-#      paper's hybrid stage: codes frozen too, the decoder alone    -> weights/hart_tiny_tokenizer.safetensors
-#   2. the tiny Qwen2, transformer and diffusion MLP, trained together on the frozen tokenizer's codes
-#                                                                    -> weights/hart_tiny.safetensors
+# CPU cores, reproducible from the seed; `train_tiny`), in two parts and three phases (`--train-steps N`: N each):
+#   1. the tiny hybrid tokenizer (`train_tiny_tokenizer`): the committed tiny DC-AE (f8c4: 64x64 images -> 8x8
+#      latents of 4 channels) with HART's quantizer (256 codes over 6 scales, started on the latents' own
+#      multi-scale rests), in two stages: the codes and phi learn while the decoder alternates 50/50 between f_hat
+#      and f (encoder frozen), then the paper's hybrid stage: codes frozen too, the decoder alone
+#                                                                    -> weights/hart_tiny_tokenizer.safetensors
+#   2. the generator: the tiny Qwen2, transformer and diffusion MLP, trained together on the frozen tokenizer's
+#      codes (`tiny_generator_data`, `train_tiny_generator`)        -> weights/hart_tiny.safetensors
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
-TINY_WEIGHTS = os.path.join(HERE, "weights", "hart_tiny.safetensors")
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # L = 130 tokens
 TINY_CODEBOOK = 256
 TINY_TOKENIZER_STAGES = (("quantize", 300), ("decoder", 300))
@@ -1765,90 +1949,6 @@ TINY = HARTConfig(hidden_size=128, depth=4, num_heads=4, context_token=TINY_TEXT
 TINY_STEPS = 1500
 TINY_GUIDANCE = 3.0
 TINY_MORE_SMOOTH = False
-
-
-# Copied from dcae.py: SHAPE_COLORS
-SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
-                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-
-# Copied from dcae.py: COLORS
-COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")  # of the objects and of the background
-
-# Copied from dcae.py: SHAPES
-SHAPES = ("circle", "square", "triangle")
-
-# Copied from dcae.py: COUNT_WORDS
-COUNT_WORDS = ("a", "two", "three")
-
-# Copied from dcae.py: RADIUS
-RADIUS = {1: (0.16, 0.25), 2: (0.14, 0.19), 3: (0.14, 0.19)}  # object radius per count, as a fraction of the size
-
-
-# Copied from dcae.py: shapes_caption
-def shapes_caption(count, color, shape, background):
-    noun = shape if count == 1 else shape + "s"
-    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
-
-
-# Copied from dcae.py: place_objects
-def place_objects(count, rng, gap=0.06):
-    """(cx, cy, r) in [0, 1] for `count` objects whose bounding boxes stay `gap` apart (so they can be counted);
-    a scene with no room left for the next object is drawn again from the start."""
-    lo, hi = RADIUS[count]
-    while True:
-        boxes = []
-        for _ in range(count):
-            for _attempt in range(100):
-                r = rng.uniform(lo, hi)
-                cx, cy = rng.uniform(r + 0.01, 1 - r - 0.01), rng.uniform(r + 0.01, 1 - r - 0.01)
-                if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
-                    boxes.append((cx, cy, r))
-                    break
-            else:  # no room for this object after 100 tries: draw the scene again
-                break
-        if len(boxes) == count:
-            return boxes
-
-
-# Copied from dcae.py: draw_shapes
-def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
-    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
-    rng = rng or random.Random(0)
-    S = size * supersample
-    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
-    draw = ImageDraw.Draw(img)
-    fill = SHAPE_COLORS[color]
-    for cx, cy, r in place_objects(count, rng):
-        cx, cy, r = cx * S, cy * S, r * S
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":  # the circle's bounding box
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    return img.resize((size, size), Image.BOX)
-
-
-# Copied from dcae.py: random_scene
-def random_scene(rng, colors=COLORS):
-    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
-    color = rng.choice(colors)
-    background = rng.choice([b for b in COLORS if b != color])
-    return rng.randint(1, 3), color, rng.choice(SHAPES), background
-
-
-# Copied from dcae.py: shapes_batch
-def shapes_batch(n, seed, size=64):
-    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        scene = random_scene(rng)
-        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
-        captions.append(shapes_caption(*scene))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, captions
-
 
 TINY_WORDS = sorted(set(COUNT_WORDS) | set(SHAPE_COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
                     | {"on", "background"})  # the captions' vocabulary
@@ -1863,22 +1963,6 @@ def build_tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return tok
-
-
-# Copied from sana.py: check_tiny_prompt
-def check_tiny_prompt(prompt):
-    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
-    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
-    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
-    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
-    if unknown:
-        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
-        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
-    colors, shapes, many = "|".join(COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
-    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
-               rf"on a (?:{colors}) background")
-    if not re.fullmatch(caption, " ".join(words)):
-        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
 
 
 @torch.no_grad()
@@ -1898,29 +1982,6 @@ def init_codebook(vae, images, patch_nums, generator):
     vae.quantize.embedding.weight.copy_(torch.cat(pool))
 
 
-# Copied from sana.py: tiny_dcae_config
-def tiny_dcae_config(path=TINY_DCAE):
-    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
-    try:
-        meta = json.loads(read_metadata(path)["config"])
-        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
-                         f"DC-AE config)") from None
-
-
-# Copied from sana.py: load_tiny_dcae
-def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
-    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
-    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    model = DCAE(tiny_dcae_config(path))
-    load_state_dict_strict(model, read_weights(path), path)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 class TokenizerLoss(nn.Module):
     """One tokenizer step's loss as a module's forward (DistributedDataParallel then sees one call)."""
 
@@ -1932,15 +1993,10 @@ class TokenizerLoss(nn.Module):
         return tokenizer_loss(self.vae, images, TINY_PATCH_NUMS, continuous)[0]
 
 
-def train_tiny_tokenizer(seed=0, out=None, log=print, *, steps=None, stages=TINY_TOKENIZER_STAGES, batch=16,
-                         lr=5e-4, rank=0, world=1):
-    """The tiny hybrid tokenizer from the committed tiny DC-AE (f8c4), in float32; `steps` caps every stage.
-    quant_conv and post_quant_conv start as the identity, so the pretrained autoencoder is intact at the start.
-    Stage "quantize": the codebook and phi learn (VQ loss) while the decoder alternates between the discrete and
-    the continuous path (the encoder stays frozen); stage "decoder": the codes frozen too, the decoder alone (the
-    release's freeze_codebook_for_hybrid). The continuous / discrete choice of each step is drawn from the seed,
-    the same on every rank. Rank 0 writes the weights with their config in the metadata."""
-    torch.manual_seed(seed)
+def init_tiny_tokenizer(seed, generator):
+    """The tiny hybrid tokenizer before training: the committed tiny DC-AE's (f8c4) encoder and decoder around HART's
+    quantizer, quant_conv and post_quant_conv as the identity (so the pretrained autoencoder is intact at the
+    start), the codebook started on the latents' own multi-scale rests (init_codebook, drawn from `generator`)."""
     ae = load_tiny_dcae()
     cfg = HARTTokenizerConfig(vocab_size=TINY_CODEBOOK, z_channels=ae.cfg.latent_channels, ae=ae.cfg)
     vae = HybridTokenizer(cfg)
@@ -1951,12 +2007,31 @@ def train_tiny_tokenizer(seed=0, out=None, log=print, *, steps=None, stages=TINY
             conv.weight.zero_()
             conv.bias.zero_()
             conv.weight[:, :, 1, 1] = torch.eye(cfg.z_channels)
+    init_codebook(vae, shapes_batch(256, seed=10_000 + seed)[0], TINY_PATCH_NUMS, generator)
+    return vae
+
+
+def save_half(sd, out, metadata):
+    """Tensors written as float16 safetensors (the committed tiny files), the folder made if need be."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file({k: v.half() for k, v in sd.items()}, out, metadata=metadata)
+
+
+def train_tiny_tokenizer(seed=0, out=None, log=print, *, steps=None, stages=TINY_TOKENIZER_STAGES, batch=16,
+                         lr=5e-4, rank=0, world=1):
+    """The recipe's tokenizer phase, in float32: init_tiny_tokenizer, then its stages, each of its own count of
+    steps or of `steps`. Stage "quantize": the codebook and phi learn (VQ loss) while the decoder alternates
+    between the discrete and the continuous path (the encoder stays frozen); stage "decoder": the codes frozen
+    too, the decoder alone (the release's freeze_codebook_for_hybrid). The continuous / discrete choice of each
+    step is drawn from the seed, the same on every rank. The weights end rounded to fp16, as rank 0 writes them
+    to `out` with their config in the metadata."""
+    torch.manual_seed(seed)  # the DC-AE and the quantizer are built, and drawn, before their weights arrive
     g = torch.Generator().manual_seed(seed)  # the path choices and the codebook's start: shared by all ranks
     data = torch.Generator().manual_seed(seed * world + rank + 1)  # the images: one stream per rank
-    init_codebook(vae, shapes_batch(256, seed=10_000 + seed)[0], TINY_PATCH_NUMS, g)
+    vae = init_tiny_tokenizer(seed, g)
     t0 = time.time()
     for stage, n in stages:
-        n = min(n, steps or n)
+        n = steps or n
         vae.requires_grad_(False)
         for m in (vae.decoder, vae.post_quant_conv) + ((vae.quantize,) if stage == "quantize" else ()):
             m.requires_grad_(True)
@@ -1978,9 +2053,8 @@ def train_tiny_tokenizer(seed=0, out=None, log=print, *, steps=None, stages=TINY
         for p in vae.parameters():
             p.copy_(p.half())
     if rank == 0 and out:
-        meta = {"config": json.dumps({**asdict(replace(cfg, ae=None)), "ae": asdict(ae.cfg)}), "seed": str(seed)}
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file({k: v.half() for k, v in vae.state_dict().items()}, out, metadata=meta)
+        config = {**asdict(replace(vae.cfg, ae=None)), "ae": asdict(vae.cfg.ae)}
+        save_half(vae.state_dict(), out, {"config": json.dumps(config), "seed": str(seed)})
     return vae
 
 
@@ -2026,8 +2100,8 @@ def initialize_weights(text_encoder, model):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
     net = model.diffloss.net
-    for lin in [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1],
-                                                                    net.final_layer.linear]:
+    modulations = [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1]]
+    for lin in modulations + [net.final_layer.linear]:
         nn.init.zeros_(lin.weight)
         nn.init.zeros_(lin.bias)
 
@@ -2047,28 +2121,9 @@ class JointLoss(nn.Module):
                            generator)
 
 
-def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, tokenizer_steps=None, batch=32, lr=1e-3,
-               n_images=8192, ema_decay=0.995, bf16=None):
-    """The whole tiny HART from the seed: the tokenizer (train_tiny_tokenizer, its stages capped at
-    `tokenizer_steps`, written beside `out` as *_tokenizer.safetensors), then Qwen2, transformer and diffusion MLP
-    trained jointly on its codes, deterministically on 2 threads, in bf16 autocast where the CPU computes bf16
-    natively, float32 elsewhere (`bf16` forces either). Under torchrun each rank draws its own batches and rank 0
-    writes the files. Returns the pipeline, with the weights as saved, on every rank."""
-    rank, world = ddp_setup()
-    torch.set_num_threads(max(1, 2 // world))  # more threads than cores stall OpenMP
-    torch.use_deterministic_algorithms(True)
-    log = log if rank == 0 else (lambda *a: None)
-    why = "as asked"
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        why = "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
-    log(f"training on cpu: the tokenizer in float32, the transformer in {'bfloat16 autocast' if bf16 else 'float32'} "
-        f"({why}), {world} process(es)")
-    t0 = time.time()
-    base = os.path.splitext(out)[0]
-    vae = train_tiny_tokenizer(seed, base + "_tokenizer.safetensors", log, steps=tokenizer_steps, rank=rank,
-                               world=world)
-    torch.manual_seed(seed)
+def tiny_generator_data(vae, n_images, seed, log, t0):
+    """The generator phase's data: n_images shapes coded once by the frozen tokenizer (shapes_tokens) and their
+    captions as word ids, padded with 0 to TINY_TEXT_LEN. -> (tensors, codebook, text tokenizer)."""
     x_in, ids, rest, caps = shapes_tokens(vae, n_images, seed)
     tok = build_tiny_tokenizer()
     text_ids = torch.stack([torch.tensor(tok.encode(c).ids + [0] * (TINY_TEXT_LEN - len(tok.encode(c).ids)))
@@ -2077,6 +2132,14 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, tokeniz
     resid = rest - codebook[ids[-1]]
     log(f"coded {n_images} images in {time.time() - t0:.0f}s: residual std {resid.std():.3f}, "
         f"{(resid.abs() > TINY.vae_scale).float().mean():.2%} of it beyond vae_scale")
+    return dict(text_ids=text_ids, x_in=x_in, ids=ids, rest=rest), codebook, tok
+
+
+def train_tiny_generator(data, codebook, seed, log, t0, *, steps, batch, lr, ema_decay, bf16, rank=0, world=1):
+    """The recipe's generator phase: the tiny Qwen2, HART and its diffusion MLP from scratch (initialize_weights),
+    trained jointly (JointLoss: hart_losses on the Qwen2 features) for `steps` steps of AdamW, linear warmup over
+    100 steps then cosine decay to 10% of `lr`, gradients clipped at norm 1, keeping an EMA of the weights.
+    -> (text encoder, model) holding the EMA rounded to fp16: what the file gets."""
     te, model = Qwen2Encoder(TINY_QWEN2), HART(TINY)
     initialize_weights(te, model)
     joint = net = JointLoss(te, model, codebook)
@@ -2090,12 +2153,12 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, tokeniz
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        i = torch.randint(len(caps), (batch,), generator=g)
+        i = torch.randint(len(data["text_ids"]), (batch,), generator=g)
         keep = last_scale_keep(batch, P2, g)
         # fp32 master weights; PyTorch's math attention (its flash kernel's backward is slower on short sequences)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
-            out_ = net(text_ids[i], x_in[i], [s[i] for s in ids], rest[i], keep, g)
-        loss = out_["loss"]
+            out = net(data["text_ids"][i], data["x_in"][i], [s[i] for s in data["ids"]], data["rest"][i], keep, g)
+        loss = out["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -2104,16 +2167,50 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, tokeniz
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
         if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} (ce {out_['ce'].item():.3f}, diffusion "
-                f"{out_['diffusion'].item():.3f}) | {time.time() - t0:.0f}s")
+            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} (ce {out['ce'].item():.3f}, diffusion "
+                f"{out['diffusion'].item():.3f}) | {time.time() - t0:.0f}s")
     with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
         for e, p in zip(ema, params):
             p.copy_(e.half())
+    return te, model
+
+
+def training_precision(bf16=None):
+    """(bf16, why): bf16 autocast where the CPU computes bf16 natively (AVX512-BF16/AMX), float32 elsewhere;
+    True or False forces either."""
+    if bf16 is not None:
+        return bf16, "as asked"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bf16, "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
+
+
+def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, tokenizer_steps=None, batch=32, lr=1e-3,
+               n_images=8192, ema_decay=0.995, bf16=None):
+    """The whole tiny HART from the seed, deterministically on 2 threads: the tokenizer phase
+    (train_tiny_tokenizer, `tokenizer_steps` in place of each stage's count, written beside `out` as
+    *_tokenizer.safetensors), then the generator phase on its codes (tiny_generator_data, train_tiny_generator:
+    `steps` steps, in bf16 autocast where the CPU computes bf16 natively, float32 elsewhere; `bf16` forces
+    either). Under torchrun each rank draws its own batches and rank 0 writes the files. Returns the pipeline,
+    with the weights as saved, on every rank."""
+    rank, world = ddp_setup()
+    torch.set_num_threads(max(1, 2 // world))  # more threads than cores stall OpenMP
+    torch.use_deterministic_algorithms(True)
+    log = log if rank == 0 else (lambda *a: None)
+    bf16, why = training_precision(bf16)
+    log(f"training on cpu: the tokenizer in float32, the transformer in {'bfloat16 autocast' if bf16 else 'float32'} "
+        f"({why}), {world} process(es)")
+    t0 = time.time()
+    base = os.path.splitext(out)[0]
+    vae = train_tiny_tokenizer(seed, base + "_tokenizer.safetensors", log, steps=tokenizer_steps, rank=rank,
+                               world=world)
+    torch.manual_seed(seed)
+    data, codebook, tok = tiny_generator_data(vae, n_images, seed, log, t0)
+    te, model = train_tiny_generator(data, codebook, seed, log, t0, steps=steps, batch=batch, lr=lr,
+                                     ema_decay=ema_decay, bf16=bf16, rank=rank, world=world)
     if rank == 0:
-        sd = {f"{name}.{k}": v.half() for name, m in (("text_encoder", te), ("model", model))
-              for k, v in m.state_dict().items()}
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
+        save_half({f"{name}.{k}": v for name, m in (("text_encoder", te), ("model", model))
+                   for k, v in m.state_dict().items()}, out,
+                  {"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
         tok.save(base + "_tokenizer.json")
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     if world > 1:
@@ -2139,59 +2236,25 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     return HARTPipeline(vae, parts["model"], parts["text_encoder"], tok, 0, guidance=TINY_GUIDANCE,
                         more_smooth=TINY_MORE_SMOOTH)
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 9. CLI
+# 10. CLI
 # ----------------------------------------------------------------------------------------------------------
 # The flags of every root file where they apply (--prompt --ckpt --guidance --seed --device --dtype --out --train
-# --train-out --train-steps), then HART's own (--top-k --top-p --more-smooth --text-encoder). The published model
-# generates at 1024 px, the tiny one at 64: its scale schedule fixes the size, so no --height/--width. Bad input
-# is refused in one sentence (`error: ...`, exit code 2) before anything is loaded.
+# --train-out --train-steps), then HART's own: --text-encoder, and the research options --top-k --top-p
+# --more-smooth. The published model generates at 1024 px, the tiny one at 64: its scale schedule fixes the size, so
+# no --height/--width. Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded.
 
 
-# Copied from dcae.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
-
-
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="HART text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
     p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
     p.add_argument("--ckpt", help="the published hart-0.7b-1024px folder (llm/ and tokenizer/ inside); default: the "
                    "tiny model")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance at the last scale, "
-                   f"ramped up from 0 at the first (default: 4.5 for the published model, {TINY_GUIDANCE} for the "
-                   "tiny one)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w, ramped over the K "
+                   "scales as the release does: logits (1 + t) l_c - t l_u with t = w k/(K-1) at scale k, from 0 at "
+                   "the first to w (K-2)/(K-1) at the last, which the residual diffusion reuses on its epsilon; 0 = "
+                   f"off (default: 4.5 for the published model, {TINY_GUIDANCE} for the tiny one)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the sampler's draws; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
@@ -2199,43 +2262,55 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps (for each "
-                   "stage) instead of the recipe's (a quick check)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes at every scale (default: "
-                   "the release's 600 below scale 7, 300 after, at most the codebook size)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling: keep the most likely codes up to "
-                   "this probability mass (default: 0 = off, as the release)")
-    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=None, help="feed the next scale "
-                   "a Gumbel-softmax mixture of codes instead of the drawn one (default: on for the published "
-                   "model, as its demo; off for the tiny one)")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
+                   "the recipe in place of its own counts (a quick check)")
     p.add_argument("--text-encoder", help="with --ckpt: the Qwen2 folder with tokenizer.json (default: "
                    "Qwen2-VL-1.5B-Instruct beside the checkpoint folder)")
-    args = p.parse_args(argv)
+    r = p.add_argument_group("research options", "the release's sampling knobs, at its defaults unless given")
+    r.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes at every scale (default: "
+                   "the release's 600 below scale 7, 300 after, at most the codebook size)")
+    r.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling: keep the most likely codes up to "
+                   "this probability mass (default: 0 = off, as the release)")
+    r.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=None, help="feed the next scale "
+                   "a Gumbel-softmax mixture of codes instead of the drawn one (default: on for the published "
+                   "model, as its demo; off for the tiny one)")
+    return p
+
+
+def check_args(args):
+    """Bad input, refused in one sentence (ValueError, FileNotFoundError) before anything is loaded."""
+    if args.train:
+        if args.train_steps is not None and args.train_steps < 1:
+            raise ValueError("--train-steps must be at least 1")
+        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        return
+    resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, not {args.top_k}")
+    if not 0 <= args.top_p < 1:
+        raise ValueError(f"--top-p must be in [0, 1), not {args.top_p}")
+    for flag, path in (("--ckpt", args.ckpt), ("--text-encoder", args.text_encoder)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if args.text_encoder and not args.ckpt:
+        raise ValueError("--text-encoder goes with --ckpt (the tiny model has its own)")
+    if not args.ckpt:
+        check_tiny_prompt(args.prompt)
+    check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
             train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
                        tokenizer_steps=args.train_steps)
             return
-        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
-        if args.prompt is None or not args.prompt.strip():
-            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-        if args.guidance is not None and not math.isfinite(args.guidance):
-            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
-        if args.top_k is not None and args.top_k < 1:
-            raise ValueError(f"--top-k must be at least 1, not {args.top_k}")
-        if not 0 <= args.top_p < 1:
-            raise ValueError(f"--top-p must be in [0, 1), not {args.top_p}")
-        for flag, path in (("--ckpt", args.ckpt), ("--text-encoder", args.text_encoder)):
-            if path and not os.path.exists(path):
-                raise FileNotFoundError(f"{flag} {path} does not exist")
-        if args.text_encoder and not args.ckpt:
-            raise ValueError("--text-encoder goes with --ckpt (the tiny model has its own)")
-        if not args.ckpt:
-            check_tiny_prompt(args.prompt)
-        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         t0 = time.time()
         pipe = load_pipeline(args.ckpt, args.text_encoder, device=device, dtype=dtype) if args.ckpt \

@@ -1,25 +1,34 @@
 """Tests for hart.py: parity with the official code's outputs on every case folder under fixtures/hart (the
 hybrid tokenizer, both transformer variants in teacher forcing with the diffusion loss replayed draw for draw, and
 the seeded sampling runs), Qwen2 against transformers, the published manifests on the meta device, training, and
-the committed tiny default (fidelity, CLI)."""
+the committed tiny default (fidelity, CLI). Every run parameter of a parity test comes from the case's files
+(runs.json, config.json, README.md)."""
 import glob
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close  # also puts the repository root on the path
+from conftest import assert_close, cases, committed, tiny_fidelity  # also puts the repository root on the path
 import hart
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hart")
-CASES = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "runs.json"))
-               and os.path.isdir(os.path.join(d, "tokenizer")))
-VARIANTS = [(case, name) for case in CASES for name in json.load(open(os.path.join(case, "runs.json")))
-            if not name.startswith("_")]
-QWEN2_CASES = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "runs.json"))
-                     and os.path.isfile(os.path.join(d, "model.safetensors")))
+CASES = cases("hart", "runs.json", "tokenizer")  # the official code's outputs: tokenizer/, llm/, llm_adaln/
+QWEN2_CASES = cases("hart", "runs.json", "model.safetensors")  # transformers' Qwen2Model
+CASE_DIRS = CASES.args[1]
+
+
+def runs(case):
+    return json.load(open(os.path.join(case, "runs.json")))
+
+
+VARIANTS = [(case, name) for case in CASE_DIRS for name in runs(case) if not name.startswith("_")]
+TINY_TOKENIZER = os.path.splitext(hart.TINY_WEIGHTS)[0] + "_tokenizer.safetensors"
+TINY_FILES = (hart.TINY_WEIGHTS, TINY_TOKENIZER, os.path.splitext(hart.TINY_WEIGHTS)[0] + "_tokenizer.json")
 
 
 def patch_nums(case):
@@ -27,7 +36,7 @@ def patch_nums(case):
     return tuple(json.load(open(os.path.join(case, "tokenizer", "config.json")))["v_patch_nums"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_tokenizer_parity(case):
     """Latent, the codes of every scale, the rest before the last codes, the continuous residual, f_hat scale by
     scale (discrete and hybrid), both decodes, the teacher-forcing inputs and the training forward on both paths."""
@@ -76,6 +85,17 @@ def test_phi_sharing_rule():
             assert got == want, (K, got)
 
 
+def cond_drop_rate(case, tf):
+    """The caption-dropout rate of the case's teacher-forcing runs: runs.json's where it gives one, else the one the
+    case's README states (tiny_a: "`cond_drop_rate` set to -1e9", the text never dropped; config.json's 0.1 is the
+    training default, not what the runs used)."""
+    if "cond_drop_rate" in tf:
+        return tf["cond_drop_rate"]
+    m = re.search(r"`cond_drop_rate` set to (\S+)", open(os.path.join(case, "README.md")).read())
+    assert m, f"{case}: neither runs.json nor README.md gives the teacher-forcing runs' cond_drop_rate"
+    return float(m[1])
+
+
 def load_variant(case, name):
     vae = hart.load_hart_tokenizer(os.path.join(case, "tokenizer"))
     return vae, hart.load_hart(os.path.join(case, name), vae.cfg)
@@ -86,13 +106,10 @@ def test_teacher_forcing_parity(case, name):
     """The training forward with and without the last-scale subsampling (the fixture's keep mask): logits, and the
     diffusion loss replayed draw for draw (the caption-dropout randn, the model's top-k/top-p samples, timesteps,
     noise) from the case's seeds: sampled codes, conditions, targets, per-row losses and their mean."""
-    io, seeds = load_file(os.path.join(case, "io.safetensors")), json.load(open(os.path.join(case, "runs.json")))
-    tf = seeds[name]
+    io, tf = load_file(os.path.join(case, "io.safetensors")), runs(case)[name]
     seeds = tf["teacher_forcing_seeds"]
     vae, model = load_variant(case, name)
-    # the fixture's runs never drop the caption (its README: cond_drop_rate set to -1e9; runs.json does not carry
-    # it, so a case that does overrides this default)
-    model.cfg = hart.replace(model.cfg, cond_drop_rate=tf.get("cond_drop_rate", -1e9))
+    model.cfg = hart.replace(model.cfg, cond_drop_rate=cond_drop_rate(case, tf))
     pn = model.cfg.patch_nums
     with torch.no_grad():
         ids, rest = vae.encode(io["tok.image_in"], pn)
@@ -122,10 +139,10 @@ def test_teacher_forcing_parity(case, name):
 def test_sampling_parity(case, name):
     """Every run of runs.json, its seeds and arguments as given: each scale's codes exactly, the guided logits, the
     diffusion head's conditions, output and guidance, and the image."""
-    io, runs = load_file(os.path.join(case, "io.safetensors")), json.load(open(os.path.join(case, "runs.json")))
+    io = load_file(os.path.join(case, "io.safetensors"))
     vae, model = load_variant(case, name)
     K = len(model.cfg.patch_nums)
-    for run, a in runs[name]["sampling"].items():
+    for run, a in runs(case)[name]["sampling"].items():
         pre, trace = f"{name}.{run}", {}
         image = hart.generate(model, vae, io[f"{name}.ctx.context"], io[f"{name}.ctx.position_ids"], a["cfg"],
                               a["top_k"] or None, a["top_p"], a["more_smooth"],
@@ -147,12 +164,12 @@ def test_sampling_parity(case, name):
         assert_close(f"{pre}.image", image, io[f"{pre}.image"], atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("case", QWEN2_CASES, ids=[os.path.basename(c) for c in QWEN2_CASES])
+@QWEN2_CASES
 def test_qwen2_parity(case):
     """The last hidden state of transformers' Qwen2Model, padded positions included, for every run of the case."""
-    io, runs = load_file(os.path.join(case, "io.safetensors")), json.load(open(os.path.join(case, "runs.json")))
+    io = load_file(os.path.join(case, "io.safetensors"))
     model = hart.load_qwen2(case)
-    for run in runs["runs"].values():
+    for run in runs(case)["runs"].values():
         with torch.no_grad():
             got = model(io[run["inputs"]["input_ids"]], io[run["inputs"]["attention_mask"]])
         assert_close(run["outputs"]["hidden_states[-1]"], got, io[run["outputs"]["hidden_states[-1]"]], atol=1e-5,
@@ -188,7 +205,7 @@ def test_tokenizer_manifest_on_meta():
 
 def test_transformer_buffers_must_fit_the_config():
     """A checkpoint whose training mask was built for another schedule is refused, naming the key."""
-    case = CASES[0]
+    case = CASE_DIRS[0]
     vae = hart.load_hart_tokenizer(os.path.join(case, "tokenizer"))
     cfg = hart.hart_config_from_json(os.path.join(case, "llm"), vae.cfg)
     sd = {"lvl_1L": torch.zeros(1, 5)}
@@ -199,7 +216,7 @@ def test_transformer_buffers_must_fit_the_config():
 def test_kv_cache_sampling_matches_teacher_forcing():
     """The sampler runs one scale at a time with the KV cache; teacher forcing runs every scale at once under the
     block-causal mask. Fed the codes the sampler drew (unguided, hard codes), both give the same logits."""
-    case = CASES[0]
+    case = CASE_DIRS[0]
     io = load_file(os.path.join(case, "io.safetensors"))
     vae, model = load_variant(case, "llm")
     pn, T = model.cfg.patch_nums, model.cfg.context_token
@@ -244,19 +261,17 @@ def test_top_k_top_p_filter():
 # ----------------------------------------------------------------------------------------------------------------
 # The committed tiny default
 
-needs_tiny = pytest.mark.skipif(not os.path.isfile(hart.TINY_WEIGHTS), reason="no tiny weights (python hart.py --train)")
-needs_dcae = pytest.mark.skipif(not os.path.isfile(hart.TINY_DCAE), reason="no tiny DC-AE (python dcae.py --train)")
 
-
-@needs_tiny
+@committed(TINY_TOKENIZER)
 def test_tiny_tokenizer_reconstructs_the_prompts():
-    """The generator cannot beat its tokenizer: the hybrid path (discrete codes + residual) must reconstruct the
-    README's scenes right (measured 0.979 of 96, 27.7 dB), the discrete path alone less well (measured 0.823,
-    25.5 dB: the residual is what it misses)."""
+    """The generator cannot beat its tokenizer. On the README's prompts x 4 seeds (96 scenes), the committed
+    tokenizer measured: hybrid path (discrete codes + residual) 94 of 96 right, 27.75 dB; discrete path alone 79 of
+    96, 25.53 dB (the residual is what it misses). Bars just below: hybrid at least 94 of 96 and 27.7 dB, and the
+    discrete path more than 2 dB below it (measured 2.22)."""
     import shapes_score
-    vae = hart.load_tiny_tokenizer(os.path.splitext(hart.TINY_WEIGHTS)[0] + "_tokenizer.safetensors")
+    vae = hart.load_tiny_tokenizer(TINY_TOKENIZER)
     prompts = shapes_score.readme_prompts()
-    images = torch.stack([torch.from_numpy(__import__("numpy").array(shapes_score.render(c, s))) for s in range(4)
+    images = torch.stack([torch.from_numpy(np.array(shapes_score.render(c, s))) for s in range(4)
                           for c in prompts]).permute(0, 3, 1, 2).float() / 127.5 - 1
     pn, K, C = hart.TINY_PATCH_NUMS, len(hart.TINY_PATCH_NUMS), vae.cfg.z_channels
     with torch.no_grad():
@@ -269,24 +284,29 @@ def test_tiny_tokenizer_reconstructs_the_prompts():
         for name, f in (("discrete", f_hat), ("hybrid", f_hat + residual)):
             x = vae.decode(f)
             u8 = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-            out[name] = (shapes_score.fidelity(list(u8), prompts * 4),
+            out[name] = (round(shapes_score.fidelity(list(u8), prompts * 4) * len(u8)),
                          (10 * torch.log10(4 / (x - images).pow(2).mean())).item())
-    assert out["hybrid"][0] >= 0.93 and out["hybrid"][1] >= 26.5, out
-    assert out["discrete"][1] < out["hybrid"][1] - 1, out
+    assert out["hybrid"][0] >= 94 and out["hybrid"][1] >= 27.7, out
+    assert out["discrete"][1] < out["hybrid"][1] - 2.0, out
 
 
-@needs_tiny
+def tiny_generate(pipe):
+    """The committed tiny pipeline at its defaults as conftest.tiny_fidelity's generate(prompts, generator)."""
+    return lambda prompts, generator: pipe.generate(prompts, generator=generator).numpy()
+
+
+@committed(*TINY_FILES)
 def test_tiny_prompt_fidelity():
-    """The README's prompts on their first two seeds, a guard on the level reached, far below the issue's 0.8
-    (measured 3 of 48 right, colour 40 of 48): some images right, most colours right."""
+    """The README's 24 prompts on seeds 0 and 1, at the tiny model's defaults. The committed model measured 3 of 48
+    images right (colour, shape and count) and 40 of 48 colours right: the bars are 3 of 48 (no lower bar would
+    test anything) and 39 of 48 colours. Far below the issue's 0.8: docs/hart.md says why."""
     import shapes_score
-    pipe, prompts = hart.load_tiny(), shapes_score.readme_prompts()
-    images = [img for s in (0, 1) for img in pipe.generate(prompts, generator=torch.Generator().manual_seed(s)).numpy()]
-    colour = sum(shapes_score.score(i, c)["color"] for i, c in zip(images, prompts * 2)) / len(images)
-    assert shapes_score.fidelity(images, prompts * 2) >= 2 / 48 and colour >= 34 / 48
+    fidelity, images, captions = tiny_fidelity(tiny_generate(hart.load_tiny()), shapes_score.readme_prompts(), (0, 1))
+    colour = sum(shapes_score.score(i, c)["color"] for i, c in zip(images, captions))
+    assert round(fidelity * len(images)) >= 3 and colour >= 39, (fidelity * len(images), colour)
 
 
-@needs_tiny
+@committed(*TINY_FILES)
 def test_cli_tiny_default(tmp_path):
     """`python hart.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
     from PIL import Image
@@ -307,19 +327,24 @@ def test_tiny_tokenizer_reads_every_caption():
         hart.check_tiny_prompt(c)
 
 
-@needs_dcae
+@committed(hart.TINY_DCAE)
 def test_tiny_training_learns_and_is_deterministic(tmp_path):
-    """Two short runs from the same seed give bit-identical weights (tokenizer and transformer), and the
+    """Two short runs from the same seed give bit-identical weights (tokenizer and transformer), each phase runs the
+    steps asked (both tokenizer stages 2, the generator 80, as --train-steps means: N in each phase), and the
     transformer's loss falls on the way."""
-    runs, logs = [], []
+    weights, logs = [], []
     for i in range(2):
         log, out = [], tmp_path / f"run{i}" / "hart_tiny.safetensors"
         out.parent.mkdir()
         hart.train_tiny(seed=0, out=str(out), log=log.append, steps=80, tokenizer_steps=2, batch=16, n_images=64,
                         bf16=False)
-        runs.append({**load_file(str(out)), **{f"tok.{k}": v for k, v in
-                                               load_file(str(out).replace(".safetensors", "_tokenizer.safetensors")).items()}})
+        tokenizer = load_file(str(out).replace(".safetensors", "_tokenizer.safetensors"))
+        weights.append({**load_file(str(out)), **{f"tok.{k}": v for k, v in tokenizer.items()}})
         logs.append(log)
-    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    steps = [line.split("|")[0].split() for line in logs[0] if line.startswith(("tokenizer", "step"))]
+    assert [" ".join(w for w in s if w != "step") for s in steps] == [  # logged every 100 steps and at the last
+        "tokenizer quantize 0/2", "tokenizer quantize 1/2", "tokenizer decoder 0/2", "tokenizer decoder 1/2", "0/80",
+        "79/80"]
     losses = [float(line.split("loss ")[1].split()[0]) for line in logs[0] if line.startswith("step")]
     assert losses[-1] < 0.8 * losses[0], losses
