@@ -2,11 +2,10 @@
 hybrid tokenizer, both transformer variants in teacher forcing with the diffusion loss replayed draw for draw, and
 the seeded sampling runs), Qwen2 against transformers, the published manifests on the meta device, training, and
 the committed tiny default (fidelity, CLI). Every run parameter of a parity test comes from the case's files
-(runs.json, config.json, README.md)."""
+(runs.json, config.json)."""
 import glob
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -85,17 +84,6 @@ def test_phi_sharing_rule():
             assert got == want, (K, got)
 
 
-def cond_drop_rate(case, tf):
-    """The caption-dropout rate of the case's teacher-forcing runs: runs.json's where it gives one, else the one the
-    case's README states (tiny_a: "`cond_drop_rate` set to -1e9", the text never dropped; config.json's 0.1 is the
-    training default, not what the runs used)."""
-    if "cond_drop_rate" in tf:
-        return tf["cond_drop_rate"]
-    m = re.search(r"`cond_drop_rate` set to (\S+)", open(os.path.join(case, "README.md")).read())
-    assert m, f"{case}: neither runs.json nor README.md gives the teacher-forcing runs' cond_drop_rate"
-    return float(m[1])
-
-
 def load_variant(case, name):
     vae = hart.load_hart_tokenizer(os.path.join(case, "tokenizer"))
     return vae, hart.load_hart(os.path.join(case, name), vae.cfg)
@@ -109,7 +97,7 @@ def test_teacher_forcing_parity(case, name):
     io, tf = load_file(os.path.join(case, "io.safetensors")), runs(case)[name]
     seeds = tf["teacher_forcing_seeds"]
     vae, model = load_variant(case, name)
-    model.cfg = hart.replace(model.cfg, cond_drop_rate=cond_drop_rate(case, tf))
+    model.cfg = hart.replace(model.cfg, cond_drop_rate=tf["cond_drop_rate"])
     pn = model.cfg.patch_nums
     with torch.no_grad():
         ids, rest = vae.encode(io["tok.image_in"], pn)
