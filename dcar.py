@@ -11,19 +11,21 @@ ICCV 2025, arXiv 2507.04947. Official code (inference only): github.com/dc-ai-pr
      predicts the discrete tokens in a few parallel rounds; a small diffusion MLP, conditioned per token on the
      transformer's last hidden state, then samples the residual tokens.
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-5 are the whole method; the rest is what it uses and plumbing):
   1. Config and presets: `DCHTConfig`, `DCARConfig`; presets for the published dc-ht and dc-ar-512
   2. Modules: the hybrid quantizer, the generator's attention / MLP / block, the residual diffusion head (MAR's
      adaLN MLP) and its IDDPM schedule, respacing, learned-range posterior and hybrid loss
   3. Model: `DCAR` (the masked generator, with its 2-D sin-cos table) and `DCHT`
-  4. Components, skip on first read: the T5 encoder; the DC-AE, copied from dcae.py
-  5. Checkpoint loading: the dc-ht folder as published, dc-ar's pytorch_model.bin (weights_only), T5 folders,
-     the official inference yaml and the folder it describes
-  6. Training (not released): MaskGIT masking, the MLM loss, caption dropout, the residual diffusion loss on
+  4. Training (not released): MaskGIT masking, the MLM loss, caption dropout, the residual diffusion loss on
      every token; DC-HT's staged adaptation (continuous warm-up, codebook, decoder fine-tune)
-  7. Sampler: the hybrid masked AR `generate` (the official draw order), the `DCARPipeline`
-  8. Tiny default: the shapes data (copied from dcae.py), the tiny DC-HT from the tiny DC-AE, the tiny generator
-  9. CLI
+  5. Sampler: the hybrid masked AR `generate`, in the official draw order
+  6. Components, skip on first read: the kernel loader, the T5 encoder, the DC-AE and its helpers (copied from
+     dcae.py), the shapes data (copied from dcae.py), the CLI's helpers
+  7. Checkpoint loading: the dc-ht folder as published, dc-ar's pytorch_model.bin (weights_only), T5 folders,
+     the official inference yaml and the folder it describes
+  8. Pipeline: `DCARPipeline` (prompt -> T5 -> sampler -> DC-HT decode)
+  9. Tiny default: the tiny DC-HT from the tiny DC-AE, the tiny generator, their training recipe (docs/dcar.md)
+ 10. CLI
 
 Run:
   python dcar.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
@@ -42,7 +44,7 @@ CPU, in the same order); (3) training is not released: the MLM loss's label smoo
 and the diffusion loss's weight are 1d-tokenizer's defaults and 1 (config fields, unverified), and DC-HT's
 stages follow the paper's description with a mean-squared-error reconstruction loss only (the perceptual and
 adversarial terms of DC-AE practice are left out); (4) the tiny default's DC-HT is an f8 one on 64x64 images
-(section 8), and its T5 is trained with the generator.
+(section 9), and its T5 is trained with the generator.
 """
 import argparse
 import importlib.util
@@ -67,37 +69,10 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-# Copied from dcae.py: load_kernel
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
+TINY_WEIGHTS = os.path.join(HERE, "weights", "dcar_tiny.safetensors")
+TINY_DCHT = os.path.join(HERE, "weights", "dcar_tiny_dcht.safetensors")  # written beside it by the same run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,9 +466,215 @@ class DCHT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Components: skip on first read
+# 4. Training: the masked-token and residual diffusion losses, DC-HT's stages
 # ----------------------------------------------------------------------------------------------------------
-# The DC-AE of dcae.py, and its loading helpers.
+# Not released: the losses are the released modules' (MaskGIT's masking and MLM loss, MAR's diffusion loss), the
+# weights of the ones the release leaves open are config fields.
+
+
+class Draws:
+    """The random numbers of training and sampling, drawn from one generator in the official order (the release
+    draws from torch's global generator; on the CPU a torch.Generator with the same seed gives the same numbers).
+    Tests replace it with one that replays recorded draws."""
+
+    def __init__(self, generator=None):
+        self.g = generator
+
+    def rand(self, *shape):  # caption dropout (in the sampler a fixed 0 / 1 test per CFG pass), the masking order
+        return torch.rand(shape, generator=self.g)
+
+    def uniform(self, *shape):  # Gumbel noise; the masking ratio's t (training)
+        return torch.empty(shape).uniform_(0, 1, generator=self.g)
+
+    def randn(self, *shape):  # diffusion noise
+        return torch.randn(shape, generator=self.g)
+
+    def randint(self, high, n):  # diffusion timesteps (training)
+        return torch.randint(0, high, (n,), generator=self.g)
+
+
+@dataclass
+class TrainConfig:
+    label_smoothing: float = 0.1  # (unverified: 1d-tokenizer's default)
+    unmasked_weight: float = 0.1  # loss weight of the tokens left visible (unverified: 1d-tokenizer's default)
+    cond_drop: float = 0.1  # caption dropout (the yaml's class_label_dropout): the null caption gets a meaning
+    batch_mul: int = 4  # diffusion head rows per token (the yaml's diffusion.batch_mul)
+    diffusion_weight: float = 1.0  # CE + this x diffusion loss (unverified: not in the release)
+
+
+def mask_tokens(ids, mask_id, draws):
+    """MaskGIT's masking: t ~ U(0, 1) per sample, round(N arccos(t) / (pi / 2)) tokens (at least 1) masked at
+    random positions. ids (B, N) -> masked ids (B, N), masks (B, N) bool."""
+    B, N = ids.shape
+    ratio = (torch.acos(draws.uniform(B)) / (math.pi / 2)).clamp(1e-6, 1.0)
+    count = (N * ratio).round().clamp(min=1)
+    masks = draws.rand(B, N).argsort(dim=-1) < count[:, None]
+    return torch.where(masks, torch.full_like(ids, mask_id), ids), masks
+
+
+def mlm_loss(logits, targets, masks, label_smoothing=0.1, unmasked_weight=0.1):
+    """Cross-entropy with label smoothing, weight 1 on masked tokens and `unmasked_weight` on visible ones,
+    normalised by the weights' sum. logits (B, N, V), targets (B, N), masks (B, N) bool."""
+    loss = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
+    w = masks.float() + unmasked_weight * (1 - masks.float())
+    return (loss * w).sum() / (w.sum() + 1e-8)
+
+
+def training_loss(model, head, ids, residual, y, mask, tc, draws):
+    """One step's loss (paper Sec. 3): mask the target tokens, run the generator (captions dropped at random),
+    cross-entropy on the codes, and the head's diffusion loss on every token's residual (/ vae_scale), conditioned
+    on the hidden states of the masked input. ids (B, N) DC-HT codes, residual (B, N, C). -> dict of losses."""
+    cfg = model.cfg
+    masked, masks = mask_tokens(ids, cfg.codebook_size, draws)
+    drop = draws.rand(ids.shape[0]) < tc.cond_drop
+    logits, hidden = model(masked, y, mask, drop)
+    ce = mlm_loss(logits, ids, masks, tc.label_smoothing, tc.unmasked_weight)
+    c = hidden.reshape(-1, hidden.shape[-1]).repeat(tc.batch_mul, 1)  # (batch_mul B N, D), tiled
+    x0 = (residual.reshape(-1, residual.shape[-1]) / cfg.vae_scale).repeat(tc.batch_mul, 1)
+    diffusion = Diffusion(cosine_betas())
+    t = draws.randint(diffusion.T, len(x0))
+    diff = diffusion.training_losses(head, x0, t, c, draws.randn(*x0.shape))[0].mean()
+    return dict(loss=ce + tc.diffusion_weight * diff, ce=ce, diffusion=diff, logits=logits, masked=masked,
+                masks=masks)
+
+
+# DC-HT's staged adaptation (paper Sec. 3.1; no tokenizer training code is released, so the stages follow the
+# paper's description and the release's switches: `skip_continuous_prob` and `finetune_decoder`):
+#   "continuous": the autoencoder alone, the decoder fed the normalised continuous latent (the warm-up);
+#   "discrete":   the codebook learns (commitment + codebook losses), the decoder fed the quantised latent;
+#   "decoder":    encoder and codebook frozen, the decoder fed the discrete-only latent or discrete + residual
+#                 (= the continuous latent), each with probability 1/2, so that it decodes both inputs.
+# The reconstruction loss is the mean squared error (the paper's perceptual and adversarial terms: unverified).
+DCHT_STAGES = ("continuous", "discrete", "decoder")
+
+
+def dcht_trainable(model, stage):
+    """The parameters a stage trains (and requires_grad set accordingly)."""
+    model.requires_grad_(stage != "decoder")
+    if stage == "decoder":
+        model.decoder.requires_grad_(True)
+    if stage == "continuous":
+        model.quantize.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def dcht_loss(model, images, stage, generator=None, continuous_prob=0.5):
+    """One stage's loss on images (B, 3, H, W) in [-1, 1]. -> dict(loss, recon, quantizer)."""
+    z_q, _, _, z, losses = model.encode(images)
+    if stage == "continuous":
+        latent, quantizer = z, torch.zeros(())
+    elif stage == "discrete":
+        latent, quantizer = z_q, losses["quantizer"]
+    else:  # decoder: per sample, the discrete-only latent or the continuous one (= discrete + residual)
+        cont = torch.rand(images.shape[0], generator=generator) < continuous_prob
+        latent, quantizer = torch.where(cont[:, None, None, None], z, z_q).detach(), torch.zeros(())
+    recon = F.mse_loss(model.decode(latent), images)
+    return dict(loss=recon + quantizer, recon=recon, quantizer=quantizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampler: hybrid masked autoregressive generation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gumbel(u):
+    """Gumbel noise -log(-log u), both logs clamped at 1e-20 (MaskGIT's)."""
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
+@torch.no_grad()
+def generate(model, head, y, mask, steps=12, guidance=4.5, temperature=1.5, draws=None, diffusion_steps=32,
+             trace=None):
+    """Hybrid masked AR (paper Sec. 3.2; the official `generate`): `steps` MaskGIT rounds over the discrete tokens,
+    then the residual tokens by the diffusion head on the last round's hidden states.
+    y (B, L, context_dim) T5 features, mask (B, L). Returns ids (B, N) and residual tokens (B, N, C).
+
+    Round s, r = (s + 1) / steps: CFG on the logits (l_c + g (l_c - l_u), the unconditional half with the learned
+    null caption), divided by the softmax temperature 0.5 + 0.8 (1 - r); candidates argmax(l + tau G), tau =
+    temperature (1 - r); confidence = the candidate's logit + tau G' (a second draw); then the least confident
+    floor(N arccos(r) / (pi / 2)) positions (counted on the first sample, at least 1, fewer than still masked)
+    are masked again, except in the last round."""
+    draws = draws or Draws()
+    cfg = model.cfg
+    B, N, V = y.shape[0], cfg.seq_len, cfg.codebook_size
+    ids = torch.full((B, N), V, dtype=torch.long, device=y.device)
+    y2, mask2 = torch.cat([y, y]), torch.cat([mask, mask])
+    drop = torch.arange(2 * B, device=y.device) >= B
+    for step in range(steps):
+        r = (step + 1) / steps
+        tau = temperature * (1 - r)
+        draws.rand(2 * B)
+        logits, hidden = model(torch.cat([ids, ids]), y2, mask2, drop)  # (2B, N, V), (2B, N, D)
+        if trace is not None:
+            trace(step, torch.cat([ids, ids]), logits)
+        l_c, l_u = logits.chunk(2)
+        logits = (l_c + guidance * (l_c - l_u)) / (0.5 + 0.8 * (1 - r))
+        is_mask = ids == V
+        sampled = (logits + tau * gumbel(draws.uniform(B, N, V).to(y.device))).argmax(-1)
+        score = logits.gather(-1, sampled[..., None])[..., 0]
+        sampled = torch.where(is_mask, sampled, ids)
+        score = torch.where(is_mask, score, torch.full_like(score, float("inf")))
+        confidence = score + tau * gumbel(draws.uniform(B, N).to(y.device))
+        if step == steps - 1:
+            ids = sampled
+            break
+        mask_len = math.floor(N * math.acos(r) / (math.pi / 2))
+        mask_len = max(1, min(int(is_mask[0].sum()) - 1, mask_len))
+        cut = confidence.sort(dim=-1).values[:, mask_len - 1:mask_len]
+        ids = torch.where(confidence <= cut, torch.full_like(sampled, V), sampled)
+    # the residual tokens: ancestral sampling of the head on the last round's hidden states, CFG on epsilon
+    betas, timestep_map = respace(cosine_betas(), diffusion_steps)
+    diffusion = Diffusion(betas, timestep_map)
+    c = hidden.reshape(2 * B * N, -1)
+    x = draws.randn(B * N, cfg.token_dim).to(y.device)
+    x = torch.cat([x, x])
+    for i in reversed(range(diffusion_steps)):
+        t = torch.full((2 * B * N,), i, dtype=torch.long, device=y.device)
+        out = head.forward_with_cfg(x[:B * N], timestep_map[t], c, guidance)
+        mean, _, log_var, _ = diffusion.p_mean_variance(out, x, t)
+        noise = draws.randn(2 * B * N, cfg.token_dim).to(y.device)
+        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+    return ids, (x[:B * N] * cfg.vae_scale).view(B, N, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
+# ----------------------------------------------------------------------------------------------------------
+# The kernel loader, T5's encoder, the DC-AE of dcae.py with its loading and device helpers, the shapes data of
+# the tiny default, and the CLI's helpers: all but T5 copied from dcae.py and sana.py.
+
+
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
 
 
 @dataclass
@@ -1078,9 +1259,196 @@ def load_state_dict_strict(model, sd, source):
     return model
 
 
+# Copied from sana.py: load_tokenizer
+def load_tokenizer(path):
+    """A tokenizer.json (Hugging Face `tokenizers`)."""
+    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
+
+
+# Copied from dcae.py: ddp_setup
+def ddp_setup(device="cpu"):
+    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
+    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
+    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# Copied from dcae.py: SHAPE_COLORS
+SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
+                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+
+
+# Copied from dcae.py: COLORS
+COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")  # of the objects and of the background
+
+
+# Copied from dcae.py: SHAPES
+SHAPES = ("circle", "square", "triangle")
+
+
+# Copied from dcae.py: COUNT_WORDS
+COUNT_WORDS = ("a", "two", "three")
+
+
+# Copied from dcae.py: RADIUS
+RADIUS = {1: (0.16, 0.25), 2: (0.14, 0.19), 3: (0.14, 0.19)}  # object radius per count, as a fraction of the size
+
+
+# Copied from dcae.py: shapes_caption
+def shapes_caption(count, color, shape, background):
+    noun = shape if count == 1 else shape + "s"
+    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
+
+
+# Copied from dcae.py: place_objects
+def place_objects(count, rng, gap=0.06):
+    """(cx, cy, r) in [0, 1] for `count` objects whose bounding boxes stay `gap` apart (so they can be counted);
+    a scene with no room left for the next object is drawn again from the start."""
+    lo, hi = RADIUS[count]
+    while True:
+        boxes = []
+        for _ in range(count):
+            for _attempt in range(100):
+                r = rng.uniform(lo, hi)
+                cx, cy = rng.uniform(r + 0.01, 1 - r - 0.01), rng.uniform(r + 0.01, 1 - r - 0.01)
+                if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
+                    boxes.append((cx, cy, r))
+                    break
+            else:  # no room for this object after 100 tries: draw the scene again
+                break
+        if len(boxes) == count:
+            return boxes
+
+
+# Copied from dcae.py: draw_shapes
+def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
+    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
+    rng = rng or random.Random(0)
+    S = size * supersample
+    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
+    draw = ImageDraw.Draw(img)
+    fill = SHAPE_COLORS[color]
+    for cx, cy, r in place_objects(count, rng):
+        cx, cy, r = cx * S, cy * S, r * S
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":  # the circle's bounding box
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+# Copied from dcae.py: random_scene
+def random_scene(rng, colors=COLORS):
+    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
+    color = rng.choice(colors)
+    background = rng.choice([b for b in COLORS if b != color])
+    return rng.randint(1, 3), color, rng.choice(SHAPES), background
+
+
+# Copied from dcae.py: shapes_batch
+def shapes_batch(n, seed, size=64):
+    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
+        captions.append(shapes_caption(*scene))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+# Copied from sana.py: check_tiny_prompt
+def check_tiny_prompt(prompt):
+    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
+    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
+    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
+    if unknown:
+        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
+        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
+    colors, shapes, many = "|".join(COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
+    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
+               rf"on a (?:{colors}) background")
+    if not re.fullmatch(caption, " ".join(words)):
+        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
+
+
+# Copied from sana.py: tiny_dcae_config
+def tiny_dcae_config(path=TINY_DCAE):
+    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+    try:
+        meta = json.loads(read_metadata(path)["config"])
+        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
+                         f"DC-AE config)") from None
+
+
+# Copied from sana.py: load_tiny_dcae
+def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
+    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
+    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
+    model = DCAE(tiny_dcae_config(path))
+    load_state_dict_strict(model, read_weights(path), path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Copied from dcae.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading
+# 7. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
+
+
 _STAGE_TABLES = {"dc-ae-f32-in-1.0", "dc-ae-f32-mix-1.0"}  # both select DCHTConfig's default stage table
 _BLOCKS = {"ResBlock": "ResBlock", "EViT_GLU": "EViT"}
 _NORMS = {"bn2d": "bn", "ln2d": "ln"}
@@ -1256,201 +1624,9 @@ def load_pipeline(ckpt, tokenizer=None, text_encoder=None, *, device="cpu", dtyp
                         load_diffusion_head(paths[0], cfg, device=device, dtype=dtype), cfg.text_len, **sampler)
 
 
-# Copied from sana.py: load_tokenizer
-def load_tokenizer(path):
-    """A tokenizer.json (Hugging Face `tokenizers`)."""
-    from tokenizers import Tokenizer  # a Rust wheel; imported here so the DiT works without it
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} not found")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises a bare Exception
-        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:100]})") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training
+# 8. Pipeline
 # ----------------------------------------------------------------------------------------------------------
-# Not released: the losses are the released modules' (MaskGIT's masking and MLM loss, MAR's diffusion loss), the
-# weights of the ones the release leaves open are config fields.
-
-
-@dataclass
-class TrainConfig:
-    label_smoothing: float = 0.1  # (unverified: 1d-tokenizer's default)
-    unmasked_weight: float = 0.1  # loss weight of the tokens left visible (unverified: 1d-tokenizer's default)
-    cond_drop: float = 0.1  # caption dropout: the generator learns the null caption's meaning
-    batch_mul: int = 4  # diffusion rows per token
-    diffusion_weight: float = 1.0  # CE + this x diffusion loss (unverified: not in the release)
-
-
-def mask_tokens(ids, mask_id, draws):
-    """MaskGIT's masking: t ~ U(0, 1) per sample, round(N arccos(t) / (pi / 2)) tokens (at least 1) masked at
-    random positions. ids (B, N) -> masked ids (B, N), masks (B, N) bool."""
-    B, N = ids.shape
-    ratio = (torch.acos(draws.uniform(B)) / (math.pi / 2)).clamp(1e-6, 1.0)
-    count = (N * ratio).round().clamp(min=1)
-    masks = draws.rand(B, N).argsort(dim=-1) < count[:, None]
-    return torch.where(masks, torch.full_like(ids, mask_id), ids), masks
-
-
-def mlm_loss(logits, targets, masks, label_smoothing=0.1, unmasked_weight=0.1):
-    """Cross-entropy with label smoothing, weight 1 on masked tokens and `unmasked_weight` on visible ones,
-    normalised by the weights' sum. logits (B, N, V), targets (B, N), masks (B, N) bool."""
-    loss = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
-    w = masks.float() + unmasked_weight * (1 - masks.float())
-    return (loss * w).sum() / (w.sum() + 1e-8)
-
-
-def training_loss(model, head, ids, residual, y, mask, tc, draws):
-    """One step's loss (paper Sec. 3): mask the target tokens, run the generator (captions dropped at random),
-    cross-entropy on the codes, and the head's diffusion loss on every token's residual (/ vae_scale), conditioned
-    on the hidden states of the masked input. ids (B, N) DC-HT codes, residual (B, N, C). -> dict of losses."""
-    cfg = model.cfg
-    masked, masks = mask_tokens(ids, cfg.codebook_size, draws)
-    drop = draws.rand(ids.shape[0]) < tc.cond_drop
-    logits, hidden = model(masked, y, mask, drop)
-    ce = mlm_loss(logits, ids, masks, tc.label_smoothing, tc.unmasked_weight)
-    c = hidden.reshape(-1, hidden.shape[-1]).repeat(tc.batch_mul, 1)  # (batch_mul B N, D), tiled
-    x0 = (residual.reshape(-1, residual.shape[-1]) / cfg.vae_scale).repeat(tc.batch_mul, 1)
-    diffusion = Diffusion(cosine_betas())
-    t = draws.randint(diffusion.T, len(x0))
-    diff = diffusion.training_losses(head, x0, t, c, draws.randn(*x0.shape))[0].mean()
-    return dict(loss=ce + tc.diffusion_weight * diff, ce=ce, diffusion=diff, logits=logits, masked=masked,
-                masks=masks)
-
-
-# DC-HT's staged adaptation (paper Sec. 3.1; no tokenizer training code is released, so the stages follow the
-# paper's description and the release's switches: `skip_continuous_prob` and `finetune_decoder`):
-#   "continuous": the autoencoder alone, the decoder fed the normalised continuous latent (the warm-up);
-#   "discrete":   the codebook learns (commitment + codebook losses), the decoder fed the quantised latent;
-#   "decoder":    encoder and codebook frozen, the decoder fed the discrete-only latent or discrete + residual
-#                 (= the continuous latent), each with probability 1/2, so that it decodes both inputs.
-# The reconstruction loss is the mean squared error (the paper's perceptual and adversarial terms: unverified).
-DCHT_STAGES = ("continuous", "discrete", "decoder")
-
-
-def dcht_trainable(model, stage):
-    """The parameters a stage trains (and requires_grad set accordingly)."""
-    model.requires_grad_(stage != "decoder")
-    if stage == "decoder":
-        model.decoder.requires_grad_(True)
-    if stage == "continuous":
-        model.quantize.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def dcht_loss(model, images, stage, generator=None, continuous_prob=0.5):
-    """One stage's loss on images (B, 3, H, W) in [-1, 1]. -> dict(loss, recon, quantizer)."""
-    z_q, _, _, z, losses = model.encode(images)
-    if stage == "continuous":
-        latent, quantizer = z, torch.zeros(())
-    elif stage == "discrete":
-        latent, quantizer = z_q, losses["quantizer"]
-    else:  # decoder: per sample, the discrete-only latent or the continuous one (= discrete + residual)
-        cont = torch.rand(images.shape[0], generator=generator) < continuous_prob
-        latent, quantizer = torch.where(cont[:, None, None, None], z, z_q).detach(), torch.zeros(())
-    recon = F.mse_loss(model.decode(latent), images)
-    return dict(loss=recon + quantizer, recon=recon, quantizer=quantizer)
-
-
-# Copied from dcae.py: ddp_setup
-def ddp_setup(device="cpu"):
-    """Under torchrun, join the process group (gloo for CPU training, nccl for CUDA) and return (rank, world
-    size); in one plain process, (0, 1). As in nanoGPT's train.py, every rank runs the same script on its own
-    data, DistributedDataParallel averages the gradients, and rank 0 alone logs and writes the weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Sampler
-# ----------------------------------------------------------------------------------------------------------
-
-
-class Draws:
-    """The sampler's random numbers, drawn from one generator in the official order (the release draws from torch's
-    global generator; on the CPU a torch.Generator with the same seed gives the same numbers). Tests replace it
-    with one that replays recorded draws."""
-
-    def __init__(self, generator=None):
-        self.g = generator
-
-    def rand(self, *shape):  # the caption-drop test of each CFG pass (its outcome is fixed: 0 / 1 probabilities)
-        return torch.rand(shape, generator=self.g)
-
-    def uniform(self, *shape):  # Gumbel noise
-        return torch.empty(shape).uniform_(0, 1, generator=self.g)
-
-    def randn(self, *shape):  # diffusion noise
-        return torch.randn(shape, generator=self.g)
-
-    def randint(self, high, n):  # diffusion timesteps (training)
-        return torch.randint(0, high, (n,), generator=self.g)
-
-
-def gumbel(u):
-    """Gumbel noise -log(-log u), both logs clamped at 1e-20 (MaskGIT's)."""
-    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
-
-
-@torch.no_grad()
-def generate(model, head, y, mask, steps=12, guidance=4.5, temperature=1.5, draws=None, diffusion_steps=32,
-             trace=None):
-    """Hybrid masked AR (paper Sec. 3.2; the official `generate`): `steps` MaskGIT rounds over the discrete tokens,
-    then the residual tokens by the diffusion head on the last round's hidden states.
-    y (B, L, context_dim) T5 features, mask (B, L). Returns ids (B, N) and residual tokens (B, N, C).
-
-    Round s, r = (s + 1) / steps: CFG on the logits (l_c + g (l_c - l_u), the unconditional half with the learned
-    null caption), divided by the softmax temperature 0.5 + 0.8 (1 - r); candidates argmax(l + tau G), tau =
-    temperature (1 - r); confidence = the candidate's logit + tau G' (a second draw); then the least confident
-    floor(N arccos(r) / (pi / 2)) positions (counted on the first sample, at least 1, fewer than still masked)
-    are masked again, except in the last round."""
-    draws = draws or Draws()
-    cfg = model.cfg
-    B, N, V = y.shape[0], cfg.seq_len, cfg.codebook_size
-    ids = torch.full((B, N), V, dtype=torch.long, device=y.device)
-    y2, mask2 = torch.cat([y, y]), torch.cat([mask, mask])
-    drop = torch.arange(2 * B, device=y.device) >= B
-    for step in range(steps):
-        r = (step + 1) / steps
-        tau = temperature * (1 - r)
-        draws.rand(2 * B)
-        logits, hidden = model(torch.cat([ids, ids]), y2, mask2, drop)  # (2B, N, V), (2B, N, D)
-        if trace is not None:
-            trace(step, torch.cat([ids, ids]), logits)
-        l_c, l_u = logits.chunk(2)
-        logits = (l_c + guidance * (l_c - l_u)) / (0.5 + 0.8 * (1 - r))
-        is_mask = ids == V
-        sampled = (logits + tau * gumbel(draws.uniform(B, N, V).to(y.device))).argmax(-1)
-        score = logits.gather(-1, sampled[..., None])[..., 0]
-        sampled = torch.where(is_mask, sampled, ids)
-        score = torch.where(is_mask, score, torch.full_like(score, float("inf")))
-        confidence = score + tau * gumbel(draws.uniform(B, N).to(y.device))
-        if step == steps - 1:
-            ids = sampled
-            break
-        mask_len = math.floor(N * math.acos(r) / (math.pi / 2))
-        mask_len = max(1, min(int(is_mask[0].sum()) - 1, mask_len))
-        cut = confidence.sort(dim=-1).values[:, mask_len - 1:mask_len]
-        ids = torch.where(confidence <= cut, torch.full_like(sampled, V), sampled)
-    # the residual tokens: ancestral sampling of the head on the last round's hidden states, CFG on epsilon
-    betas, timestep_map = respace(cosine_betas(), diffusion_steps)
-    diffusion = Diffusion(betas, timestep_map)
-    c = hidden.reshape(2 * B * N, -1)
-    x = draws.randn(B * N, cfg.token_dim).to(y.device)
-    x = torch.cat([x, x])
-    for i in reversed(range(diffusion_steps)):
-        t = torch.full((2 * B * N,), i, dtype=torch.long, device=y.device)
-        out = head.forward_with_cfg(x[:B * N], timestep_map[t], c, guidance)
-        mean, _, log_var, _ = diffusion.p_mean_variance(out, x, t)
-        noise = draws.randn(2 * B * N, cfg.token_dim).to(y.device)
-        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
-    return ids, (x[:B * N] * cfg.vae_scale).view(B, N, -1)
 
 
 class DCARPipeline:
@@ -1478,111 +1654,21 @@ class DCARPipeline:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Tiny default
+# 9. Tiny default
 # ----------------------------------------------------------------------------------------------------------
 # The tiny DC-AR, trained on the synthetic shapes of dcae.py by `python dcar.py --train` (within 10 minutes on 2
-# CPU cores, reproducible from the seed), in two parts:
+# CPU cores, reproducible from the seed; the recipe and its results: docs/dcar.md), in two parts:
 #   1. the tiny DC-HT, built as the paper builds DC-HT: from a trained DC-AE (the committed tiny one, f8c4 on
-#      64x64 images), a 256-code codebook started on encoded latents, then the three stages
+#      64x64 images), a 64-code codebook started on encoded latents, then the three stages
 #                                                            -> weights/dcar_tiny_dcht.safetensors
 #   2. on its 8x8 = 64 tokens, the generator, a 2-layer T5 trained with it, and the residual head
 #                                                            -> weights/dcar_tiny.safetensors (+ _tokenizer.json)
 
-# Copied from dcae.py: SHAPE_COLORS
-SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 30),
-                "white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 
-
-# Copied from dcae.py: COLORS
-COLORS = ("white", "black", "gray", "red", "green", "blue", "yellow")  # of the objects and of the background
-
-
-# Copied from dcae.py: SHAPES
-SHAPES = ("circle", "square", "triangle")
-
-
-# Copied from dcae.py: COUNT_WORDS
-COUNT_WORDS = ("a", "two", "three")
-
-
-# Copied from dcae.py: RADIUS
-RADIUS = {1: (0.16, 0.25), 2: (0.14, 0.19), 3: (0.14, 0.19)}  # object radius per count, as a fraction of the size
-
-
-# Copied from dcae.py: shapes_caption
-def shapes_caption(count, color, shape, background):
-    noun = shape if count == 1 else shape + "s"
-    return f"{COUNT_WORDS[count - 1]} {color} {noun} on a {background} background"
-
-
-# Copied from dcae.py: place_objects
-def place_objects(count, rng, gap=0.06):
-    """(cx, cy, r) in [0, 1] for `count` objects whose bounding boxes stay `gap` apart (so they can be counted);
-    a scene with no room left for the next object is drawn again from the start."""
-    lo, hi = RADIUS[count]
-    while True:
-        boxes = []
-        for _ in range(count):
-            for _attempt in range(100):
-                r = rng.uniform(lo, hi)
-                cx, cy = rng.uniform(r + 0.01, 1 - r - 0.01), rng.uniform(r + 0.01, 1 - r - 0.01)
-                if all(abs(cx - bx) > r + br + gap or abs(cy - by) > r + br + gap for bx, by, br in boxes):
-                    boxes.append((cx, cy, r))
-                    break
-            else:  # no room for this object after 100 tries: draw the scene again
-                break
-        if len(boxes) == count:
-            return boxes
-
-
-# Copied from dcae.py: draw_shapes
-def draw_shapes(count, color, shape, background, size=64, rng=None, supersample=4):
-    """Renders the scene anti-aliased (drawn at `supersample` x the size, then box-filtered)."""
-    rng = rng or random.Random(0)
-    S = size * supersample
-    img = Image.new("RGB", (S, S), SHAPE_COLORS[background])
-    draw = ImageDraw.Draw(img)
-    fill = SHAPE_COLORS[color]
-    for cx, cy, r in place_objects(count, rng):
-        cx, cy, r = cx * S, cy * S, r * S
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":  # the circle's bounding box
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    return img.resize((size, size), Image.BOX)
-
-
-# Copied from dcae.py: random_scene
-def random_scene(rng, colors=COLORS):
-    """(count, color, shape, background) drawn uniformly; the background differs from the object colour."""
-    color = rng.choice(colors)
-    background = rng.choice([b for b in COLORS if b != color])
-    return rng.randint(1, 3), color, rng.choice(SHAPES), background
-
-
-# Copied from dcae.py: shapes_batch
-def shapes_batch(n, seed, size=64):
-    """n images (n, 3, size, size) in [-1, 1] and their captions, deterministic from the seed."""
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        scene = random_scene(rng)
-        images.append(np.asarray(draw_shapes(*scene, size=size, rng=rng)))
-        captions.append(shapes_caption(*scene))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, captions
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
-TINY_WEIGHTS = os.path.join(HERE, "weights", "dcar_tiny.safetensors")
-TINY_DCHT = os.path.join(HERE, "weights", "dcar_tiny_dcht.safetensors")  # written beside it by the same run
-TINY_DCHT_STAGES = (("continuous", 100), ("discrete", 250), ("decoder", 400))  # ~3.5 of the 10 minutes
+TINY_DCHT_STAGES = (("continuous", 100), ("discrete", 250), ("decoder", 400))  # steps of batch 16 per stage
 TINY_STEPS = 1200  # the generator's, batch 32
-TINY_SAMPLE_STEPS = 8  # masked AR rounds for 64 tokens (12 scored 0.109 against 0.115 on the choice set)
-TINY_GUIDANCE = 2.0  # (4.0 scored 0.099 on the choice set)
+TINY_SAMPLE_STEPS = 8  # masked AR rounds for 64 tokens (chosen on the choice set: docs/dcar.md)
+TINY_GUIDANCE = 2.0  # g of l_c + g (l_c - l_u), chosen on the choice set (docs/dcar.md)
 TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + </s>
 TINY_T5 = T5Config(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, num_buckets=8,
                    max_distance=16)
@@ -1597,6 +1683,7 @@ TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <col
                 f'{", ".join(COLORS)} and the shapes {", ".join(SHAPES)}, e.g. "two red circles on a blue background"')
 
 
+
 def build_tiny_tokenizer():
     """Word-level tokenizer over the captions' vocabulary, with T5's special ids (pad 0, </s> 1 appended, unk 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -1605,45 +1692,6 @@ def build_tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return tok
-
-
-# Copied from sana.py: check_tiny_prompt
-def check_tiny_prompt(prompt):
-    """The tiny model knows only captions like its training data's; its tokenizer would silently drop any other
-    word. Refuse anything else in one sentence that names the unknown words and states the grammar."""
-    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # as the tokenizer's Whitespace pre-tokenizer splits
-    unknown = list(dict.fromkeys(w for w in words if w not in TINY_WORDS))
-    if unknown:
-        named = ", ".join(f'"{w[:20]}"' for w in unknown[:5]) + (f" and {len(unknown) - 5} more" * (len(unknown) > 5))
-        raise ValueError(f"the tiny model does not know {named}: it draws only {TINY_GRAMMAR}")
-    colors, shapes, many = "|".join(COLORS), "|".join(SHAPES), "|".join(COUNT_WORDS[1:])
-    caption = (rf"(?:{COUNT_WORDS[0]} (?:{colors}) (?:{shapes})|(?:{many}) (?:{colors}) (?:{shapes})s) "
-               rf"on a (?:{colors}) background")
-    if not re.fullmatch(caption, " ".join(words)):
-        raise ValueError(f"the tiny model draws only {TINY_GRAMMAR}; {prompt.strip()[:60]!r} is not one")
-
-
-# Copied from sana.py: tiny_dcae_config
-def tiny_dcae_config(path=TINY_DCAE):
-    """The tiny DC-AE's config, from its file's metadata (no weights read)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
-    try:
-        meta = json.loads(read_metadata(path)["config"])
-        return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not a tiny DC-AE written by `python dcae.py --train` (its metadata has no "
-                         f"DC-AE config)") from None
-
-
-# Copied from sana.py: load_tiny_dcae
-def load_tiny_dcae(path=TINY_DCAE, *, device="cpu", dtype=torch.float32):
-    """The committed tiny DC-AE. Built on the CPU, not the meta device: the random initialization it draws before
-    its weights arrive is part of train_tiny's random stream, which the committed tiny SANA comes from."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype, device)
-    model = DCAE(tiny_dcae_config(path))
-    load_state_dict_strict(model, read_weights(path), path)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 class StageLoss(nn.Module):
@@ -1657,25 +1705,41 @@ class StageLoss(nn.Module):
         return dcht_loss(self.model, images, self.stage, generator)
 
 
-def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY_DCHT_STAGES, batch=16, lr=5e-4,
-                    codebook_size=TINY_CODEBOOK, rank=0, world=1):
-    """The tiny DC-HT from the committed tiny DC-AE, in float32 (steps: caps every stage, a quick check). Rank 0
-    writes the weights with their config in the metadata; returns the model."""
-    torch.manual_seed(seed)
-    t0 = time.time()
+def init_tiny_dcht(seed, codebook_size):
+    """DC-HT as the paper builds it: a trained DC-AE (the committed tiny one) and a codebook whose codes start on
+    L2-normalised encoded latents, so that none is dead at the start. -> (model, its DCHTConfig)."""
     ae = load_tiny_dcae()
     cfg = DCHTConfig(codebook_size=codebook_size, codebook_dim=ae.cfg.latent_channels, ae=ae.cfg)
     model = DCHT(cfg)
     model.encoder.load_state_dict(ae.encoder.state_dict())
     model.decoder.load_state_dict(ae.decoder.state_dict())
-    with torch.no_grad():  # codes start on encoded latents: none dead at the start
+    with torch.no_grad():
         x, _ = shapes_batch(256, seed=seed + 99)
         z = F.normalize(model.encoder(x).permute(0, 2, 3, 1).reshape(-1, ae.cfg.latent_channels), dim=-1)
         model.quantize.embedding.weight.copy_(z[torch.randperm(len(z))[:codebook_size]])
+    return model, cfg
+
+
+@torch.no_grad()
+def round_to_fp16(module):
+    """Round the float weights to fp16 in place: the model a training run returns is then the one its file holds."""
+    for t in module.state_dict().values():
+        if t.is_floating_point():
+            t.copy_(t.half())
+
+
+def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY_DCHT_STAGES, batch=16, lr=5e-4,
+                    codebook_size=TINY_CODEBOOK, rank=0, world=1):
+    """The tiny DC-HT from the committed tiny DC-AE, in float32: DC-HT's three stages (section 4), each with its own
+    AdamW (`steps`: every stage runs that many steps in place of its count, a quick check). Rank 0 writes the weights
+    with their config in the metadata; returns the model."""
+    torch.manual_seed(seed)
+    t0 = time.time()
+    model, cfg = init_tiny_dcht(seed, codebook_size)
     model.train()
     g = torch.Generator().manual_seed(seed * world + rank)
     for s, (stage, n) in enumerate(stages):
-        n = min(n, steps or n)
+        n = steps or n
         net = StageLoss(model, stage)
         opt = torch.optim.AdamW(dcht_trainable(model, stage), lr=lr, weight_decay=0.0)
         if world > 1:  # a new wrapper per stage: each stage trains other parameters
@@ -1690,12 +1754,9 @@ def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY
                 log(f"tokenizer, {stage} step {i:4d}/{n} | recon {loss['recon'].item():.4f} | quantizer "
                     f"{loss['quantizer'].item():.4f} | {time.time() - t0:.0f}s")
     model.eval().requires_grad_(False)
-    with torch.no_grad():  # rounded to the fp16 of the file: the model returned is what load_tiny_dcht reads
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.half())
+    round_to_fp16(model)  # what load_tiny_dcht reads
     if rank == 0:
-        meta = {"config": json.dumps({**asdict(replace(cfg, ae=None)), "ae": asdict(ae.cfg)}), "seed": str(seed)}
+        meta = {"config": json.dumps({**asdict(replace(cfg, ae=None)), "ae": asdict(cfg.ae)}), "seed": str(seed)}
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
                   out, metadata=meta)
@@ -1764,9 +1825,74 @@ class JointLoss(nn.Module):
         return training_loss(self.model, self.head, ids, residual, y, (text_ids != 0).long(), tc, draws)["loss"]
 
 
+
+def cpu_bf16(bf16=None):
+    """(whether to train in bf16 autocast, why): as asked, else where the CPU computes bf16 natively."""
+    if bf16 is not None:
+        return bf16, "as asked"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bf16, "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
+
+
+def tiny_token_data(dcht, n_images, seed, log, t0):
+    """The generator's training set: n_images shapes images tokenized once by the frozen DC-HT, and their captions
+    by the word-level tokenizer. -> ids (n, N), residual tokens (n, N, C), text ids (n, L), the tokenizer."""
+    ids, residual, caps = shapes_tokens(dcht, n_images, seed)
+    tok = build_tiny_tokenizer()
+    text_ids = tokenize_t5(tok, caps, TINY_TEXT_LEN)
+    log(f"tokenized {n_images} images to {ids.shape[1]} tokens each (residual std {residual.std():.3f}, "
+        f"{(residual.abs() > TINY.vae_scale).float().mean():.2%} of it beyond vae_scale) in {time.time() - t0:.0f}s")
+    return ids, residual, text_ids, tok
+
+
+def tiny_lr(step, steps, lr, warmup=100):
+    """Linear warmup over `warmup` steps, then cosine decay to 10%."""
+    return lr * min(1, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+
+
+def train_generator(joint, net, data, g, log, t0, *, steps, batch, lr, ema_decay, bf16):
+    """The joint loop over the tokenized data (ids, residual, text ids): `net` (JointLoss, DDP-wrapped or not) on
+    random batches drawn from `g`, AdamW with gradient clipping at 1, an EMA of the weights; at the end the EMA,
+    rounded to fp16, replaces the weights (what gets saved)."""
+    ids, residual, text_ids = data
+    params = [p for p in joint.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    draws = Draws(g)  # batches, masks and noise: one stream per rank
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = tiny_lr(step, steps, lr)
+        idx = torch.randint(len(ids), (batch,), generator=g)
+        # fp32 master weights; PyTorch's math attention: on the CPU its flash kernel's backward is slower for these
+        # short sequences
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
+            loss = net(ids[idx], residual[idx], text_ids[idx], TINY_TRAIN, draws)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e.half())
+
+
+def save_tiny(parts, tok, out, meta, log, t0):
+    """The tiny T5, generator and head in one fp16 file (keys prefixed by part), the tokenizer beside it."""
+    sd = {f"{name}.{k}": v.half() for name, m in parts.items() for k, v in m.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(sd, out, metadata=meta)
+    tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
+    log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+
+
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, dcht_steps=None, batch=32, lr=1e-3,
                n_images=8192, ema_decay=0.995, bf16=None):
-    """The whole tiny DC-AR from the seed: the tiny DC-HT (train_tiny_dcht, its stages capped at `dcht_steps`,
+    """The whole tiny DC-AR from the seed: the tiny DC-HT (train_tiny_dcht, `dcht_steps` steps per stage when given,
     written beside `out` as *_dcht.safetensors), then the tiny T5, generator and head trained jointly on its tokens
     of shapes images, deterministically on 2 threads, in bf16 autocast where the CPU computes bf16 natively, float32
     elsewhere (`bf16` forces either). Under torchrun each rank draws its own batches and rank 0 writes the weights,
@@ -1775,59 +1901,25 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, dcht_st
     torch.set_num_threads(max(1, 2 // world))  # more threads than cores stall OpenMP
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
-    why = "as asked"
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        why = "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
+    bf16, why = cpu_bf16(bf16)
     log(f"training on cpu: the tokenizer in float32, the generator in {'bfloat16 autocast' if bf16 else 'float32'} "
         f"({why}), {world} process(es)")
     t0 = time.time()
     dcht = train_tiny_dcht(seed, os.path.splitext(out)[0] + "_dcht.safetensors", log, steps=dcht_steps, rank=rank,
                            world=world)
     torch.manual_seed(seed)
-    ids, residual, caps = shapes_tokens(dcht, n_images, seed)
-    tok = build_tiny_tokenizer()
-    text_ids = tokenize_t5(tok, caps, TINY_TEXT_LEN)
-    log(f"tokenized {n_images} images to {ids.shape[1]} tokens each (residual std {residual.std():.3f}, "
-        f"{(residual.abs() > TINY.vae_scale).float().mean():.2%} of it beyond vae_scale) in {time.time() - t0:.0f}s")
+    ids, residual, text_ids, tok = tiny_token_data(dcht, n_images, seed, log, t0)
     te, model, head = T5Encoder(TINY_T5), DCAR(TINY), DiffusionHead(TINY)
     initialize_weights(model, head)
     joint = net = JointLoss(te, model, head)
     if world > 1:  # averages the gradients
         net = nn.parallel.DistributedDataParallel(joint)
-    params = [p for p in joint.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    tc = TINY_TRAIN
-    g = torch.Generator().manual_seed(seed * world + rank)  # batches, masks and noise: one stream per rank
-    draws = Draws(g)
-    for step in range(steps):
-        for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
-            group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        idx = torch.randint(len(ids), (batch,), generator=g)
-        # fp32 master weights; PyTorch's math attention: on the CPU its flash kernel's backward is slower for these
-        # short sequences (a 1.4x slower step here)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
-            loss = net(ids[idx], residual[idx], text_ids[idx], tc, draws)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():  # EMA of the weights: what gets saved
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
-    with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
-        for e, p in zip(ema, params):
-            p.copy_(e.half())
+    g = torch.Generator().manual_seed(seed * world + rank)
+    train_generator(joint, net, (ids, residual, text_ids), g, log, t0, steps=steps, batch=batch, lr=lr,
+                    ema_decay=ema_decay, bf16=bf16)
     if rank == 0:
-        sd = {f"{name}.{k}": v.half() for name, m in (("text_encoder", te), ("generator", model), ("head", head))
-              for k, v in m.state_dict().items()}
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)})
-        tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
-        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+        save_tiny({"text_encoder": te, "generator": model, "head": head}, tok, out,
+                  {"seed": str(seed), "steps": str(steps), "batch": str(batch), "lr": str(lr)}, log, t0)
     if world > 1:
         dist.destroy_process_group()
     return DCARPipeline(dcht, te.eval(), tok, model.eval(), head.eval(), TINY_TEXT_LEN, steps=TINY_SAMPLE_STEPS,
@@ -1854,48 +1946,17 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. CLI
+# 10. CLI
 # ----------------------------------------------------------------------------------------------------------
 # The flags of every root file where they apply (--prompt --ckpt --steps --guidance --seed --device --dtype --out
 # --train --train-out --train-steps), then its own. DC-AR generates at its one training resolution: no
 # --height/--width. Bad input is refused in one sentence (`error: ...`, exit code 2) before anything is loaded.
 
 
-# Copied from dcae.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="DC-AR text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
     p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
@@ -1903,8 +1964,9 @@ def main(argv=None):
                    "inference config.yaml and the checkpoints it names; default: the tiny model")
     p.add_argument("--steps", type=int, default=None, help="masked AR rounds (default: the model's, 12 for the "
                    f"published one, {TINY_SAMPLE_STEPS} for the tiny one)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale of the logits and the residual "
-                   f"head (default: the model's: 4.5 for the published one, {TINY_GUIDANCE} for the tiny one)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale g, as the official code's: logits "
+                   "l = l_c + g (l_c - l_u), the residual head's eps = eps_c + g (eps_c - eps_u); 0 = off (default: "
+                   f"the model's: 4.5 for the published one, {TINY_GUIDANCE} for the tiny one)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the sampler's draws; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
@@ -1912,45 +1974,61 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
-    p.add_argument("--train-steps", type=int, default=None, help="with --train: train this many steps (for each "
-                   "stage) instead of the recipe's (a quick check)")
-    p.add_argument("--tokenizer", help="with --ckpt: the dc-ht folder (default: dc-ht beside the generator, or the "
-                   "config.yaml's)")
-    p.add_argument("--text-encoder", help="with --ckpt: the t5-base folder with its tokenizer.json (default: "
-                   "t5-base beside the generator, or the config.yaml's)")
-    args = p.parse_args(argv)
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase "
+                   "of the recipe in place of its own counts (a quick check)")
+    parts = p.add_argument_group("the published model's other parts (with --ckpt)")
+    parts.add_argument("--tokenizer", help="with --ckpt: the dc-ht folder (default: dc-ht beside the generator, or "
+                       "the config.yaml's)")
+    parts.add_argument("--text-encoder", help="with --ckpt: the t5-base folder with its tokenizer.json (default: "
+                       "t5-base beside the generator, or the config.yaml's)")
+    return p
+
+
+def check_args(args):
+    """Refuse bad input in one sentence (ValueError / FileNotFoundError) before anything is loaded."""
+    if args.train:
+        if args.train_steps is not None and args.train_steps < 1:
+            raise ValueError("--train-steps must be at least 1")
+        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        return
+    resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    for flag, path in (("--ckpt", args.ckpt), ("--tokenizer", args.tokenizer), ("--text-encoder", args.text_encoder)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if (args.tokenizer or args.text_encoder) and not args.ckpt:
+        raise ValueError("--tokenizer and --text-encoder go with --ckpt (the tiny model has its own)")
+    if not args.ckpt:
+        check_tiny_prompt(args.prompt)
+    check_out_path(args.out, IMAGE_EXTENSIONS)
+
+
+def load(args, device, dtype):
+    """The pipeline --ckpt names, or the committed tiny one."""
+    t0 = time.time()
+    pipe = load_pipeline(args.ckpt, args.tokenizer, args.text_encoder, device=device, dtype=dtype) if args.ckpt \
+        else load_tiny(device=device, dtype=dtype)
+    print(f"loaded in {time.time() - t0:.1f}s")
+    if len(pipe.tokenizer.encode(args.prompt).ids) > pipe.text_len:
+        print(f"note: the prompt is longer than the {pipe.text_len} text tokens this model reads: its end was cut off")
+    return pipe
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
             train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
                        dcht_steps=args.train_steps)
             return
-        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
-        if args.prompt is None or not args.prompt.strip():
-            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-        if args.steps is not None and args.steps < 1:
-            raise ValueError("--steps must be at least 1")
-        if args.guidance is not None and not math.isfinite(args.guidance):
-            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
-        for flag, path in (("--ckpt", args.ckpt), ("--tokenizer", args.tokenizer),
-                           ("--text-encoder", args.text_encoder)):
-            if path and not os.path.exists(path):
-                raise FileNotFoundError(f"{flag} {path} does not exist")
-        if (args.tokenizer or args.text_encoder) and not args.ckpt:
-            raise ValueError("--tokenizer and --text-encoder go with --ckpt (the tiny model has its own)")
-        if not args.ckpt:
-            check_tiny_prompt(args.prompt)
-        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
-        t0 = time.time()
-        pipe = load_pipeline(args.ckpt, args.tokenizer, args.text_encoder, device=device, dtype=dtype) if args.ckpt \
-            else load_tiny(device=device, dtype=dtype)
-        print(f"loaded in {time.time() - t0:.1f}s")
-        if len(pipe.tokenizer.encode(args.prompt).ids) > pipe.text_len:
-            print(f"note: the prompt is longer than the {pipe.text_len} text tokens this model reads: its end was "
-                  f"cut off")
+        pipe = load(args, device, dtype)
         t0 = time.time()
         img = pipe.generate([args.prompt], args.steps, args.guidance, torch.Generator().manual_seed(args.seed))[0]
         Image.fromarray(img.numpy()).save(args.out)

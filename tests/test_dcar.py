@@ -1,24 +1,24 @@
 """Tests for dcar.py: parity with the official code's outputs on every case folder under fixtures/dcar (DC-HT, T5,
 the generator, the residual head, the whole seeded sampling run, one training step), the published manifests on
 the meta device, DC-HT's training stages, and the committed tiny default (tokenizer, fidelity, CLI, training)."""
-import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close  # also puts the repository root on the path
+from conftest import assert_close, cases, committed, tiny_fidelity  # also puts the repository root on the path
 import dcar
 import shapes_score
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "dcar")
-CASES = sorted(d for d in glob.glob(os.path.join(FIX, "*")) if os.path.isfile(os.path.join(d, "dc-ht", "config.json")))
+CASES = cases("dcar", "io.safetensors", "dc-ht/config.json", "config.yaml", "meta.json")  # parametrize over "case"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_dcht_parity(case):
     """Encoder output, indices, quantized and normalised latents, residual, losses, and the four decodes."""
     io = load_file(os.path.join(case, "io.safetensors"))
@@ -58,7 +58,7 @@ def generator_config(case):
     return dcar.dcar_config_from_yaml(dcar.parse_yaml(os.path.join(case, "config.yaml")))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_text_encoder_parity(case):
     """T5 ids (the tokenizer's, padded to the text length) and the encoder run without a mask."""
     from tokenizers import Tokenizer
@@ -73,7 +73,7 @@ def test_text_encoder_parity(case):
     assert_close("text.encoder_hidden_states", h, io["text.encoder_hidden_states"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_generator_parity(case):
     """Logits and hidden states, and the CFG pair with the learned null caption in the second half."""
     io = load_file(os.path.join(case, "io.safetensors"))
@@ -112,7 +112,7 @@ def test_generator_manifest_on_meta():
         dcar.load_state_dict_strict(model, sd, name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_diffusion_head_parity(case):
     """The residual head, its CFG, the respaced schedule, p_mean_variance and the training losses."""
     io = load_file(os.path.join(case, "io.safetensors"))
@@ -172,7 +172,7 @@ class Replay:
         return value
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_sampler_parity(case):
     """The whole seeded sampling run with the recorded draws injected: every round's transformer input and raw
     logits, the final tokens, the residual tokens, and the decoded image; every draw used, in order."""
@@ -201,19 +201,28 @@ def test_sampler_parity(case):
     assert_close("sample.image", (image * 0.5 + 0.5).clamp(0, 1), io["sample.image"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+def train_config(case, io):
+    """The case's training settings: caption dropout and the diffusion head's rows per token from its config.yaml
+    (class_label_dropout, diffusion.batch_mul), the MLM loss's label smoothing and unmasked-token weight from the
+    name of its loss tensor (`train.mlm_loss_ls<x>_unmasked<y>`: the release has no training config). -> (TrainConfig,
+    that key)."""
+    gen = dcar.parse_yaml(os.path.join(case, "config.yaml"))["model"]["generator"]
+    key = next(k for k in io if k.startswith("train.mlm_loss_"))
+    ls, unmasked = map(float, re.fullmatch(r"train\.mlm_loss_ls([\d.]+)_unmasked([\d.]+)", key).groups())
+    return dcar.TrainConfig(label_smoothing=ls, unmasked_weight=unmasked, cond_drop=gen["class_label_dropout"],
+                            batch_mul=gen["diffusion"]["batch_mul"]), key
+
+
+@CASES
 def test_training_step_parity(case):
-    """Masking, the generator in train mode with caption dropout, the MLM loss (label smoothing and unmasked weight
-    read from the fixture's key) and the diffusion loss, with the recorded draws replayed."""
-    import re
+    """Masking, the generator in train mode with caption dropout, the MLM loss and the diffusion loss on batch_mul
+    rows per token, with the recorded draws replayed; every setting comes from the case's files (train_config)."""
     io, meta = load_file(os.path.join(case, "io.safetensors")), json.load(open(os.path.join(case, "meta.json")))
     cfg, _ = generator_config(case)
+    tc, key = train_config(case, io)
     path = os.path.join(case, "dc-ar", "pytorch_model.bin")
     model, head = dcar.load_generator(path, cfg).train(), dcar.load_diffusion_head(path, cfg).train()
-    key = next(k for k in io if k.startswith("train.mlm_loss_"))
-    ls, unmasked = map(float, re.match(r"train\.mlm_loss_ls([\d.]+)_unmasked([\d.]+)", key).groups())
-    tc = dcar.TrainConfig(label_smoothing=ls, unmasked_weight=unmasked)
-    replay = Replay(io, "train.")
+    replay = Replay(io, "train.")  # its shape checks hold the diffusion timesteps to B N batch_mul rows
     out = dcar.training_loss(model, head, io["train.target_tokens"], io["train.residual_target"],
                              io["text.encoder_hidden_states"], io["text.attention_mask"], tc, replay)
     assert replay.i == len(replay.draws) and [k for k, _ in replay.draws] == meta["rng_sequence_train"]
@@ -223,7 +232,7 @@ def test_training_step_parity(case):
     assert_close("train.diff_loss", out["diffusion"], io["train.diff_loss"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[os.path.basename(c) for c in CASES])
+@CASES
 def test_pipeline_parity(case):
     """The case folder as a --ckpt folder: config.yaml names the checkpoints and the sampler's settings (they must
     be the run's, as meta.json records them), and the pipeline with the recorded draws gives the run's image."""
@@ -237,18 +246,18 @@ def test_pipeline_parity(case):
     assert (images.float() - want).abs().max() <= 1, "more than one level of 255 off"
 
 
-def test_pos_embed_is_the_sincos_table():
-    """A new generator starts with the stored 2-D sin-cos table of every case."""
-    for case in CASES:
-        stored = load_file(os.path.join(case, "io.safetensors"))["gen.pos_embed"]
-        assert_close("pos_embed", dcar.DCAR(generator_config(case)[0]).pos_embed, stored, atol=1e-6, rtol=1e-5)
+@CASES
+def test_pos_embed_is_the_sincos_table(case):
+    """A new generator starts with the case's stored 2-D sin-cos table."""
+    stored = load_file(os.path.join(case, "io.safetensors"))["gen.pos_embed"]
+    assert_close("pos_embed", dcar.DCAR(generator_config(case)[0]).pos_embed, stored, atol=1e-6, rtol=1e-5)
 
 
+@CASES
 @pytest.mark.parametrize("stage", dcar.DCHT_STAGES)
-def test_dcht_stages_train(stage):
+def test_dcht_stages_train(case, stage):
     """Each stage of DC-HT's adaptation trains what it should (the decoder stage leaves encoder and codebook
     alone) and lowers its loss on a fixed batch over a few steps."""
-    case = CASES[0]
     model = dcar.load_dcht(os.path.join(case, "dc-ht")).train()
     side = load_file(os.path.join(case, "io.safetensors"))["tok.image"].shape[-1]
     ramp = torch.linspace(-0.8, 0.8, side)
@@ -271,10 +280,11 @@ def test_dcht_stages_train(stage):
     assert moved == want, moved
 
 
-def test_cli_with_the_case_folder(tmp_path, capsys):
+@CASES
+def test_cli_with_the_case_folder(case, tmp_path, capsys):
     """`python dcar.py --prompt ... --ckpt DIR` on a case folder (the published layout, described by its yaml)."""
     from PIL import Image
-    case, out = CASES[0], tmp_path / "dcar.png"
+    out = tmp_path / "dcar.png"
     prompt = json.load(open(os.path.join(case, "meta.json")))["prompts"][0]
     dcar.main(["--prompt", prompt, "--ckpt", case, "--out", str(out), "--device", "cpu"])
     side = load_file(os.path.join(case, "io.safetensors"))["sample.image"].shape[-1]
@@ -282,10 +292,7 @@ def test_cli_with_the_case_folder(tmp_path, capsys):
 
 
 # ---- the tiny default -------------------------------------------------------------------------------------------
-needs_dcht = pytest.mark.skipif(not os.path.isfile(dcar.TINY_DCHT), reason="weights/dcar_tiny_dcht.safetensors missing")
-needs_tiny = pytest.mark.skipif(not (os.path.isfile(dcar.TINY_DCHT) and os.path.isfile(dcar.TINY_WEIGHTS)),
-                                reason="the tiny DC-AR weights are missing")
-needs_dcae = pytest.mark.skipif(not os.path.isfile(dcar.TINY_DCAE), reason="weights/dcae_tiny.safetensors missing")
+TINY_FILES = (dcar.TINY_WEIGHTS, dcar.TINY_DCHT, os.path.splitext(dcar.TINY_WEIGHTS)[0] + "_tokenizer.json")
 
 
 def dcht_reconstruction(seeds=(0, 1, 2, 3)):
@@ -306,7 +313,7 @@ def dcht_reconstruction(seeds=(0, 1, 2, 3)):
     return out
 
 
-@needs_dcht
+@committed(dcar.TINY_DCHT)
 def test_tiny_dcht_reconstructs_the_prompts():
     """The generator cannot beat its tokenizer: the hybrid path must reconstruct the README's scenes right (measured
     0.958 of 96, 26.4 dB; two images of slack), the discrete path alone less well (measured 0.792, 24.5 dB: the
@@ -316,26 +323,19 @@ def test_tiny_dcht_reconstructs_the_prompts():
     assert rec["discrete"][0] >= 0.72 and rec["discrete"][1] < rec["hybrid"][1] - 1, rec
 
 
-def tiny_fidelity(prompts, seeds, **kw):
-    pipe = dcar.load_tiny()
-    images, captions = [], []
-    for seed in seeds:
-        images += list(pipe.generate(prompts, generator=torch.Generator().manual_seed(seed), **kw).numpy())
-        captions += prompts
-    return shapes_score.fidelity(images, captions), images, captions
-
-
-@needs_tiny
+@committed(*TINY_FILES)
 def test_tiny_prompt_fidelity():
-    """The README's prompts on their first two seeds, which guards the level reached, far below the issue's 0.8
-    (measured 5 of 48 right, colour 37 of 48): colours and backgrounds are mostly right, shapes and counts mostly not
-    (see the README), so this checks that some images are right and most colours."""
-    score, images, captions = tiny_fidelity(shapes_score.readme_prompts(), seeds=[0, 1])
-    colour = sum(shapes_score.score(i, c)["color"] for i, c in zip(images, captions)) / len(images)
-    assert score >= 1 / 48 and colour >= 34 / 48, (score, colour)
+    """The README's 24 prompts on seeds 0 and 1 guard the level reached, far below the issue's 0.8: measured 5 of 48
+    right and colour right on 37 of 48 (colours and backgrounds mostly right, shapes and counts mostly not: see
+    docs/dcar.md). The bars sit one image below each: 4 of 48 and 36 of 48."""
+    pipe = dcar.load_tiny()
+    score, images, captions = tiny_fidelity(lambda prompts, g: pipe.generate(prompts, generator=g).numpy(),
+                                            shapes_score.readme_prompts(), seeds=[0, 1])
+    colour = sum(shapes_score.score(i, c)["color"] for i, c in zip(images, captions))
+    assert len(images) == 48 and score >= 4 / 48 and colour >= 36, (score * 48, colour)
 
 
-@needs_tiny
+@committed(*TINY_FILES)
 def test_cli_tiny_default(tmp_path):
     """`python dcar.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
     from PIL import Image
@@ -355,7 +355,7 @@ def test_tiny_tokenizer_reads_every_caption():
         dcar.check_tiny_prompt(c)
 
 
-@needs_dcae
+@committed(dcar.TINY_DCAE)
 def test_tiny_training_learns_and_is_deterministic(tmp_path):
     """Two short runs from the same seed give bit-identical weights (DC-HT and generator), and the generator's loss
     falls on the way."""
