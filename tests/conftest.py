@@ -2,7 +2,7 @@
 
 Makes the repository root importable (`import dcae`) and this folder too
 (`import shapes_score`, `from conftest import assert_close`), from pytest or from `python tests/<file>.py`.
-Holds the helpers every test file shares: assert_close, cases, committed, kernel, tiny_fidelity.
+Holds the helpers every test file shares: assert_close, assert_recorded_activations, assert_strict_loading_names_keys, cases, committed, kernel, tiny_fidelity.
 Runs Triton kernels in Triton's CPU interpreter when there is no GPU: TRITON_INTERPRET must be set before
 Triton is first imported, and any root file may import it, so it is set here, before any test module loads.
 Every test gets back the thread count and determinism flag it started with (training sets its own)."""
@@ -92,3 +92,45 @@ def tiny_fidelity(generate, prompts, seeds):
         images += [np.asarray(img) for img in generate(prompts, torch.Generator().manual_seed(seed))]
         captions += prompts
     return shapes_score.fidelity(images, captions), images, captions
+
+
+def assert_strict_loading_names_keys(m, case, tmp_path, monkeypatch):
+    """A SANA-family transformer (`m` is sana or sana_sprint) loaded from the case's original .pth with one key
+    missing and one unexpected: the loader names both, in diffusers' names; a path that does not exist raises."""
+    sd = m.read_weights(os.path.join(case, "original", "checkpoint.pth"))
+    sd.pop("blocks.1.attn.proj.bias")
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    cfg = m.config_from_diffusers(m.read_json(os.path.join(case, "transformer", "config.json")))
+    monkeypatch.setitem(m.PRESETS, "_fixture", cfg)
+    with pytest.raises(ValueError, match=r"1 missing: transformer_blocks\.1\.attn1\.to_out\.0\.bias; "
+                                         r"1 unexpected: transformer_blocks\.0\.extra\.weight"):
+        m.load_transformer(str(tmp_path / "bad.pth"), preset="_fixture")
+    with pytest.raises(FileNotFoundError):
+        m.load_transformer(str(tmp_path / "nope"))
+
+
+def assert_recorded_activations(model, io, args):
+    """Run `model(*args)` with forward hooks on the modules whose activations the fixture recorded
+    (io["debug.<module>[.i]"]), compare each in the order the modules ran (the first diverging module fails first),
+    and return the output. Text-side activations are compared up to the batch's last real token, where the model
+    stops (it skips the text padding after it)."""
+    acts, hooks = {}, []
+    for name, mod in model.named_modules():
+        if f"debug.{name}" in io or f"debug.{name}.0" in io:
+            def hook(m, inp, out, name=name):
+                for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
+                    acts[f"debug.{name}" + (f".{i}" if isinstance(out, tuple) else "")] = o
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        out = model(*args)
+    for h in hooks:
+        h.remove()
+    recorded = {k for k in io if k.startswith("debug.")}
+    assert recorded <= set(acts), f"fixture activations no module produced: {sorted(recorded - set(acts))}"
+    for name in (k for k in acts if k in recorded):  # a dict keeps insertion order: the order the hooks fired
+        want = io[name]
+        if name.startswith("debug.caption"):
+            want = want[:, :acts[name].shape[1]]
+        assert_close(name, acts[name], want)
+    return out

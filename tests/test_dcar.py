@@ -335,16 +335,6 @@ def test_tiny_prompt_fidelity():
     assert len(images) == 48 and score >= 4 / 48 and colour >= 36, (score * 48, colour)
 
 
-@committed(*TINY_FILES)
-def test_cli_tiny_default(tmp_path):
-    """`python dcar.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
-    from PIL import Image
-    out = tmp_path / "dcar.png"
-    dcar.main(["--prompt", "a red circle on a blue background", "--out", str(out), "--device", "cpu"])
-    scene = shapes_score.read_scene(Image.open(out))
-    assert Image.open(out).size == (64, 64) and scene["color"] == "red" and scene["background"] == "blue"
-
-
 def test_tiny_tokenizer_reads_every_caption():
     """Every training caption tokenizes without <unk>, ends in </s> and fits the text length."""
     tok = dcar.build_tiny_tokenizer()

@@ -294,17 +294,6 @@ def test_tiny_prompt_fidelity():
     assert round(fidelity * len(images)) >= 3 and colour >= 39, (fidelity * len(images), colour)
 
 
-@committed(*TINY_FILES)
-def test_cli_tiny_default(tmp_path):
-    """`python hart.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
-    from PIL import Image
-    import shapes_score
-    out = tmp_path / "hart.png"
-    hart.main(["--prompt", "a blue triangle on a yellow background", "--out", str(out), "--device", "cpu"])
-    scene = shapes_score.read_scene(Image.open(out))
-    assert Image.open(out).size == (64, 64) and scene["color"] == "blue" and scene["background"] == "yellow"
-
-
 def test_tiny_tokenizer_reads_every_caption():
     """Every training caption tokenizes without <unk> and fits the text length."""
     tok = hart.build_tiny_tokenizer()

@@ -13,30 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, cases, committed, tiny_fidelity  # conftest also puts the repository root on the path
+from conftest import assert_close, assert_recorded_activations, assert_strict_loading_names_keys, cases, committed, tiny_fidelity  # + the root on sys.path
 import sana
 import shapes_score
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana")
 HELD_OUT_SEED = 31337  # shapes scenes apart from every training set's (scripts/bench_sana_controlnet.py's)
 TINY = (sana.TINY_WEIGHTS, sana.TINY_DCAE)  # the committed tiny SANA and the DC-AE it decodes with
-
-
-def debug_activations(model, io, args):
-    """Run the model with forward hooks on the modules the fixture recorded (debug.<module>[.i]). Returns the
-    output and the activations in the order the modules ran."""
-    acts, hooks = {}, []
-    for name, mod in model.named_modules():
-        if f"debug.{name}" in io or f"debug.{name}.0" in io:
-            def hook(m, inp, out, name=name):
-                for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
-                    acts[f"debug.{name}" + (f".{i}" if isinstance(out, tuple) else "")] = o
-            hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        out = model(*args)
-    for h in hooks:
-        h.remove()
-    return out, acts  # a dict keeps insertion order: the order the hooks fired
 
 
 @cases("sana", "io.safetensors", "transformer", "original/checkpoint.pth")
@@ -50,14 +33,7 @@ def test_transformer_parity(case, layout, monkeypatch):
         monkeypatch.setitem(sana.PRESETS, "_fixture", cfg)
         model = sana.load_transformer(os.path.join(case, "original", "checkpoint.pth"), preset="_fixture")
     args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"])
-    out, acts = debug_activations(model, io, args)
-    recorded = {k for k in io if k.startswith("debug.")}
-    assert recorded <= set(acts), f"fixture activations no module produced: {sorted(recorded - set(acts))}"
-    for name in (k for k in acts if k in recorded):  # in execution order: the first diverging module fails first
-        want = io[name]
-        if name.startswith("debug.caption"):  # the model skips text padding after the batch's last token
-            want = want[:, :acts[name].shape[1]]
-        assert_close(name, acts[name], want)
+    out = assert_recorded_activations(model, io, args)
     assert_close("output", out, io["output"])
     with torch.no_grad():
         assert_close("output_no_mask", model(*args[:3], None), io["output_no_mask"])
@@ -163,20 +139,9 @@ def test_controlnet_manifest(path):
 
 
 def test_strict_loading_names_keys(tmp_path, monkeypatch):
-    case = os.path.join(FIX, "transformer_sana10")
-    sd = sana.read_weights(os.path.join(case, "original", "checkpoint.pth"))
-    sd.pop("blocks.1.attn.proj.bias")
-    sd["blocks.0.extra.weight"] = torch.zeros(1)
-    torch.save({"state_dict": sd}, tmp_path / "Sana_600M_512px_bad.pth")
-    cfg = sana.config_from_diffusers(sana.read_json(os.path.join(case, "transformer", "config.json")))
-    monkeypatch.setitem(sana.PRESETS, "_fixture", cfg)
-    with pytest.raises(ValueError, match=r"1 missing: transformer_blocks\.1\.attn1\.to_out\.0\.bias; "
-                                         r"1 unexpected: transformer_blocks\.0\.extra\.weight"):
-        sana.load_transformer(str(tmp_path / "Sana_600M_512px_bad.pth"), preset="_fixture")
+    assert_strict_loading_names_keys(sana, os.path.join(FIX, "transformer_sana10"), tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="AutoencoderDC"):  # a folder of another model
         sana.load_transformer(os.path.join(FIX, "pipeline_flow_dpm_20step", "vae"))
-    with pytest.raises(FileNotFoundError):
-        sana.load_transformer(str(tmp_path / "nope"))
 
 
 def test_sharded_and_variant_folders(tmp_path):
@@ -737,16 +702,6 @@ def test_tiny_draws_white_objects(tmp_path):
     sana.main(["--prompt", "a white square on a red background", "--out", str(out), "--device", "cpu"])
     scene = shapes_score.read_scene(Image.open(out))
     assert (scene["color"], scene["background"], scene["count"]) == ("white", "red", 1), scene
-
-
-@committed(*TINY)
-def test_cli_tiny_default(tmp_path):
-    """`python sana.py --prompt ...` with no other argument: the committed tiny model writes a 64x64 PNG."""
-    from PIL import Image
-    out = tmp_path / "sana.png"
-    sana.main(["--prompt", "a red circle on a blue background", "--out", str(out), "--device", "cpu"])
-    scene = shapes_score.read_scene(Image.open(out))
-    assert Image.open(out).size == (64, 64) and scene["color"] == "red" and scene["background"] == "blue"
 
 
 @committed(sana.TINY_DCAE)

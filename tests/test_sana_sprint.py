@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, cases, committed, tiny_fidelity  # also puts the repository root on the path
+from conftest import assert_close, assert_recorded_activations, assert_strict_loading_names_keys, cases, committed, tiny_fidelity  # + the root on sys.path
 import sana_sprint as sp
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "sana_sprint")
@@ -33,24 +33,9 @@ def test_transformer_parity(case, layout, monkeypatch):
     io = load_file(os.path.join(case, "io.safetensors"))
     model = fixture_transformer(case, layout, monkeypatch)
     assert (model.logvar_linear is not None) == (layout == "original")  # diffusers drops the logvar head
-    acts, hooks = {}, []
-    for name, mod in model.named_modules():
-        if f"debug.{name}" in io or f"debug.{name}.0" in io:
-            def hook(m, inp, out, name=name):
-                for i, o in enumerate(out if isinstance(out, tuple) else (out,)):
-                    acts[f"debug.{name}" + (f".{i}" if isinstance(out, tuple) else "")] = o
-            hooks.append(mod.register_forward_hook(hook))
     args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"],
             io["guidance"])
-    with torch.no_grad():
-        out = model(*args)
-    recorded = {k for k in io if k.startswith("debug.")}
-    assert recorded <= set(acts), f"fixture activations no module produced: {sorted(recorded - set(acts))}"
-    for name in (k for k in acts if k in recorded):  # in execution order: the first diverging module fails first
-        want = io[name]
-        if name.startswith("debug.caption"):  # the model skips text padding after the batch's last token
-            want = want[:, :acts[name].shape[1]]
-        assert_close(name, acts[name], want)
+    out = assert_recorded_activations(model, io, args)
     assert_close("output", out, io["output"])
     with torch.no_grad():
         assert_close("output_no_mask", model(*args[:3], None, args[4]), io["output_no_mask"])
@@ -83,18 +68,7 @@ def replace_logvar(cfg, logvar):
 
 
 def test_strict_loading_names_keys(tmp_path, monkeypatch):
-    case = os.path.join(FIX, "transformer_sprint")
-    sd = sp.read_weights(os.path.join(case, "original", "checkpoint.pth"))
-    sd.pop("blocks.1.attn.proj.bias")
-    sd["blocks.0.extra.weight"] = torch.zeros(1)
-    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
-    cfg = sp.config_from_diffusers(sp.read_json(os.path.join(case, "transformer", "config.json")))
-    monkeypatch.setitem(sp.PRESETS, "_fixture", cfg)
-    with pytest.raises(ValueError, match=r"1 missing: transformer_blocks\.1\.attn1\.to_out\.0\.bias; "
-                                         r"1 unexpected: transformer_blocks\.0\.extra\.weight"):
-        sp.load_transformer(str(tmp_path / "bad.pth"), preset="_fixture")
-    with pytest.raises(FileNotFoundError):
-        sp.load_transformer(str(tmp_path / "nope"))
+    assert_strict_loading_names_keys(sp, os.path.join(FIX, "transformer_sprint"), tmp_path, monkeypatch)
 
 
 def test_a_sana_flow_model_is_refused(tmp_path):
