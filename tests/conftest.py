@@ -2,7 +2,8 @@
 
 Makes the repository root importable (`import dcae`) and this folder too
 (`import shapes_score`, `from conftest import assert_close`), from pytest or from `python tests/<file>.py`.
-Holds the helpers every test file shares: assert_close, assert_recorded_activations, assert_strict_loading_names_keys, cases, committed, kernel, tiny_fidelity.
+Holds the helpers the test files share: assert_close, assert_recorded_activations,
+assert_strict_loading_names_keys, cases, committed, kernel, tiny_fidelity.
 Runs Triton kernels in Triton's CPU interpreter when there is no GPU: TRITON_INTERPRET must be set before
 Triton is first imported, and any root file may import it, so it is set here, before any test module loads.
 Every test gets back the thread count and determinism flag it started with (training sets its own)."""
