@@ -20,23 +20,28 @@ becomes, for a per-input-channel smoothing factor s and a rank-r branch L1 L2 (p
      `kernels/w4a4_gemm.py` is that kernel in Triton (INT4), which W4A4Linear calls on CUDA; everywhere else it
      runs the plain PyTorch lines below, which are exact.
 
-Inside, top to bottom:
+Inside, top to bottom (sections 1-5 are the whole method; stop there on a first read):
   1. Config and presets: `QuantConfig`, the published precisions, the three methods compared (naive, smooth, svdquant)
-  2. Modules: the method: INT4 / NVFP4 quantizers, smoothing and its search, the low-rank branch, `svdquant`
-  3. Model: `W4A4Linear` (the quantized layer, with LoRA merging) and which of SANA's layers it replaces
-  4. Components, skip on first read: SANA's transformer, Gemma-2, the DC-AE and the sampler, copied from sana.py
-  5. Checkpoint loading: nunchaku's packed layout (pack / unpack) and its single-file SANA format (save and load)
-  6. Training-free: calibration on the model's own activations (`quantize_model`, `quantize_pipeline`)
-  7. Tiny default: the committed tiny SANA (sana.py's), quantized; `train_tiny` writes it in nunchaku's format
-  8. CLI
+  2. Modules: INT4 / NVFP4 quantizers, smoothing and its search, the low-rank branch, `svdquant` (one layer)
+  3. Model: `W4A4Linear` (the quantized layer) and which of SANA's layers it replaces
+  4. Training-free: calibration on the model's own activations (`quantize_model`, `quantize_pipeline`)
+  5. Sampler: SANA's own, unchanged: `generate` runs it with the quantized transformer in the 16-bit one's place
+  6. Components, skip on first read: SANA's transformer, Gemma-2, the DC-AE and the sampler, copied from sana.py;
+     the kernels, loaded by path
+  7. Checkpoint loading: nunchaku's packed layout (pack / unpack) and its single-file SANA format (save and load)
+  8. Pipeline: a nunchaku file with its 16-bit base pipeline; PSNR
+  9. Beyond the paper's core: merging a LoRA into the 16-bit branch
+ 10. Tiny default: the committed tiny SANA (sana.py's), quantized; `train_tiny` writes it in nunchaku's format
+ 11. CLI
 
 Run:
-  python svdquant.py --prompt "two red circles on a blue background"     # tiny SANA: its image under naive W4A4,
-                                                                           # smoothing and SVDQuant, PSNR vs 16-bit
-  python svdquant.py --prompt "..." --method naive --precision nvfp4 --rank 8 --save q.safetensors
+  python svdquant.py --prompt "two red circles on a blue background"     # the tiny SANA, W4A4 (the committed file):
+                                                                           # its image, PSNR vs the 16-bit image
+  python svdquant.py --prompt "..." --precision nvfp4 --rank 8 --save q.safetensors   # quantized on the spot
   python svdquant.py --prompt "a cat" --ckpt svdq-int4_r32-sana1.6b.safetensors --base Sana_1600M_1024px_BF16_diffusers
   python svdquant.py --prompt "a cat" --ckpt Sana_1600M_1024px_BF16_diffusers --save q.safetensors  # quantize it
   python svdquant.py --train        # quantize the tiny SANA again (weights/svdquant_tiny.safetensors)
+  python scripts/bench_svdquant.py  # memory, per-layer errors, and naive / smoothing / SVDQuant on the tiny model
 
 Shapes: M tokens, K input channels, N output channels, r rank, g group size (64 INT4, 16 NVFP4), G = K / g groups;
         W (N, K), X (M, K), L1 "up" (N, r), L2 "down" (r, K); codes are 4-bit integers held in int8 / uint8.
@@ -51,6 +56,7 @@ output projection keeps its bias (`attn.out_proj.bias` in the file), which nunch
 without one: not checked against the published file, which cannot be downloaded here.
 """
 import argparse
+import copy
 import glob
 import importlib.util
 import json
@@ -71,41 +77,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 
-# Copied from dcae.py: load_kernel
-def load_kernel(name):
-    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
-    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
-    where this file was copied alone. The path taken is the module's __file__."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
-    if not os.path.isfile(path):
-        return None
-    module_name = f"_efficient_genai_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# Copied from kernels/linear_attention.py: relu_linear_attention_ref
-def relu_linear_attention_ref(q, k, v, eps=1e-15):
-    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
-    dtype = v.dtype
-    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
-    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
-    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
-    num = q @ kv  # (B, H, N, d)
-    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    return (num / (den + eps)).to(dtype)
-
-
-LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
-relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
-W4A4_GEMM = load_kernel("w4a4_gemm")  # the fused Triton GEMM on CUDA; the exact PyTorch path everywhere else
-w4a4_gemm = W4A4_GEMM.w4a4_gemm if W4A4_GEMM else None
-
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_SANA = os.path.join(HERE, "weights", "sana_tiny.safetensors")  # committed by `python sana.py --train`
 TINY_DCAE = os.path.join(HERE, "weights", "dcae_tiny.safetensors")  # committed by `python dcae.py --train`
@@ -122,7 +93,8 @@ class QuantConfig:
     rank: int = 32  # of the low-rank branch; 0 = none
     smooth: bool = True  # search a smoothing factor (False: s = 1)
     num_grids: int = 20  # the (alpha, beta) grid: 0.05, 0.10, ..., 0.95
-    lowrank_iters: int = 100  # alternating SVD / quantization refinements of the branch (early stop)
+    lowrank_iters: int = 100  # alternating SVD / quantization refinements of the branch, at most
+    early_stop: bool = True  # stop them at the first iterate that does not lower the output error
     calib_tokens: int = 4096  # calibration rows per layer (drawn at random from what the hooks saw)
 
 
@@ -267,7 +239,8 @@ def search_smoothing(w, x, cfg):
 # The low-rank branch (paper Sec. 4.3, ref A.2). The plain SVD of W_hat is optimal before quantization; after
 # it, the residual's rounding errors deserve a say. So alternate: L_1 = SVD_r(W_hat),
 # L_{k+1} = SVD_r(W_hat - Q(W_hat - L_k)) (the branch absorbs what quantization of the residual loses), and keep the
-# iterate of least output error, stopping at the first one that does not improve.
+# iterate of least output error, stopping at the first one that does not improve (cfg.early_stop, the official
+# default; without it all cfg.lowrank_iters iterates run).
 
 def lowrank_branch(w_hat, x, y_ref, cfg):
     """w_hat: (N, K) smoothed weight; x: (M, K) smoothed inputs; y_ref: (M, N). Returns (up, down, iterations)."""
@@ -277,7 +250,9 @@ def lowrank_branch(w_hat, x, y_ref, cfg):
         quantized = fake_quant_weight(w_hat - up @ down, cfg.precision)
         err = output_error(x, y_ref, quantized, up, down, cfg.precision)
         if best is not None and err > best[0]:
-            break
+            if cfg.early_stop:
+                break
+            continue
         best = (err, up, down, it + 1)
     return best[1], best[2], best[3]
 
@@ -318,7 +293,7 @@ def svdquant(w, x, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Model: the quantized layer
+# 3. Model: the quantized layer, and which of SANA's layers it replaces
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +312,8 @@ def unpack_nibbles(packed, K, signed):
 class W4A4Linear(nn.Module):
     """A quantized nn.Linear (or 1x1 convolution): Y = Q(X / s) Q(R)^T + (X L2') L1^T + b, with R held in 4 bits
     (two codes a byte), its group scales, s, the 16-bit branch (L2' = L2 / s acts on the raw X) and the bias.
-    On CUDA the Triton kernel runs it; elsewhere the PyTorch lines below, which are exact (float32)."""
+    On CUDA the Triton kernel runs it (`w4a4_gemm`, kernels/w4a4_gemm.py, loaded in section 6); elsewhere the
+    PyTorch lines below, which are exact (float32)."""
 
     def __init__(self, in_features, out_features, rank, precision="int4", bias=True, conv=False):
         super().__init__()
@@ -369,15 +345,6 @@ class W4A4Linear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias)
         return layer
-
-    @torch.no_grad()
-    def merge_lora(self, down, up, strength=1.0):
-        """Adds a LoRA (down (r', K), up (N, r'), x -> strength * (x down^T) up^T) to the 16-bit branch, along the
-        rank (ref D): the 4-bit residual and s stay as they are, no re-quantization. The branch already acts on the
-        raw x, so the LoRA's down projection needs no smoothing correction."""
-        self.proj_down = torch.cat([self.proj_down, down.T.to(self.proj_down.dtype)], dim=1)  # (K, r + r')
-        self.proj_up = torch.cat([self.proj_up, (strength * up).to(self.proj_up.dtype)], dim=1)  # (N, r + r')
-        return self
 
     def weight_dequantized(self):
         """R, the 4-bit residual in float32 (N, K)."""
@@ -414,11 +381,149 @@ def weight_2d(module):
     return module.weight.reshape(module.weight.shape[0], -1)
 
 
+def quantized_sana(cfg, precision, rank, device="cpu"):
+    """A SanaTransformer whose blocks hold empty W4A4Linears where `QUANTIZED` says (the rest as built)."""
+    with torch.device(device):
+        model = SanaTransformer(cfg)
+        for block in model.transformer_blocks:
+            for group in QUANTIZED:
+                for name in group:
+                    m = block.get_submodule(name)
+                    N, K = weight_2d(m).shape
+                    layer = W4A4Linear(K, N, rank, precision, m.bias is not None, conv=isinstance(m, nn.Conv2d))
+                    parent, _, child = name.rpartition(".")
+                    setattr(block.get_submodule(parent), child, layer)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 4. Components: skip on first read
+# 4. Training-free: calibration on the model's own activations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_inputs(model, run, names, max_rows, generator):
+    """Runs `run()` (the 16-bit pipeline on calibration prompts) with forward hooks on the named layers, and keeps
+    up to max_rows of each one's inputs, drawn at random. Returns {name: (M, K) float32}."""
+    seen, hooks = {n: [] for n in names}, []
+    for name in names:
+        def hook(module, args, name=name):
+            x = args[0]
+            x = x.permute(0, 2, 3, 1) if x.dim() == 4 else x  # 1x1 convolution: channels last
+            seen[name].append(x.reshape(-1, x.shape[-1]).float().cpu())
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        out[name] = x[torch.randperm(len(x), generator=generator)[:max_rows]]
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model, run, cfg, log=print, seed=0):
+    """Quantizes a SANA transformer in place: calibration inputs from `run()`, then `svdquant` on each group of
+    `QUANTIZED`, each replaced by its W4A4Linear. Returns {layer name: (alpha, beta), iterations}."""
+    groups = [tuple(f"transformer_blocks.{i}.{n}" for n in g)
+              for i in range(len(model.transformer_blocks)) for g in QUANTIZED]
+    inputs = collect_inputs(model, run, [g[0] for g in groups], cfg.calib_tokens, torch.Generator().manual_seed(seed))
+    report, t0 = {}, time.time()
+    for group in groups:
+        modules = [model.get_submodule(n) for n in group]
+        w = torch.cat([weight_2d(m).float() for m in modules])  # (sum N, K): one s and one down for the group
+        q = svdquant(w, inputs[group[0]], cfg)
+        start = 0
+        for name, m in zip(group, modules):
+            n = m.weight.shape[0]
+            part = replace(q, codes=q.codes[start:start + n], scales=q.scales[start:start + n],
+                           up=None if q.up is None else q.up[start:start + n])
+            layer = W4A4Linear.from_quantized(part, m.bias, conv=isinstance(m, nn.Conv2d))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.to(m.weight.device))
+            start += n
+        report[group[0]] = (q.alpha_beta, q.iterations)
+    log(f"quantized {sum(map(len, groups))} layers in {time.time() - t0:.1f}s")
+    return report
+
+
+@torch.no_grad()
+def quantize_pipeline(pipe, cfg, prompts, steps=20, seed=0, log=print):
+    """A quantized copy of pipe.transformer (pipe keeps its 16-bit one): calibration = the 16-bit copy sampling
+    `prompts` in pipe's sampler (the official recipe: the evaluation protocol's sampler, inputs cached over all
+    steps), then `quantize_model` on it."""
+    transformer = copy.deepcopy(pipe.transformer)
+    g = torch.Generator().manual_seed(seed)
+    side = transformer.cfg.sample_size * pipe.vae.cfg.compression
+
+    def run():
+        generate(pipe, transformer, prompts, side, side, steps, None, g)
+    quantize_model(transformer, run, cfg, log, seed)
+    return transformer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sampler: SANA's own, with the quantized layers in the 16-bit ones' places
+# ----------------------------------------------------------------------------------------------------------
+# SVDQuant changes no sampler. `quantize_model` put W4A4Linears in the 16-bit layers' places, so the quantized
+# transformer takes the same inputs and returns the same velocity, and SANA's pipeline (section 6, copied from
+# sana.py) samples with it as it does with the 16-bit one. Only the transformer's GEMMs are 4-bit: the Gemma-2 text
+# encoder and the DC-AE stay 16-bit, shared by both.
+
+
+@torch.no_grad()
+def generate(pipe, transformer, prompts, height, width, steps=20, guidance_scale=None, generator=None):
+    """uint8 images (B, height, width, 3) of `transformer` (quantized, or the 16-bit one) in the sampler of `pipe`,
+    a SANA pipeline: Gemma-2 encodes the prompts, x_T ~ N(0, I) comes from `generator`, `steps` steps of the
+    Flow-DPM-Solver run on the guided velocity v = v_u + w (v_c - v_u) (w = guidance_scale, 1 = off; None: the
+    pipeline's own), and the DC-AE decodes x_0."""
+    return replace(pipe, transformer=transformer).generate(prompts, height, width, steps, guidance_scale, generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Components: skip on first read
 # ----------------------------------------------------------------------------------------------------------
 # SANA 1.0 / 1.5 as sana.py has it (the transformer, the Gemma-2 text encoder, the DC-AE, the Flow-DPM sampler,
-# their loaders and the tiny default's), which svdquant quantizes and runs. Nothing here is SVDQuant's.
+# their loaders and the tiny default's), which svdquant quantizes and runs, and the kernels loaded by path.
+# Nothing here is SVDQuant's but `w4a4_gemm`, its fused kernel (kernels/w4a4_gemm.py).
+
+
+# Copied from dcae.py: load_kernel
+def load_kernel(name):
+    """The module kernels/<name>.py beside this file, loaded by its path under a name of its own (so that another
+    package called `kernels` on sys.path, such as Hugging Face's, neither hides it nor is hidden by it), or None
+    where this file was copied alone. The path taken is the module's __file__."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"_efficient_genai_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: Triton's JIT and dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+# Copied from kernels/linear_attention.py: relu_linear_attention_ref
+def relu_linear_attention_ref(q, k, v, eps=1e-15):
+    """q, k, v: (B, H, N, d) before the ReLU. Returns (B, H, N, d) in the dtype of v."""
+    dtype = v.dtype
+    q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+    kv = k.transpose(-1, -2) @ v  # (B, H, d, d)  phi(K)^T V
+    k_sum = k.sum(dim=-2, keepdim=True)  # (B, H, 1, d)  sum_m phi(k_m)
+    num = q @ kv  # (B, H, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    return (num / (den + eps)).to(dtype)
+
+
+LINEAR_ATTENTION = load_kernel("linear_attention")  # Triton on CUDA, the reference elsewhere
+relu_linear_attention = LINEAR_ATTENTION.relu_linear_attention if LINEAR_ATTENTION else relu_linear_attention_ref
+W4A4_GEMM = load_kernel("w4a4_gemm")  # the fused Triton GEMM on CUDA; the exact PyTorch path everywhere else
+w4a4_gemm = W4A4_GEMM.w4a4_gemm if W4A4_GEMM else None
 
 
 # Copied from sana.py: SanaConfig
@@ -460,7 +565,7 @@ SANA_PRESETS = {  # keys: the published checkpoint names (HF repos under Efficie
     "Sana_1600M_4Kpx_BF16": SanaConfig(**_1600M, sample_size=128, interpolation_scale=2.0, flow_shift=6.0),
     "SANA1.5_1.6B_1024px": SanaConfig(**_1600M, sample_size=32, qk_norm=True),
     "SANA1.5_4.8B_1024px": SanaConfig(**{**_1600M, "depth": 60}, sample_size=32, qk_norm=True),
-    # the tiny default (section 8): 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
+    # the tiny default (section 10): 64x64 shapes images, tiny DC-AE latent, tiny Gemma-2-shaped text encoder
     "tiny": SanaConfig(in_channels=4, out_channels=4, hidden_size=192, depth=4, num_heads=6, cross_heads=6,
                        caption_channels=64, sample_size=8, patch_size=2, flow_shift=3.0),
 }
@@ -1717,7 +1822,6 @@ class Sana:
     chi: str = CHI  # None: no complex human instruction (the tiny default)
     max_len: int = MAX_TEXT_LEN
     guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
-    controlnet: nn.Module = None  # a SanaControlNet, for generate(control=...)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1725,11 +1829,10 @@ class Sana:
 
     @torch.no_grad()
     def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True, control=None, conditioning_scale=1.0):
+                 negative_prompt="", resolution_binning=True, model=None):
         """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
-        control: for self.controlnet, the control image (1 or B, 3, height, width) in [-1, 1] (white edges on black
-        for the HED models): as in the official pipelines it is resized to the generation size, encoded by the DC-AE
-        and scaled like the latents, and the ControlNet runs on both CFG halves (diffusers' SanaControlNetPipeline)."""
+        model(x, t, y, mask) -> v is the network the sampler calls, by default the transformer; a ControlNet
+        steers it from outside (control_model, section 9)."""
         if any(not p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         f, cfg = self.compression, self.transformer.cfg
@@ -1738,18 +1841,6 @@ class Sana:
         height, width = generation_size(cfg, f, height, width, resolution_binning)
         device = self.transformer.proj_out.weight.device
         dtype = self.transformer.proj_out.weight.dtype
-        if control is not None:
-            if self.controlnet is None:
-                raise ValueError("a control image needs a ControlNet: set pipe.controlnet")
-            self.controlnet.check(self.transformer)
-            if control.ndim != 4 or control.shape[0] not in (1, len(prompts)) or control.shape[1:] != (3, *out_hw):
-                raise ValueError(f"the control image must be (1 or {len(prompts)}, 3, {out_hw[0]}, {out_hw[1]}) for "
-                                 f"{len(prompts)} {out_hw[1]}x{out_hw[0]} image(s), not {tuple(control.shape)}")
-            if (height, width) != out_hw:  # binned: the control image is resized to the generation size
-                control = F.interpolate(control.float(), size=(height, width), mode="bilinear")
-            vae_dtype = next(self.vae.parameters()).dtype
-            control = self.vae.encode(control.to(device=device, dtype=vae_dtype)) * self.vae_scale  # (1|B, C, h, w)
-            control = control.to(dtype).expand(len(prompts), -1, -1, -1)
         cond = encode_prompts(self.text_encoder, self.tokenizer, prompts, self.max_len, self.chi)
         # unconditional input: the negative prompt without the CHI ("" = BOS then padding, the mask keeps BOS)
         uncond = encode_prompts(self.text_encoder, self.tokenizer, [negative_prompt] * len(prompts), self.max_len,
@@ -1761,16 +1852,10 @@ class Sana:
         schedule, solve = {"dpm": (flow_dpm_schedule, sample_flow_dpm),
                            "euler": (flow_euler_schedule, sample_flow_euler)}[sampler]
         sigmas, timesteps = schedule(steps, cfg.flow_shift)
-
-        def model(x, t, y, m):  # x: both CFG halves [uncond, cond], each with the control
-            x, controls = x.to(dtype), None
-            if control is not None:
-                c = control.repeat(len(x) // len(control), 1, 1, 1)
-                controls = self.controlnet.controls(x, t, y, c, m, conditioning_scale)
-            return self.transformer(x, t, y, m, controls=controls)
-
+        model = model or self.transformer
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        x = solve(guided_velocity(model, cond, uncond, scale), x, sigmas, timesteps)
+        x = solve(guided_velocity(lambda x, t, y, m: model(x.to(dtype), t, y, m), cond, uncond, scale), x, sigmas,
+                  timesteps)
         img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
         if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
             r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
@@ -1900,8 +1985,42 @@ def load_tiny(path=TINY_SANA, *, device="cpu", dtype=torch.float32):
                          tokenizer, load_tiny_dcae(device=device, dtype=dtype))
 
 
+# Copied from sana.py: pick_device_dtype
+def pick_device_dtype(device, dtype, tiny=False):
+    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
+    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
+    auto = not device
+    device = resolve_device(device)
+    why = "asked" if dtype else best_dtype(device)[1]
+    dtype = resolve_dtype(dtype, device)
+    threads = ""
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        threads = ", 1 thread (a tiny model)"
+    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
+    return device, dtype
+
+
+# Copied from dcae.py: check_out_path
+def check_out_path(path, extensions, flag="--out"):
+    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
+    or an extension we cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading: nunchaku's layout
+# 7. Checkpoint loading: nunchaku's layout
 # ----------------------------------------------------------------------------------------------------------
 # Nunchaku stores each W4A4 layer padded to multiples of 128 (N and K) and in the order its CUDA kernel reads
 # (ref B.3-B.6): the codes in 128 x 64 tiles, each the 4 KiB that one warp loads as its MMA fragments; every
@@ -2117,21 +2236,6 @@ def save_nunchaku(model, path, dtype=torch.bfloat16):
         "model_class": "NunchakuSanaTransformer2DModel"})
 
 
-def quantized_sana(cfg, precision, rank, device="cpu"):
-    """A SanaTransformer whose blocks hold empty W4A4Linears where `QUANTIZED` says (the rest as built)."""
-    with torch.device(device):
-        model = SanaTransformer(cfg)
-        for block in model.transformer_blocks:
-            for group in QUANTIZED:
-                for name in group:
-                    m = block.get_submodule(name)
-                    N, K = weight_2d(m).shape
-                    layer = W4A4Linear(K, N, rank, precision, m.bias is not None, conv=isinstance(m, nn.Conv2d))
-                    parent, _, child = name.rpartition(".")
-                    setattr(block.get_submodule(parent), child, layer)
-    return model
-
-
 def load_nunchaku(path, *, device="cpu", dtype=torch.float32):
     """nunchaku's single-file SANA checkpoint (the published svdq-int4_r32-sana1.6b.safetensors, or one that
     `save_nunchaku` wrote) -> a quantized SanaTransformer. Strict: missing and unexpected keys are named."""
@@ -2181,79 +2285,46 @@ def load_nunchaku(path, *, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training-free: calibration on the model's own activations
+# 8. Pipeline: the 16-bit pipeline and its quantized transformer
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def collect_inputs(model, run, names, max_rows, generator):
-    """Runs `run()` (the 16-bit pipeline on calibration prompts) with forward hooks on the named layers, and keeps
-    up to max_rows of each one's inputs, drawn at random. Returns {name: (M, K) float32}."""
-    seen, hooks = {n: [] for n in names}, []
-    for name in names:
-        def hook(module, args, name=name):
-            x = args[0]
-            x = x.permute(0, 2, 3, 1) if x.dim() == 4 else x  # 1x1 convolution: channels last
-            seen[name].append(x.reshape(-1, x.shape[-1]).float().cpu())
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for name, xs in seen.items():
-        x = torch.cat(xs)
-        out[name] = x[torch.randperm(len(x), generator=generator)[:max_rows]]
-    return out
+def load_quantized_pipeline(path, base, preset=None, *, device="cpu", dtype=torch.float32):
+    """nunchaku's single-file transformer `path` (the published one, or one `save_nunchaku` wrote) with `base`, the
+    16-bit SANA diffusers folder it was quantized from -> (pipe, quantized transformer). pipe holds the text
+    encoder, tokenizer, VAE and the 16-bit transformer; `generate(pipe, transformer, ...)` samples the quantized
+    one with the flow shift of base's scheduler (a sampler setting, which nunchaku's file does not carry)."""
+    pipe = load_pipeline(base, preset, device=device, dtype=dtype)
+    transformer = load_nunchaku(path, device=device, dtype=dtype)
+    transformer.cfg = replace(transformer.cfg, flow_shift=pipe.transformer.cfg.flow_shift)
+    return pipe, transformer
 
 
-@torch.no_grad()
-def quantize_model(model, run, cfg, log=print, seed=0):
-    """Quantizes a SANA transformer in place: calibration inputs from `run()`, then `svdquant` on each group of
-    `QUANTIZED`, each replaced by its W4A4Linear. Returns {layer name: (alpha, beta), iterations}."""
-    groups = [tuple(f"transformer_blocks.{i}.{n}" for n in g)
-              for i in range(len(model.transformer_blocks)) for g in QUANTIZED]
-    inputs = collect_inputs(model, run, [g[0] for g in groups], cfg.calib_tokens, torch.Generator().manual_seed(seed))
-    report, t0 = {}, time.time()
-    for group in groups:
-        modules = [model.get_submodule(n) for n in group]
-        w = torch.cat([weight_2d(m).float() for m in modules])  # (sum N, K): one s and one down for the group
-        q = svdquant(w, inputs[group[0]], cfg)
-        start = 0
-        for name, m in zip(group, modules):
-            n = m.weight.shape[0]
-            part = replace(q, codes=q.codes[start:start + n], scales=q.scales[start:start + n],
-                           up=None if q.up is None else q.up[start:start + n])
-            layer = W4A4Linear.from_quantized(part, m.bias, conv=isinstance(m, nn.Conv2d))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.to(m.weight.device))
-            start += n
-        report[group[0]] = (q.alpha_beta, q.iterations)
-    log(f"quantized {sum(map(len, groups))} layers in {time.time() - t0:.1f}s")
-    return report
-
-
-def calibration_prompts(n, seed):
-    """n captions of the tiny vocabulary, drawn like its training data from a seed of their own."""
-    rng = random.Random(seed)
-    return [shapes_caption(*random_scene(rng)) for _ in range(n)]
-
-
-@torch.no_grad()
-def quantize_pipeline(pipe, cfg, prompts, steps=20, seed=0, log=print):
-    """Quantizes pipe.transformer in place: calibration = the 16-bit pipeline sampling `prompts` (the official
-    recipe: the evaluation protocol's sampler, inputs cached over all steps), then `quantize_model`."""
-    g = torch.Generator().manual_seed(seed)
-    side = pipe.transformer.cfg.sample_size * pipe.vae.cfg.compression
-
-    def run():
-        pipe.generate(prompts, side, side, steps, None, g)
-    return quantize_model(pipe.transformer, run, cfg, log, seed)
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of two uint8 images (..., H, W, 3)."""
+    mse = (a.float() - b.float()).pow(2).mean()
+    return float("inf") if mse == 0 else (10 * torch.log10(255.0**2 / mse)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Tiny default
+# 9. Beyond the paper's core: LoRA
+# ----------------------------------------------------------------------------------------------------------
+# LoRA on a quantized model, as nunchaku runs it (paper Sec. 5, "seamless LoRA integration"): a LoRA is one more
+# low-rank branch, so it joins the 16-bit branch along the rank, and the fused kernel runs both in one.
+
+
+@torch.no_grad()
+def merge_lora(layer, down, up, strength=1.0):
+    """Adds a LoRA (down (r', K), up (N, r'), x -> strength * (x down^T) up^T) to a W4A4Linear's 16-bit branch,
+    along the rank (ref D): the 4-bit residual and s stay as they are, no re-quantization. The branch already acts
+    on the raw x, so the LoRA's down projection needs no smoothing correction. Returns the layer."""
+    layer.proj_down = torch.cat([layer.proj_down, down.T.to(layer.proj_down.dtype)], dim=1)  # (K, r + r')
+    layer.proj_up = torch.cat([layer.proj_up, (strength * up).to(layer.proj_up.dtype)], dim=1)  # (N, r + r')
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Tiny default
 # ----------------------------------------------------------------------------------------------------------
 # The committed tiny SANA (sana.py's), quantized: its blocks are 192 wide, so the branch gets rank 16 (1/12 of the
 # width; the published r32 is 1/70 of SANA-1.6B's 2240), and calibration samples 32 captions of its vocabulary.
@@ -2263,24 +2334,32 @@ TINY_QUANT = QuantConfig("int4", rank=16)
 TINY_CALIB_PROMPTS = 32
 
 
+def calibration_prompts(n, seed):
+    """n captions of the tiny vocabulary, drawn like its training data from a seed of their own."""
+    rng = random.Random(seed)
+    return [shapes_caption(*random_scene(rng)) for _ in range(n)]
+
+
 def quantize_tiny(method="svdquant", cfg=TINY_QUANT, seed=0, log=print, pipe=None):
-    """The tiny SANA pipeline with its transformer quantized by `method` (a fresh copy unless `pipe` is given)."""
+    """The tiny SANA pipeline (`pipe`, or a fresh one) with its transformer replaced by a copy quantized by `method`
+    (calibrated on TINY_CALIB_PROMPTS captions drawn from seed + 1000)."""
     pipe = pipe or load_tiny()
-    quantize_pipeline(pipe, replace(cfg, **METHODS[method]), calibration_prompts(TINY_CALIB_PROMPTS, seed + 1000),
-                      seed=seed, log=log)
+    pipe.transformer = quantize_pipeline(pipe, replace(cfg, **METHODS[method]),
+                                         calibration_prompts(TINY_CALIB_PROMPTS, seed + 1000), seed=seed, log=log)
     return pipe
 
 
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None):
-    """SVDQuant's "training" is a calibration: quantize the committed tiny SANA with TINY_QUANT (steps: at most this
-    many refinements of each branch) and write it in nunchaku's format, deterministically from the seed. Under
+    """SVDQuant's "training" is a calibration: quantize the committed tiny SANA with TINY_QUANT and write it in
+    nunchaku's format, deterministically from the seed. Its one iterative phase is the refinement of each low-rank
+    branch (up to 100 alternations, early stop): `steps` runs exactly that many instead (no early stop). Under
     torchrun every rank computes the same and rank 0 writes. Returns the quantized pipeline."""
     rank = int(os.environ.get("RANK", 0))
     torch.set_num_threads(max(1, 2 // int(os.environ.get("WORLD_SIZE", 1))))
     log = log if rank == 0 else (lambda *a: None)
     torch.manual_seed(seed)
     t0 = time.time()
-    cfg = TINY_QUANT if steps is None else replace(TINY_QUANT, lowrank_iters=steps)
+    cfg = TINY_QUANT if steps is None else replace(TINY_QUANT, lowrank_iters=steps, early_stop=False)
     pipe = quantize_tiny("svdquant", cfg, seed, log)
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -2299,68 +2378,17 @@ def load_tiny_quantized(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32)
     return pipe
 
 
-def psnr(a, b):
-    """Peak signal-to-noise ratio in dB of two uint8 images (..., H, W, 3)."""
-    mse = (a.float() - b.float()).pow(2).mean()
-    return float("inf") if mse == 0 else (10 * torch.log10(255.0**2 / mse)).item()
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 8. CLI
+# 11. CLI
 # ----------------------------------------------------------------------------------------------------------
 PHOTO_PROMPTS = [  # calibration captions for a published model (the official set is 128 COCO captions)
     "a photo of a cat sitting on a wooden table", "a city street at night with neon signs in the rain",
     "a bowl of fruit on a kitchen counter", "a mountain lake at sunrise with mist", "portrait of an old man smiling",
     "a red sports car on a coastal road", "an astronaut riding a horse, digital art", "a living room with a sofa"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-# Copied from sana.py: pick_device_dtype
-def pick_device_dtype(device, dtype, tiny=False):
-    """--device / --dtype as given or the best for this machine, printed in one line with the reason. A tiny
-    model on the CPU runs on one thread: its layers are too small to share, and a second thread only waits."""
-    auto = not device
-    device = resolve_device(device)
-    why = "asked" if dtype else best_dtype(device)[1]
-    dtype = resolve_dtype(dtype, device)
-    threads = ""
-    if tiny and device == "cpu":
-        torch.set_num_threads(1)
-        threads = ", 1 thread (a tiny model)"
-    print(f"device {device} ({'autodetected' if auto else 'asked'}), dtype {str(dtype)[6:]} ({why}){threads}")
-    return device, dtype
-
-
-# Copied from dcae.py: check_out_path
-def check_out_path(path, extensions, flag="--out"):
-    """Refuse an output path that cannot be written, before any work: a folder, a missing or read-only folder,
-    or an extension we cannot write."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + extensions[0])}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{flag} {path}: the file name must end in {' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
-    return path
-
-
-def shapes_scorer():
-    """The project's shapes scorer (tests/shapes_score.py) when this file sits in the repository, else None."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
-    try:
-        import shapes_score
-        return shapes_score
-    except ImportError:
-        return None
-    finally:
-        sys.path.pop(0)
-
-
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="SVDQuant W4A4 for SANA (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
     p.add_argument("--prompt", help="what to draw (for the tiny default model, see below)")
@@ -2368,112 +2396,117 @@ def main(argv=None):
                    "--base too), or a 16-bit SANA diffusers folder to quantize; default: the tiny model")
     p.add_argument("--model", help=f"preset of a --ckpt/--base folder (its flow shift): {', '.join(SANA_PRESETS)}")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
-                   "model's: 4.5 for the published models, 2.0 for the tiny one)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w: v = v_u + w (v_c - v_u); "
+                   "1 = off (default: the model's: 4.5 for the published models, 2.0 for the tiny one)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the initial noise; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
-    p.add_argument("--out", default="svdquant.png", help="the image to write (default: %(default)s)")
+    p.add_argument("--out", default="svdquant.png", help="the quantized model's image (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=TINY_WEIGHTS,
                    help="where --train writes the weights (default: the committed tiny weights in weights/)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="with --train: at most this many refinements of each low-rank branch (a quick check)")
-    p.add_argument("--method", default="svdquant", choices=list(METHODS), help="whose image --out gets, and "
-                   "--save writes (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default: 16 for the tiny model, "
-                   "32 otherwise)")
-    p.add_argument("--precision", default="int4", choices=list(GROUP_SIZE), help="W4A4 format (default: %(default)s)")
+                   help="with --train: N optimisation steps in each phase of the recipe in place of its own counts "
+                   "(a quick check)")
     p.add_argument("--save", help="write the quantized transformer here, in nunchaku's single-file format")
     p.add_argument("--base", help="with a nunchaku --ckpt: the 16-bit SANA diffusers folder that supplies the text "
-                   "encoder, tokenizer and VAE")
-    args = p.parse_args(argv)
+                   "encoder, tokenizer and VAE (and the 16-bit image the PSNR compares with)")
+    r = p.add_argument_group("research options")
+    r.add_argument("--method", default="svdquant", choices=list(METHODS), help="the paper's ablation: naive W4A4, "
+                   "smoothing only or SVDQuant, calibrated on the spot (SVDQuant on the tiny model at its recipe's "
+                   "rank and precision: the committed file; default: %(default)s)")
+    r.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default: 16 for the tiny model, "
+                   "32 otherwise)")
+    r.add_argument("--precision", default="int4", choices=list(GROUP_SIZE), help="W4A4 format (default: %(default)s)")
+    return p
+
+
+def check_train_args(args):
+    if args.train_steps is not None and args.train_steps < 1:
+        raise ValueError("--train-steps must be at least 1")
+    check_out_path(args.train_out, (".safetensors",), "--train-out")
+
+
+def check_args(args):
+    """Every refusal that needs no weights, one sentence each, before anything is loaded. Returns (height, width)."""
+    resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.rank is not None and args.rank < 0:
+        raise ValueError(f"--rank must be 0 (no branch) or more, not {args.rank}")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, not {value}")
+    if args.model:
+        get_preset(args.model)
+    nunchaku_file = bool(args.ckpt) and os.path.isfile(args.ckpt)
+    if args.ckpt and not nunchaku_file and not os.path.isdir(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
+    if nunchaku_file and not args.base:
+        raise ValueError("a nunchaku --ckpt holds the transformer only: give --base, the 16-bit SANA diffusers "
+                         "folder of the text encoder, tokenizer and VAE")
+    if not args.ckpt:
+        check_tiny_prompt(args.prompt)
+    if nunchaku_file:  # the transformer's config is the file's metadata, the VAE's the base folder's
+        meta = read_metadata(args.ckpt)
+        if "config" not in meta:
+            raise ValueError(f"--ckpt {args.ckpt} has no 'config' metadata: not a nunchaku single-file checkpoint")
+        sana_cfg, vae_cfg = config_from_diffusers(json.loads(meta["config"])), pipeline_configs(args.base)[1]
+    else:
+        sana_cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (SANA_PRESETS["tiny"], tiny_dcae_config())
+    side = sana_cfg.sample_size * vae_cfg.compression  # the training resolution
+    h, w = args.height or side, args.width or side
+    check_size(h, w, vae_cfg.compression * sana_cfg.patch_size)
+    check_out_path(args.out, IMAGE_EXTENSIONS)
+    if args.save:
+        check_out_path(args.save, (".safetensors",), "--save")
+    return h, w
+
+
+def models_for(args, device, dtype):
+    """(the 16-bit pipeline, the quantized transformer, what the latter is): nunchaku's --ckpt file with its --base
+    folder; else the 16-bit model (--ckpt's folder or the tiny one) and, for the tiny recipe, the committed file,
+    otherwise its transformer quantized on the spot by --method."""
+    if args.ckpt and os.path.isfile(args.ckpt):
+        pipe, transformer = load_quantized_pipeline(args.ckpt, args.base, args.model, device=device, dtype=dtype)
+        return pipe, transformer, f"nunchaku's file {os.path.basename(args.ckpt)}"
+    pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
+        load_tiny(device=device, dtype=dtype)
+    cfg = replace(TINY_QUANT if not args.ckpt else PRESETS["svdq-int4_r32"], precision=args.precision)
+    cfg = replace(cfg if args.rank is None else replace(cfg, rank=args.rank), **METHODS[args.method])
+    if not args.ckpt and args.method == "svdquant" and cfg == TINY_QUANT and os.path.isfile(TINY_WEIGHTS):
+        return pipe, load_nunchaku(TINY_WEIGHTS, device=device, dtype=dtype), "svdquant: the committed weights"
+    calib = calibration_prompts(TINY_CALIB_PROMPTS, args.seed + 1000) if not args.ckpt else PHOTO_PROMPTS
+    transformer = quantize_pipeline(pipe, cfg, calib, seed=args.seed, log=lambda *a: None)
+    return pipe, transformer, f"{args.method}: quantized ({cfg.precision}, rank {cfg.rank})"
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.train:
-            if args.train_steps is not None and args.train_steps < 1:
-                raise ValueError("--train-steps must be at least 1")
-            check_out_path(args.train_out, (".safetensors",), "--train-out")
+            check_train_args(args)
             train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps)
             return
-        resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
-        if args.prompt is None or not args.prompt.strip():
-            raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-        if args.steps < 1:
-            raise ValueError("--steps must be at least 1")
-        if args.guidance is not None and not math.isfinite(args.guidance):
-            raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
-        if args.rank is not None and args.rank < 0:
-            raise ValueError(f"--rank must be 0 (no branch) or more, not {args.rank}")
-        for name, value in (("--height", args.height), ("--width", args.width)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
-        if args.model:
-            get_preset(args.model)
-        nunchaku_file = bool(args.ckpt) and os.path.isfile(args.ckpt)
-        if args.ckpt and not nunchaku_file and not os.path.isdir(args.ckpt):
-            raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
-        if nunchaku_file and not args.base:
-            raise ValueError("a nunchaku --ckpt holds the transformer only: give --base, the 16-bit SANA diffusers "
-                             "folder of the text encoder, tokenizer and VAE")
-        if not args.ckpt:
-            check_tiny_prompt(args.prompt)
-        if nunchaku_file:  # the transformer's config is the file's metadata, the VAE's the base folder's
-            meta = read_metadata(args.ckpt)
-            if "config" not in meta:
-                raise ValueError(f"--ckpt {args.ckpt} has no 'config' metadata: not a nunchaku single-file checkpoint")
-            sana_cfg, vae_cfg = config_from_diffusers(json.loads(meta["config"])), pipeline_configs(args.base)[1]
-        else:
-            sana_cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (SANA_PRESETS["tiny"],
-                                                                              tiny_dcae_config())
-        side = sana_cfg.sample_size * vae_cfg.compression  # the training resolution
-        h, w = args.height or side, args.width or side
-        check_size(h, w, vae_cfg.compression * sana_cfg.patch_size)
-        check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
-        if args.save:
-            check_out_path(args.save, (".safetensors",), "--save")
+        h, w = check_args(args)
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
-        cfg = replace(TINY_QUANT if not args.ckpt else PRESETS["svdq-int4_r32"], precision=args.precision)
-        cfg = cfg if args.rank is None else replace(cfg, rank=args.rank)
+        t0 = time.time()
+        pipe, transformer, what = models_for(args, device, dtype)
+        print(f"{what} ({time.time() - t0:.1f}s)")
         g = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-        if nunchaku_file:  # a published (or saved) quantized model: just run it
-            pipe = load_pipeline(args.base, args.model, device=device, dtype=dtype)
-            pipe.transformer = load_nunchaku(args.ckpt, device=device, dtype=dtype)
-            img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g())[0]
-            Image.fromarray(img.numpy()).save(args.out)
-            print(f"wrote {args.out}")
-            return
-        load = (lambda: load_pipeline(args.ckpt, args.model, device=device, dtype=dtype)) if args.ckpt else \
-            (lambda: load_tiny(device=device, dtype=dtype))
-        pipe = load()
-        images = {"16-bit": pipe.generate([args.prompt], h, w, args.steps, args.guidance, g())[0]}
-        calib = calibration_prompts(TINY_CALIB_PROMPTS, args.seed + 1000) if not args.ckpt else PHOTO_PROMPTS
-        methods = list(METHODS) if not args.ckpt else [args.method]  # on a published model: the one asked for
-        for method in methods:
-            committed = (not args.ckpt and method == "svdquant" and cfg == TINY_QUANT
-                         and os.path.isfile(TINY_WEIGHTS))
-            t0 = time.time()
-            q = load_tiny_quantized(device=device, dtype=dtype) if committed else load()
-            if not committed:
-                quantize_pipeline(q, replace(cfg, **METHODS[method]), calib, seed=args.seed, log=lambda *a: None)
-            print(f"{method}: " + ("the committed weights" if committed else "quantized") +
-                  f" ({cfg.precision}, rank {0 if method != 'svdquant' else cfg.rank}) in {time.time() - t0:.1f}s")
-            images[method] = q.generate([args.prompt], h, w, args.steps, args.guidance, g())[0]
-            if method == args.method:
-                Image.fromarray(images[method].numpy()).save(args.out)
-                if args.save:
-                    save_nunchaku(q.transformer, args.save)
-        scorer = shapes_scorer() if not args.ckpt else None
-        print(f"{'':8s} {'PSNR vs 16-bit':>15s}" + ("  the shapes scorer reads" if scorer else ""))
-        for name, img in images.items():
-            line = f"{name:8s} {psnr(img, images['16-bit']):12.2f} dB" if name != "16-bit" else f"{name:8s} {'-':>15s}"
-            if scorer:
-                scene = scorer.read_scene(img.numpy())
-                ok = all(scorer.score(img.numpy(), args.prompt)[k] for k in ("color", "shape", "count"))
-                line += f"  {scene['count']} {scene['color']} {scene['shape']} ({'right' if ok else 'wrong'})"
-            print(line)
-        print(f"wrote {args.out} ({args.method})" + (f" and {args.save}" if args.save else ""))
+        image = generate(pipe, transformer, [args.prompt], h, w, args.steps, args.guidance, g())[0]
+        reference = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g())[0]  # the 16-bit model's
+        print(f"PSNR {psnr(image, reference):.2f} dB against the 16-bit model's image on the same seed")
+        Image.fromarray(image.numpy()).save(args.out)
+        if args.save:
+            save_nunchaku(transformer, args.save)
+        print(f"wrote {args.out}" + (f" and {args.save}" if args.save else ""))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,7 @@
 """Benchmark of svdquant.py on the CPU (not collected by pytest).
 
     python scripts/bench_svdquant.py [--threads 2] [--seeds 4] [--precision int4] [--rank 16] [--skip-tiny]
+    python scripts/bench_svdquant.py --prompt "a yellow circle on a blue background" [--seed 0]
 
 1. Memory: bytes of SANA-1.6B's transformer in nunchaku's packed INT4 r32 layout (the published
    svdq-int4_r32-sana1.6b.safetensors) against bf16, counted from the tensors of a model built on the meta
@@ -10,6 +11,8 @@
 3. The tiny table: each method's images against the 16-bit tiny SANA's on the same seed (PSNR, averaged over
    the images) and prompt fidelity (tests/shapes_score.py) on the README's 24 prompts and the second set's 48,
    x `--seeds` seeds; also how often the scorer reads a quantized image as it reads the 16-bit one.
+With --prompt, only the three methods on that one prompt and seed: each one's PSNR against the 16-bit image and
+what the scorer reads in it (`svdquant.py --prompt` itself writes the SVDQuant image and prints its PSNR alone).
 """
 import argparse
 import os
@@ -90,6 +93,28 @@ def tiny_table(cfg, seeds):
                   f"{same:.2f}  {r['by_shape']}", flush=True)
 
 
+def one_prompt(cfg, prompt, seed):
+    """Naive W4A4, smoothing only and SVDQuant, each calibrated as the tiny recipe calibrates (TINY_CALIB_PROMPTS
+    captions from seed + 1000), on one prompt: PSNR against the 16-bit image and the scorer's reading."""
+    pipe = sq.load_tiny()
+    g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    images = {"16-bit": pipe.generate([prompt], 64, 64, 20, None, g())[0]}
+    calib = sq.calibration_prompts(sq.TINY_CALIB_PROMPTS, seed + 1000)
+    for method in sq.METHODS:
+        t0 = time.time()
+        q = sq.quantize_pipeline(pipe, sq.replace(cfg, **sq.METHODS[method]), calib, seed=seed, log=lambda *a: None)
+        print(f"  {method} quantized in {time.time() - t0:.1f}s", flush=True)
+        images[method] = sq.generate(pipe, q, [prompt], 64, 64, 20, None, g())[0]
+    print(f"{prompt!r}, seed {seed}, tiny SANA, {cfg.precision}, rank {cfg.rank}:")
+    print(f"  {'':9s} {'PSNR vs 16-bit':>15s}  the shapes scorer reads")
+    for name, img in images.items():
+        scene = shapes_score.read_scene(img.numpy())
+        right = all(shapes_score.score(img.numpy(), prompt)[k] for k in ("color", "shape", "count"))
+        psnr = "-" if name == "16-bit" else f"{sq.psnr(img, images['16-bit']):.2f} dB"
+        print(f"  {name:9s} {psnr:>15s}  {scene['count']} {scene['color']} {scene['shape']} "
+              f"({'right' if right else 'wrong'})")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -97,9 +122,16 @@ def main():
     p.add_argument("--precision", default="int4", choices=list(sq.GROUP_SIZE))
     p.add_argument("--rank", type=int, default=sq.TINY_QUANT.rank)
     p.add_argument("--skip-tiny", action="store_true")
+    p.add_argument("--prompt", help="only the three methods on this prompt of the tiny grammar")
+    p.add_argument("--seed", type=int, default=0, help="with --prompt: the seed of its noise and calibration")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.prompt:
+        sq.check_tiny_prompt(args.prompt)
+        one_prompt(sq.replace(sq.TINY_QUANT, precision=args.precision, rank=args.rank), args.prompt, args.seed)
+        print(f"({time.time() - t0:.0f} s)")
+        return
     memory()
     if not args.skip_tiny:
         cfg = sq.replace(sq.TINY_QUANT, precision=args.precision, rank=args.rank)
