@@ -1276,8 +1276,8 @@ def build_parser():
                         "Dream with --cache none has no blocks)")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default=None,
                    help="Fast-dLLM's block-wise KV cache; none runs the model's own baseline sampler (default: dual "
-                        "with --threshold 0.9, Fast-dLLM; give --cache, --threshold, --factor or --alg and only what "
-                        "they name runs, e.g. --cache none alone: the baseline)")
+                        "with --threshold 0.9, Fast-dLLM; give --cache, --threshold, --factor, --alg or --guidance and "
+                        "only what they name runs, e.g. --cache none alone: the baseline)")
     p.add_argument("--threshold", type=float, default=None,
                    help="parallel decoding: commit every token at least this confident, in (0, 1] (default: see --cache)")
     r = p.add_argument_group("research options")
@@ -1308,7 +1308,7 @@ def check_args(args):
         config = config_from_json(os.path.join(args.ckpt, "config.json"))
     dream = (args.arch or "llada") == "dream" if tiny else isinstance(config, DreamConfig)
     gen_length = (32 if tiny else 128) if args.gen_length is None else args.gen_length
-    named = any(v is not None for v in (args.cache, args.threshold, args.factor, args.alg))
+    named = any(v is not None for v in (args.cache, args.threshold, args.factor, args.alg)) or args.guidance != 0
     cache, threshold = (args.cache or "none", args.threshold) if named else (FAST_DLLM["cache"], FAST_DLLM["threshold"])
     sampler = dict(gen_length=gen_length, block_length=min(args.block_length, gen_length), steps=args.steps,
                    cache=cache, threshold=threshold, factor=args.factor, temperature=args.temperature,

@@ -321,6 +321,7 @@ def test_cli_with_a_dream_folder(tmp_path, capsys):
     ([], 1),  # Fast-dLLM by default: DualCache + threshold 0.9 fill the one 32-token block in one forward
     (["--arch", "llada", "--cache", "dual", "--threshold", "0.9"], 1),  # the same, named
     (["--cache", "none"], 32),  # the baseline, one flag away: one token per forward
+    (["--guidance", "1"], 32),  # guidance runs where it is implemented: LLaDA's baseline sampler
     (["--gen-length", "128"], 5),  # 4 blocks of 32 (the baseline: 128)
     (["--arch", "dream"], 2),  # Fast-dLLM's Dream sampler: block-start forward + one cached forward
     (["--arch", "dream", "--cache", "none"], 32)])  # Dream's own sampler
