@@ -27,7 +27,7 @@ Run:
   python dcae.py                                   # reconstruct a synthetic image with the tiny default model
   python dcae.py --image in.png --out rec.png      # reconstruct your image, print its PSNR
   python dcae.py --image in.png --ckpt DIR         # with a published checkpoint folder (either layout)
-  python dcae.py --train                           # retrain the tiny default (weights/dcae_tiny.safetensors)
+  python dcae.py --train                           # retrain the tiny default (./dcae_tiny.safetensors)
   torchrun --nproc_per_node 2 dcae.py --train --train-steps 20    # the same on 2 processes (DDP)
 
 From Python:
@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -600,14 +601,43 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 def read_weights(path):
@@ -654,6 +684,18 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def check_state_dict(own, sd, source, what="the model"):
     """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
     mis-shaped keys (with both shapes) unless names and shapes match exactly."""
@@ -671,9 +713,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -795,7 +842,11 @@ def from_pretrained(path, config=None, *, device="cpu", dtype=torch.float32):
     diffusers_file = os.path.join(path, "diffusion_pytorch_model.safetensors")
     original_file = os.path.join(path, "model.safetensors")
     if raw.get("_class_name") == "AutoencoderDC" and os.path.isfile(diffusers_file):
-        cfg = config or config_from_diffusers(raw)
+        try:
+            cfg = check_config(config or config_from_diffusers(raw), os.path.join(path, "config.json"))
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+            raise ValueError(f"{os.path.join(path, 'config.json')} is not a complete AutoencoderDC config "
+                             f"({type(e).__name__}: {str(e)[:80]})") from None
         sd = read_weights(diffusers_file)
     elif "model_name" in raw and os.path.isfile(original_file):
         cfg = config or get_preset(raw["model_name"])
@@ -942,7 +993,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_R
         meta = {"config": json.dumps(asdict(cfg)), "seed": str(seed), "recipe": json.dumps(recipe)}
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         # fp16 storage halves the file and costs nothing measurable (PSNR equal to 1e-3 dB)
-        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, out, metadata=meta)
+        save_weights({k: v.half().contiguous() for k, v in model.state_dict().items()}, out, metadata=meta)
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     if world > 1:
         dist.destroy_process_group()
@@ -953,7 +1004,8 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     """The committed tiny default (trained by `python dcae.py --train`)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         cfg = DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -1013,16 +1065,43 @@ def check_out_path(path, extensions, flag="--out"):
     return path
 
 
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
 def load_image(path, multiple):
     """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
     are scaled to 8 bits (Pillow would clip them)."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if not os.path.isfile(path):  # a folder, or a device such as /dev/zero that would be read forever
+        raise ValueError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: give an "
+                         f"image file")
     try:
         img = Image.open(path)
         if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         img = img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {path} has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow reads (a "
+                         f"guard against decompression bombs): resize it") from None
     except OSError as e:
         raise ValueError(f"cannot read {path} as an image ({e})") from None
     w, h = img.size
@@ -1036,9 +1115,28 @@ def load_image(path, multiple):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def save_image(x, path):
+SYNTHETIC_INPUT = "dcae.py synthetic input"  # the PNG text of the inputs this file draws: only those are rewritten
+
+
+def save_image(x, path, software=None):
+    """x: (1, 3, H, W) in [-1, 1] -> an image file (a PNG tagged `software` if given). NaN or inf is refused, not
+    written as black."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"the image came out NaN or inf, so {path} was not written: the weights are broken")
     arr = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(arr).save(path)
+    info = PngInfo() if software else None
+    if info:
+        info.add_text("Software", software)
+    Image.fromarray(arr).save(path, pnginfo=info)
+
+
+def drawn_here(path):
+    """Whether the image at `path` is a synthetic input this file wrote (its PNG text says so)."""
+    try:
+        with Image.open(path) as img:
+            return img.info.get("Software") == SYNTHETIC_INPUT
+    except OSError:
+        return False
 
 
 def build_parser():
@@ -1050,8 +1148,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", help="the reconstruction to write (default: <image>_rec.png, or shapes_rec.png)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
                    "the recipe in place of its own counts (a quick check)")
     p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image, written beside --out)")
@@ -1064,13 +1163,17 @@ def build_parser():
 def check_args(args):
     """Refuse bad input in one sentence (ValueError or FileNotFoundError) before anything is loaded or trained, and
     fill in --out's default."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train:
+        refuse_unused(args, ("--ckpt", "--model", "--out", "--image"), "with --train, which writes --train-out")
         if args.train_steps is not None and args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1")
-        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
         return
+    refuse_unused(args, ("--train-out", "--train-steps", "--gan"), "without --train")
     if args.image and not os.path.isfile(args.image):
-        raise FileNotFoundError(f"image {args.image} does not exist")
+        load_image(args.image, 1)  # its sentence: missing, a folder, or not a regular file
     if args.model and not args.ckpt:
         raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
     if args.model:
@@ -1078,6 +1181,13 @@ def check_args(args):
     if not args.out:
         args.out = os.path.splitext(os.path.basename(args.image))[0] + "_rec.png" if args.image else "shapes_rec.png"
     check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    if args.image and os.path.exists(args.out) and os.path.samefile(args.out, args.image):
+        raise ValueError(f"--out {args.out} is the input image, which the reconstruction would overwrite: give "
+                         f"another file name")
+    args.source = None if args.image else os.path.splitext(args.out)[0] + "_input.png"
+    if args.source and os.path.exists(args.source) and not drawn_here(args.source):
+        raise ValueError(f"{args.source} exists and is not a synthetic input drawn by dcae.py, which would write "
+                         f"its input there: give another --out, or pass it as --image")
 
 
 def input_image(args, multiple):
@@ -1086,9 +1196,8 @@ def input_image(args, multiple):
     if args.image:
         return load_image(args.image, multiple)
     x, caption = shapes_batch(1, seed=args.seed)
-    source = os.path.splitext(args.out)[0] + "_input.png"
-    save_image(x, source)
-    print(f"input: synthetic image '{caption[0]}' -> {source}")
+    save_image(x, args.source, software=SYNTHETIC_INPUT)
+    print(f"input: synthetic image '{caption[0]}' -> {args.source}")
     return x
 
 

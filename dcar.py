@@ -30,7 +30,7 @@ Inside, top to bottom (sections 1-5 are the whole method; the rest is what it us
 Run:
   python dcar.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
   python dcar.py --prompt "a photo of a cat" --ckpt dc-ar-512/pytorch_model.bin --tokenizer dc-ht --text-encoder t5-base
-  python dcar.py --train                 # retrain the tiny DC-HT, then the tiny generator (weights/dcar_tiny*)
+  python dcar.py --train                 # retrain the tiny DC-HT, then the tiny generator (./dcar_tiny*)
   torchrun --nproc_per_node 2 dcar.py --train --train-steps 20     # the same on 2 processes (DDP)
 
 Shapes: B batch, C latent channels = codebook dim (32), h/w latent grid (the image / 32), N = h*w tokens in
@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -301,8 +301,9 @@ class DiffusionHead(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=-1)
 
     def forward(self, x, t, c):
-        y = self.time_embed.mlp(timestep_embedding(t)) + self.cond_embed(c)
-        x = self.input_proj(x)
+        dtype = self.input_proj.weight.dtype  # the sampler's x and timestep features are float32, the head may not be
+        y = self.time_embed.mlp(timestep_embedding(t).to(dtype)) + self.cond_embed(c.to(dtype))
+        x = self.input_proj(x.to(dtype))
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
@@ -1103,14 +1104,44 @@ def convert_original_state_dict(sd):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+# Copied from dcae.py: check_config
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 # Copied from dcae.py: read_metadata
@@ -1124,6 +1155,19 @@ def read_metadata(path):
             return f.metadata() or {}
     except Exception as e:  # SafetensorError
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # Copied from dcae.py: DCAE
@@ -1252,9 +1296,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -1391,7 +1440,8 @@ def check_tiny_prompt(prompt):
 def tiny_dcae_config(path=TINY_DCAE):
     """The tiny DC-AE's config, from its file's metadata (no weights read)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -1444,6 +1494,29 @@ def check_out_path(path, extensions, flag="--out"):
     return path
 
 
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. Checkpoint loading
 # ----------------------------------------------------------------------------------------------------------
@@ -1478,7 +1551,11 @@ def dcht_config_from_json(c):
 
 def load_dcht(folder, *, device="cpu", dtype=torch.float32):
     """The published dc-ht folder (config.json + model.safetensors or pytorch_model.bin), strictly."""
-    cfg = dcht_config_from_json(read_json(os.path.join(folder, "config.json")))
+    path = os.path.join(folder, "config.json")
+    try:
+        cfg = check_config(dcht_config_from_json(read_json(path)), path)
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{path} is not a complete DC-HT config ({type(e).__name__}: {str(e)[:80]})") from None
     names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(folder, n))]
     if not names:
         raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin")
@@ -1502,7 +1579,15 @@ def t5_config_from_json(c):
 def load_t5_encoder(folder, *, device="cpu", dtype=torch.float32):
     """A T5 folder as published (config.json + model.safetensors; a full T5Model or an encoder alone): its encoder,
     strictly (the decoder's weights, if any, are not read)."""
-    cfg = t5_config_from_json(read_json(os.path.join(folder, "config.json")))
+    c = read_json(os.path.join(folder, "config.json"))
+    if c.get("model_type", "t5") != "t5" or "d_model" not in c:  # e.g. a Qwen2 or Gemma folder
+        raise ValueError(f"{os.path.join(folder, 'config.json')} describes a {c.get('model_type')!r} model, not a T5: "
+                         f"DC-AR's text encoder is t5-base")
+    try:
+        cfg = check_config(t5_config_from_json(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete T5 config ({type(e).__name__}: "
+                         f"{str(e)[:80]})") from None
     sd = read_weights(os.path.join(folder, "model.safetensors"))
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.") and "embed_tokens" not in k}
     enc["embed_tokens.weight"] = sd.get("encoder.embed_tokens.weight", sd.get("shared.weight"))
@@ -1598,6 +1683,7 @@ def load_pipeline(ckpt, tokenizer=None, text_encoder=None, *, device="cpu", dtyp
     if os.path.isfile(yaml_path):
         c = parse_yaml(yaml_path)
         cfg, sampler = dcar_config_from_yaml(c)
+        check_config(cfg, yaml_path)
         try:
             paths = [os.path.join(ckpt, p) for p in (c["experiment"]["generator_checkpoint"],
                                                      c["experiment"]["tokenizer_checkpoint"], c["model"]["text_model"])]
@@ -1650,6 +1736,9 @@ class DCARPipeline:
                                  self.guidance if guidance is None else guidance, self.temperature,
                                  draws or Draws(generator), self.diffusion_steps)
         x = self.dcht.decode_tokens(ids, residual.to(y.dtype))
+        if not torch.isfinite(x).all():  # it would be written as black
+            raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
+                             "dtype")
         return ((x.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -1686,9 +1775,10 @@ TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <col
 
 def build_tiny_tokenizer():
     """Word-level tokenizer over the captions' vocabulary, with T5's special ids (pad 0, </s> 1 appended, unk 2)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()  # the vocabulary is lower case: "A Red Circle" is the same caption
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return tok
@@ -1758,8 +1848,8 @@ def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY
     if rank == 0:
         meta = {"config": json.dumps({**asdict(replace(cfg, ae=None)), "ae": asdict(cfg.ae)}), "seed": str(seed)}
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
-                  out, metadata=meta)
+        save_weights({k: (v.half() if v.is_floating_point() else v).contiguous()
+                      for k, v in model.state_dict().items()}, out, metadata=meta)
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     return model
 
@@ -1767,7 +1857,8 @@ def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY
 def load_tiny_dcht(path=TINY_DCHT, *, device="cpu", dtype=torch.float32):
     """The committed tiny DC-HT (its config from the file's metadata)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcar.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                "`python dcar.py --train` writes it beside its --train-out")
     try:
         meta = json.loads(read_metadata(path)["config"])
         ae = DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.pop("ae").items()})
@@ -1885,7 +1976,7 @@ def save_tiny(parts, tok, out, meta, log, t0):
     """The tiny T5, generator and head in one fp16 file (keys prefixed by part), the tokenizer beside it."""
     sd = {f"{name}.{k}": v.half() for name, m in parts.items() for k, v in m.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(sd, out, metadata=meta)
+    save_weights(sd, out, metadata=meta)
     tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
     log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
 
@@ -1931,7 +2022,8 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     tokenizer beside the weights, and the tiny DC-HT."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcar.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcar.py --train --train-out {path}` makes it")
     sd = read_weights(path)
     with torch.device("meta"):
         parts = {"text_encoder": T5Encoder(TINY_T5), "generator": DCAR(TINY), "head": DiffusionHead(TINY)}
@@ -1940,6 +2032,7 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
                                path)
         module.to(device=device, dtype=dtype).eval()
     tok = load_tokenizer(os.path.splitext(path)[0] + "_tokenizer.json")
+    tok.normalizer = build_tiny_tokenizer().normalizer  # files written before it lowercased: "A" was <unk>
     dcht = load_tiny_dcht(os.path.splitext(path)[0] + "_dcht.safetensors", device=device, dtype=dtype)
     return DCARPipeline(dcht, parts["text_encoder"], tok, parts["generator"],
                         parts["head"], TINY_TEXT_LEN, steps=TINY_SAMPLE_STEPS, guidance=TINY_GUIDANCE)
@@ -1972,8 +2065,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="dcar.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase "
                    "of the recipe in place of its own counts (a quick check)")
     parts = p.add_argument_group("the published model's other parts (with --ckpt)")
@@ -1986,18 +2080,25 @@ def build_parser():
 
 def check_args(args):
     """Refuse bad input in one sentence (ValueError / FileNotFoundError) before anything is loaded."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train:
+        refuse_unused(args, ("--prompt", "--ckpt", "--steps", "--guidance", "--out", "--tokenizer", "--text-encoder"),
+                      "with --train, which writes --train-out")
         if args.train_steps is not None and args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1")
-        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
         return
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
     if args.prompt is None or not args.prompt.strip():
         raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be at least 1")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:  # 0 is off; beyond 100 only saturation, or NaN
+        raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
     for flag, path in (("--ckpt", args.ckpt), ("--tokenizer", args.tokenizer), ("--text-encoder", args.text_encoder)):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path} does not exist")
@@ -2014,6 +2115,9 @@ def load(args, device, dtype):
     pipe = load_pipeline(args.ckpt, args.tokenizer, args.text_encoder, device=device, dtype=dtype) if args.ckpt \
         else load_tiny(device=device, dtype=dtype)
     print(f"loaded in {time.time() - t0:.1f}s")
+    if args.steps is not None and args.steps > pipe.model.cfg.seq_len:  # each round commits at least one token
+        raise ValueError(f"--steps must be at most {pipe.model.cfg.seq_len}, the tokens this model generates (each "
+                         f"round commits at least one), not {args.steps}")
     if len(pipe.tokenizer.encode(args.prompt).ids) > pipe.text_len:
         print(f"note: the prompt is longer than the {pipe.text_len} text tokens this model reads: its end was cut off")
     return pipe

@@ -68,7 +68,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -738,14 +738,44 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+# Copied from dcae.py: check_config
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 # Copied from dcae.py: read_weights
@@ -794,6 +824,19 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Copied from dcae.py: check_state_dict
 def check_state_dict(own, sd, source, what="the model"):
     """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
@@ -813,9 +856,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -865,6 +913,29 @@ def check_out_path(path, extensions, flag="--out"):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
     return path
+
+
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
 
 
 # Qwen2's pre-tokenizer (Dream's tokenization_dream.py is Qwen2's tokenizer): contractions, letters, single digits,
@@ -937,15 +1008,15 @@ def config_from_json(path):
             raise ValueError(f"{path} has {key}={c[key]!r}; this implementation supports only {want!r}")
     try:
         if kind == "Dream":
-            return DreamConfig(**{f.name: c[f.name] for f in fields(DreamConfig)})
+            return check_config(DreamConfig(**{f.name: c[f.name] for f in fields(DreamConfig)}), path)
         if c.get("n_kv_heads", c["n_heads"]) != c["n_heads"]:
             raise ValueError(f"{path} has n_kv_heads != n_heads; LLaDA checkpoints use plain multi-head "
                              "attention")
-        return LLaDAConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                           mlp_hidden_size=c["mlp_hidden_size"], vocab_size=c.get("embedding_size") or c["vocab_size"],
-                           rope_theta=c["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
-                           max_sequence_length=c["max_sequence_length"], mask_token_id=c["mask_token_id"],
-                           eos_token_id=c["eos_token_id"])
+        return check_config(LLaDAConfig(
+            d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"], mlp_hidden_size=c["mlp_hidden_size"],
+            vocab_size=c.get("embedding_size") or c["vocab_size"], rope_theta=c["rope_theta"],
+            rms_norm_eps=c["rms_norm_eps"], max_sequence_length=c["max_sequence_length"],
+            mask_token_id=c["mask_token_id"], eos_token_id=c["eos_token_id"]), path)
     except KeyError as e:
         raise ValueError(f"{path} has no {e.args[0]!r}: not a complete {kind} config") from None
 
@@ -1041,6 +1112,9 @@ def check_sampler_args(gen_length, block_length, steps=None, cache="none", thres
     num_blocks = gen_length // block_length if blocked else 1
     if steps is not None and (steps < 1 or steps % num_blocks):
         raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks {num_blocks}")
+    if steps is not None and steps > gen_length:
+        raise ValueError(f"steps {steps} must be at most gen_length {gen_length}: every step commits at least one "
+                         f"token, so there is never more than one step per token")
     if cache not in ("none", "prefix", "dual"):
         raise ValueError(f"unknown cache {str(cache)[:40]!r}; use none, prefix or dual")
     if threshold is not None and factor is not None:
@@ -1051,8 +1125,8 @@ def check_sampler_args(gen_length, block_length, steps=None, cache="none", thres
         raise ValueError(f"factor {factor} must be a positive number")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature {temperature} must be 0 (greedy) or a positive number")
-    if not 0 <= guidance < math.inf:
-        raise ValueError(f"guidance {guidance} must be 0 (off) or a positive number")
+    if not 0 <= guidance <= 100:  # far beyond any useful scale, 1e30 overflows the logits into garbage
+        raise ValueError(f"guidance {guidance} must be 0 (off) or a positive number up to 100")
     if guidance > 0 and (cache != "none" or dream):
         raise ValueError("classifier-free guidance is only implemented for the LLaDA baseline sampler (cache none)")
     if not dream:
@@ -1184,8 +1258,8 @@ def train_tiny(seed=0, out=None, log=print, *, steps=TINY_STEPS, lr=2e-3, arch="
     if rank == 0:
         tokenizer_path = os.path.splitext(out)[0] + "_tokenizer.json"
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out,
-                  metadata={"config": json.dumps(asdict(cfg)), "seed": str(seed), "steps": str(steps)})
+        save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, out,
+                     metadata={"config": json.dumps(asdict(cfg)), "seed": str(seed), "steps": str(steps)})
         tok.save(tokenizer_path)
         log(f"saved {out} and {tokenizer_path} in {time.time() - t0:.0f}s")
     if world > 1:
@@ -1199,7 +1273,8 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     (<name>_tokenizer.json)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python fast_dllm.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python fast_dllm.py --train --train-out {path}` makes it")
     try:
         c = json.loads(read_metadata(path)["config"])
         cfg = (DreamConfig if "hidden_size" in c else LLaDAConfig)(**c)
@@ -1263,8 +1338,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", help="also write the answer to this .txt file")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=None,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, metavar="N", help="with --train: N optimisation steps in "
                    "each phase of the recipe in place of its own counts (a quick check)")
     p.add_argument("--arch", choices=list(TINY_PRESETS), default=None,
@@ -1291,6 +1367,9 @@ def build_parser():
 def check_args(args):
     """The flags of a --prompt run -> a namespace (tiny, config, prompt, template, sampler: generate's keyword
     arguments); one sentence (ValueError, FileNotFoundError) for anything that cannot work, before any loading."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
     tiny = not args.ckpt
     if args.model and tiny:
         raise ValueError("--model names the architecture of a --ckpt folder; give --ckpt too")
@@ -1307,6 +1386,8 @@ def check_args(args):
     elif config is None and os.path.isfile(os.path.join(args.ckpt, "config.json")):
         config = config_from_json(os.path.join(args.ckpt, "config.json"))
     dream = (args.arch or "llada") == "dream" if tiny else isinstance(config, DreamConfig)
+    if args.alg and not dream:
+        raise ValueError("--alg orders Dream's tokens; LLaDA's samplers order them by confidence: leave it out")
     gen_length = (32 if tiny else 128) if args.gen_length is None else args.gen_length
     named = any(v is not None for v in (args.cache, args.threshold, args.factor, args.alg)) or args.guidance != 0
     cache, threshold = (args.cache or "none", args.threshold) if named else (FAST_DLLM["cache"], FAST_DLLM["threshold"])
@@ -1314,6 +1395,9 @@ def check_args(args):
                    cache=cache, threshold=threshold, factor=args.factor, temperature=args.temperature,
                    guidance=args.guidance, alg=args.alg or "entropy")
     check_sampler_args(**sampler, dream=dream)
+    if tiny and gen_length not in TINY_GEN_LENGTHS:  # it writes its answer, then EOS, to exactly these lengths
+        raise ValueError(f"the tiny model answers in {', '.join(map(str, sorted(set(TINY_GEN_LENGTHS))))} tokens, the "
+                         f"lengths it was trained at: --gen-length {gen_length} is not one")
     if not tiny and os.path.isdir(args.ckpt) and not any(
             os.path.isfile(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"{args.ckpt} has no tokenizer.json (nor a vocab.json + merges.txt)")
@@ -1325,11 +1409,15 @@ def check_args(args):
 
 def run_train(args):
     """--train: retrain the tiny model of --arch, then report its held-out exact match (rank 0 under torchrun)."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
+    refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--out", "--gen-length",
+                         "--block-length", "--cache", "--threshold", "--factor", "--temperature", "--alg"),
+                  "with --train, which writes --train-out")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     arch = args.arch or "llada"
-    out = args.train_out or TINY_PRESETS[arch][1]
-    check_out_path(out, (".safetensors",), "--train-out")
+    out = check_out_path(train_out_path(args.train_out, TINY_PRESETS[arch][1]), (".safetensors",), "--train-out")
     model, tok = train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, arch=arch)
     if int(os.environ.get("RANK", "0")) == 0:
         acc, _, _ = tiny_accuracy(model, tok, heldout_problems(200), gen_length=32, block_length=32)

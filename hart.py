@@ -36,7 +36,7 @@ Inside, top to bottom (sections 1-5 are the whole method; the rest can be skippe
 Run:
   python hart.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
   python hart.py --prompt "a photo of a cat" --ckpt hart-0.7b-1024px --text-encoder Qwen2-VL-1.5B-Instruct
-  python hart.py --train                 # retrain the tiny tokenizer, then the tiny transformer (weights/hart_tiny*)
+  python hart.py --train                 # retrain the tiny tokenizer, then the tiny transformer (./hart_tiny*)
   torchrun --nproc_per_node 2 hart.py --train --train-steps 20     # the same on 2 processes (DDP)
 
 Shapes: B batch, Cv latent channels = codebook dim (32), V codebook size (4096), K scales, pn_k the side of scale k
@@ -102,7 +102,7 @@ class HARTTokenizerConfig:
     quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
     share_quant_resi: int = 4  # four phi convolutions shared by all scales
     beta: float = 0.25  # the VQ commitment weight
-    ae: object = None  # a DCAEConfig: DC-AE's encoder and decoder instead of LDM's (the tiny tokenizer, section 8)
+    ae: object = None  # a DCAEConfig: DC-AE's encoder and decoder instead of LDM's (the tiny tokenizer, section 9)
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Qwen2Config:
 PRESETS = {
     # mit-han-lab/hart-0.7b-1024px: llm/ (732M with the 37M diffusion MLP) and tokenizer/ (109M)
     "hart-0.7b-1024px": HARTConfig(),
-    # the same parameter count with per-block AdaLN: the loader picks it when the weights say so (section 5)
+    # the same parameter count with per-block AdaLN: the loader picks it when the weights say so (section 7)
     "hart-0.7b-1024px-depth16-adaln": HARTConfig(depth=16, disable_aln=False),
     "hart-0.7b-1024px-tokenizer": HARTTokenizerConfig(),
     "Qwen2-1.5B-Instruct": Qwen2Config(),  # the text encoder (mit-han-lab/Qwen2-VL-1.5B-Instruct)
@@ -430,8 +430,8 @@ class HART(nn.Module):
             x = block(x, cond, cos, sin, mask, None if cache is None else cache[i])
         return x
 
-    def logits(self, h, cond):  # (B, n, C) -> (B, n, V) in float32
-        return self.head(self.head_nm(h.float(), cond)).float()
+    def logits(self, h, cond):  # (B, n, C) -> (B, n, V) in float32; the norm in float32, the head in its own dtype
+        return self.head(self.head_nm(h.float(), cond).to(self.head.weight.dtype)).float()
 
     def forward(self, context, positions, x_in, keep=None):
         """Teacher forcing. context (B, T, context_dim) text features; positions (B, T) their rotary positions;
@@ -605,7 +605,7 @@ def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0
     positions = torch.cat([positions, torch.zeros_like(positions)])
     lvl = model.lvl_embed(torch.arange(K, device=context.device))  # (K, C)
     x = cond + lvl[0]
-    f_hat = context.new_zeros(B, cfg.token_dim, P, P)
+    f_hat = context.new_zeros(B, cfg.token_dim, P, P, dtype=vae.quantize.embedding.weight.dtype)  # the tokenizer's
     cache = [[None, None] for _ in model.blocks]
     for k in range(K):
         if k == 0:
@@ -628,14 +628,15 @@ def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0
             tau = max(0.27 * (1 - r * 0.95), 0.005)
             where = generator.device if generator is not None else logits.device
             g = -torch.empty(logits.shape, device=where).exponential_(generator=generator).log().to(logits.device)
-            emb = ((logits * (1 + r) + g) / tau).softmax(-1) @ codebook[None]
+            emb = ((logits * (1 + r) + g) / tau).softmax(-1).to(codebook.dtype) @ codebook[None]
         else:
             emb = codebook[idx]  # (B, l, Cv)
         if trace is not None:
             trace[f"idx_s{k:02d}"] = idx
         if k < K - 1:
-            f_hat = vae.quantize.add_scale(f_hat, emb.transpose(1, 2).reshape(B, -1, pn[k], pn[k]), k, K)
-            x = model.word_embed(downsample(f_hat, pn[k + 1]).flatten(2).transpose(1, 2)) + lvl[k + 1]
+            h_k = emb.transpose(1, 2).reshape(B, -1, pn[k], pn[k]).to(f_hat.dtype)  # (B, Cv, pn, pn)
+            f_hat = vae.quantize.add_scale(f_hat, h_k, k, K)
+            x = model.word_embed(downsample(f_hat, pn[k + 1]).flatten(2).transpose(1, 2).to(context.dtype)) + lvl[k + 1]
             x = torch.cat([x, x])
         else:
             c = model.decoder_norm(h + model.word_embed(codebook[idx]).repeat(2, 1, 1)).flatten(0, 1)  # (2B P^2, C)
@@ -644,7 +645,7 @@ def generate(model, vae, context, positions, guidance=4.5, top_k=None, top_p=0.0
             if trace is not None:
                 trace.update({"diff.z": c, "diff.out": residual, "diff.cfg": t})
             tokens = emb + residual.view(B, P * P, -1)
-            f_hat = vae.quantize.add_scale(f_hat, tokens.transpose(1, 2).reshape(B, -1, P, P), k, K)
+            f_hat = vae.quantize.add_scale(f_hat, tokens.transpose(1, 2).reshape(B, -1, P, P).to(f_hat.dtype), k, K)
     return (vae.decode(f_hat.float()) + 1) / 2
 
 
@@ -792,8 +793,9 @@ class DiffusionHead(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=-1)
 
     def forward(self, x, t, c):
-        y = self.time_embed.mlp(timestep_embedding(t)) + self.cond_embed(c)
-        x = self.input_proj(x)
+        dtype = self.input_proj.weight.dtype  # the sampler's x and timestep features are float32, the head may not be
+        y = self.time_embed.mlp(timestep_embedding(t).to(dtype)) + self.cond_embed(c.to(dtype))
+        x = self.input_proj(x.to(dtype))
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
@@ -1010,7 +1012,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# The DC-AE of dcae.py: the tiny tokenizer's encoder and decoder (section 8), started from the committed tiny DC-AE.
+# The DC-AE of dcae.py: the tiny tokenizer's encoder and decoder (section 9), started from the committed tiny DC-AE.
 
 
 # Copied from dcae.py: DCAEConfig
@@ -1449,14 +1451,20 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
 
 
 # Copied from dcae.py: read_metadata
@@ -1470,6 +1478,19 @@ def read_metadata(path):
             return f.metadata() or {}
     except Exception as e:  # SafetensorError
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # Copied from dcae.py: read_weights
@@ -1524,9 +1545,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -1662,7 +1688,8 @@ def check_tiny_prompt(prompt):
 def tiny_dcae_config(path=TINY_DCAE):
     """The tiny DC-AE's config, from its file's metadata (no weights read)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -1713,6 +1740,29 @@ def check_out_path(path, extensions, flag="--out"):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
     return path
+
+
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1898,6 +1948,9 @@ class HARTPipeline:
                      self.guidance if guidance is None else guidance, self.top_k if top_k is None else top_k,
                      self.top_p if top_p is None else top_p, self.more_smooth if more_smooth is None else more_smooth,
                      generator)
+        if not torch.isfinite(x).all():  # it would be written as black
+            raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
+                             "dtype")
         return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -1958,9 +2011,10 @@ TINY_GRAMMAR = (f'prompts of the form "a/two/three <colour> <shape>[s] on a <col
 
 def build_tiny_tokenizer():
     """Word-level tokenizer over the captions' vocabulary; pad id 0 (as Qwen2's <|endoftext|>, it only pads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(TINY_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()  # the vocabulary is lower case: "A Red Circle" is the same caption
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return tok
 
@@ -2014,7 +2068,7 @@ def init_tiny_tokenizer(seed, generator):
 def save_half(sd, out, metadata):
     """Tensors written as float16 safetensors (the committed tiny files), the folder made if need be."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file({k: v.half() for k, v in sd.items()}, out, metadata=metadata)
+    save_weights({k: v.half() for k, v in sd.items()}, out, metadata=metadata)
 
 
 def train_tiny_tokenizer(seed=0, out=None, log=print, *, steps=None, stages=TINY_TOKENIZER_STAGES, batch=16,
@@ -2062,7 +2116,8 @@ def load_tiny_tokenizer(path, *, device="cpu", dtype=torch.float32):
     """The tiny hybrid tokenizer written by train_tiny_tokenizer (its config in the file's metadata)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python hart.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                "`python hart.py --train` writes it beside its --train-out")
     try:
         meta = json.loads(read_metadata(path)["config"])
         ae = DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.pop("ae").items()})
@@ -2223,7 +2278,8 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     the word-level text tokenizer beside them."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python hart.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python hart.py --train --train-out {path}` makes it")
     sd, base = read_weights(path), os.path.splitext(path)[0]
     with torch.device("meta"):
         parts = {"text_encoder": Qwen2Encoder(TINY_QWEN2), "model": HART(TINY)}
@@ -2233,6 +2289,7 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
         module.to(device=device, dtype=dtype).eval()
     vae = load_tiny_tokenizer(base + "_tokenizer.safetensors", device=device)  # float32: its decoder is cheap
     tok = load_tokenizer(base + "_tokenizer.json")
+    tok.normalizer = build_tiny_tokenizer().normalizer  # files written before it lowercased: "A" was <unk>
     return HARTPipeline(vae, parts["model"], parts["text_encoder"], tok, 0, guidance=TINY_GUIDANCE,
                         more_smooth=TINY_MORE_SMOOTH)
 
@@ -2260,8 +2317,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="hart.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
                    "the recipe in place of its own counts (a quick check)")
     p.add_argument("--text-encoder", help="with --ckpt: the Qwen2 folder with tokenizer.json (default: "
@@ -2279,16 +2337,23 @@ def build_parser():
 
 def check_args(args):
     """Bad input, refused in one sentence (ValueError, FileNotFoundError) before anything is loaded."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train:
+        refuse_unused(args, ("--prompt", "--ckpt", "--guidance", "--out", "--text-encoder", "--top-k", "--top-p",
+                             "--more-smooth"), "with --train, which writes --train-out")
         if args.train_steps is not None and args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1")
-        check_out_path(args.train_out, (".safetensors",), "--train-out")
+        args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
         return
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
     if args.prompt is None or not args.prompt.strip():
         raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:  # 0 is off; beyond 100 only saturation, or NaN
+        raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, not {args.top_k}")
     if not 0 <= args.top_p < 1:

@@ -34,7 +34,7 @@ Run:
   python sana.py --prompt "two red circles on a blue background"      # the tiny default model, a 64x64 PNG
   python sana.py --prompt "a cyberpunk cat" --ckpt Sana_1600M_1024px_diffusers   # a published pipeline folder
   python sana.py --prompt "..." --ckpt DIR --height 768 --width 1344 --guidance 4.5 --sampler euler
-  python sana.py --train                            # retrain the tiny default (weights/sana_tiny.safetensors)
+  python sana.py --train                            # retrain the tiny default into ./sana_tiny.safetensors
   torchrun --nproc_per_node 2 sana.py --train --train-steps 20     # the same on 2 processes (DDP)
   python sana.py --train --optimizer came8bit --train-out /tmp/came8bit.safetensors   # SANA 1.5's optimizer
   python sana.py --prompt "a cat" --ckpt Sana_600M_1024px_diffusers --controlnet Sana_600M_1024px_ControlNet_HED.pth \
@@ -42,9 +42,9 @@ Run:
   python sana.py --prompt "a white square on a red background" --samples 8    # SANA 1.5: the judge's pick of 8
   python sana.py --prompt "..." --prune-to 3       # SANA 1.5: the 3 most important blocks, measured on the prompt
   python sana.py --train --grow 6                  # SANA 1.5: the tiny model grown to 6 blocks, trained 400 steps
-  python sana.py --prompt "..." --tiny-weights weights/sana_tiny_grown.safetensors   # ... then sampled
-  python sana.py --train-controlnet                 # the tiny ControlNet (weights/sana_controlnet_tiny.safetensors)
-  python sana.py --prompt "two red circles on a blue background" --control scene.png     # ... then steered by it
+  python sana.py --prompt "..." --tiny-weights sana_tiny_grown.safetensors   # ... then sampled
+  python sana.py --train-controlnet                 # the tiny ControlNet, into ./sana_controlnet_tiny.safetensors
+  python sana.py --prompt "two red circles on a blue background" --control scene.png     # steered by the committed one
 
 Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels / f, f the DC-AE's compression;
         in the copied DC-AE, H/W are the image's), p patch size, h/w = H/p, W/p the token grid, N = h*w image
@@ -75,7 +75,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -607,14 +607,44 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+# Copied from dcae.py: check_config
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 # Copied from dcae.py: read_weights
@@ -663,6 +693,19 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Copied from dcae.py: check_state_dict
 def check_state_dict(own, sd, source, what="the model"):
     """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
@@ -682,9 +725,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -736,17 +784,46 @@ def check_out_path(path, extensions, flag="--out"):
     return path
 
 
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
 # Copied from dcae.py: load_image
 def load_image(path, multiple):
     """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
     are scaled to 8 bits (Pillow would clip them)."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if not os.path.isfile(path):  # a folder, or a device such as /dev/zero that would be read forever
+        raise ValueError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: give an "
+                         f"image file")
     try:
         img = Image.open(path)
         if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         img = img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {path} has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow reads (a "
+                         f"guard against decompression bombs): resize it") from None
     except OSError as e:
         raise ValueError(f"cannot read {path} as an image ({e})") from None
     w, h = img.size
@@ -1389,7 +1466,11 @@ def read_transformer_config(folder):
     if c.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{folder} holds a {c.get('_class_name', 'non-diffusers model')}, "
                          f"not a SanaTransformer2DModel")
-    return config_from_diffusers(c)
+    try:
+        return check_config(config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete SanaTransformer2DModel config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 ORIGINAL_RENAMES = [  # (regex on the NVlabs key, diffusers key or None = drop), applied in order;
@@ -1493,7 +1574,11 @@ def load_text_encoder(folder, *, device="cpu", dtype=torch.float32):
     if c.get("model_type") != "gemma2":
         kind = c.get("model_type") or c.get("_class_name") or "model of unknown type"
         raise ValueError(f"{folder} holds a {kind}, not a Gemma-2 text encoder")
-    cfg = gemma_config_from_json(c)
+    try:
+        cfg = check_config(gemma_config_from_json(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete Gemma-2 config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
     sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
     with torch.device("meta"):
         model = Gemma2(cfg)
@@ -1517,7 +1602,11 @@ def read_vae_config(folder):
     c = read_json(os.path.join(folder, "config.json"))
     if c.get("_class_name") != "AutoencoderDC":
         raise ValueError(f"{folder} holds a {c.get('_class_name') or 'model of unknown type'}, not an AutoencoderDC")
-    return dcae_config_from_diffusers(c)
+    try:
+        return check_config(dcae_config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete AutoencoderDC config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def load_vae(folder, *, device="cpu", dtype=torch.float32):
@@ -1649,6 +1738,9 @@ class Sana:
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
             top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
             img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        if not torch.isfinite(img).all():  # it would be written as black
+            raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
+                             "dtype")
         return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -2116,9 +2208,9 @@ def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CO
         batch, lr, ema_decay, bf16, log, t0)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file({k: v.half() for k, v in controlnet.state_dict().items()}, out,
-                  metadata={"depth": str(depth), "wiring": controlnet.wiring, "seed": str(seed), "steps": str(steps),
-                            "batch": str(batch), "lr": str(lr)})
+        save_weights({k: v.half() for k, v in controlnet.state_dict().items()}, out,
+                     metadata={"depth": str(depth), "wiring": controlnet.wiring, "seed": str(seed), "steps": str(steps),
+                               "batch": str(batch), "lr": str(lr)})
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     return controlnet.eval()
 
@@ -2127,7 +2219,8 @@ def load_tiny_controlnet(path=TINY_CONTROLNET, *, device="cpu", dtype=torch.floa
     """A tiny ControlNet written by `python sana.py --train-controlnet` (its depth and wiring in the metadata)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train-controlnet` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python sana.py --train-controlnet --train-out {path}` makes it")
     meta = read_metadata(path)
     if not meta.get("depth", "").isdigit() or meta.get("wiring") not in ("diffusers", "original"):
         raise ValueError(f"{path} is not a tiny ControlNet written by `python sana.py --train-controlnet` (its "
@@ -2216,7 +2309,8 @@ def check_tiny_prompt(prompt):
 def tiny_dcae_config(path=TINY_DCAE):
     """The tiny DC-AE's config, from its file's metadata (no weights read)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -2373,14 +2467,15 @@ def save_tiny(pipe, out, **metadata):
     sd = {f"transformer.{k}": v.half() for k, v in pipe.transformer.state_dict().items()}
     sd.update({f"text_encoder.{k}": v.half() for k, v in pipe.text_encoder.state_dict().items()})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(sd, out, metadata={k: str(v) for k, v in metadata.items()})
+    save_weights(sd, out, metadata={k: str(v) for k, v in metadata.items()})
     pipe.tokenizer.save(os.path.splitext(out)[0] + "_tokenizer.json")
 
 
 def read_tiny(path=TINY_WEIGHTS):
     """A tiny weights file -> {"transformer": state dict, "text_encoder": state dict}."""
     if not os.path.isfile(path):
-        hint = ": run `python sana.py --train` to create it" if os.path.abspath(path) == TINY_WEIGHTS else ""
+        hint = (": it comes with the repository's weights/ folder, or `python sana.py --train --train-out "
+                f"{path}` makes it") if os.path.abspath(path) == TINY_WEIGHTS else ""
         raise FileNotFoundError(f"{path} is missing{hint}")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
@@ -2511,6 +2606,14 @@ def available_memory(device):
     return None
 
 
+def check_memory(cfg, vae_cfg, height, width, dtype, device):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
+                         f"GB is available on {device}: ask for a smaller --height/--width")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="SANA text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
@@ -2528,8 +2631,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="sana.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=None,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
                    "the recipe in place of its own counts (a quick check)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "euler"], help="Flow-DPM-Solver or flow Euler "
@@ -2548,38 +2652,44 @@ def build_parser():
     r.add_argument("--grow", type=int, default=None, help="with --train: SANA 1.5's depth growth: grow the tiny model "
                    "of --tiny-weights to this many blocks (its blocks and the weights outside them copied, the new "
                    "blocks initialised) and train it --train-steps steps (default 400); writes --train-out (default "
-                   "weights/sana_tiny_grown.safetensors)")
+                   "./sana_tiny_grown.safetensors)")
     r.add_argument("--control", help="ControlNet: an image whose edges steer the layout (edges are always extracted: "
                    "a Sobel edge map standing in for HED, as the official pipeline runs HED on its reference image); "
                    "it sets the output size")
     r.add_argument("--controlnet", help="with --control and --ckpt: a published SANA ControlNet, an original .pth "
                    "(it carries its base model, which then replaces the folder's) or a diffusers SanaControlNetModel "
-                   "folder; without --ckpt: a tiny ControlNet (default: the one --train-controlnet writes in weights/)")
+                   "folder; without --ckpt: a tiny ControlNet (default: the committed one in weights/)")
     r.add_argument("--conditioning-scale", type=float, default=1.0, help="with --control: the weight of the "
                    "ControlNet's samples (default: %(default)s)")
     r.add_argument("--train-controlnet", action="store_true", help="train the tiny ControlNet on the committed tiny "
-                   "model, its edge maps from the shapes data (writes weights/sana_controlnet_tiny.safetensors, or "
+                   "model, its edge maps from the shapes data (writes ./sana_controlnet_tiny.safetensors, or "
                    "--train-out)")
     return p
 
 
 def cli_train(args):
     """--train (the tiny model), --train --grow N (SANA 1.5's growth) or --train-controlnet."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train and args.train_controlnet:
         raise ValueError("--train and --train-controlnet train different models: give one")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     if args.grow is not None and not args.train:
         raise ValueError("--grow goes with --train: the grown model trains before it is written")
+    refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
+                         "--sampler", "--negative", "--samples", "--prune-to", "--control", "--controlnet",
+                         "--conditioning-scale") + ("--tiny-weights",) * (args.grow is None),
+                  "with --train or --train-controlnet, which write --train-out")
     if args.optimizer != "adamw" and (args.train_controlnet or args.grow is not None):
         raise ValueError("--optimizer goes with --train alone: growth and the ControlNet train with AdamW")
-    out = args.train_out or (TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None
-                             else TINY_WEIGHTS)
-    check_out_path(out, (".safetensors",), "--train-out")
+    committed = TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None else TINY_WEIGHTS
+    out = check_out_path(train_out_path(args.train_out, committed), (".safetensors",), "--train-out")
     if args.grow is not None:
         depth = tiny_depth(read_tiny(args.tiny_weights))
-        if args.grow <= depth:
-            raise ValueError(f"--grow must be more than the model's {depth} blocks, not {args.grow}")
+        if not depth < args.grow <= 4 * depth:  # SANA 1.5 grows 20 blocks to 60; 1000 would train for days
+            raise ValueError(f"--grow must be more than the model's {depth} blocks and at most 4 times as many "
+                             f"({4 * depth}), not {args.grow}")
         grow_tiny(args.tiny_weights, args.grow, out, args.train_steps or TINY_GROW_STEPS, args.seed)
     elif args.train:
         train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, optimizer=args.optimizer)
@@ -2590,13 +2700,18 @@ def cli_train(args):
 def check_args(args):
     """One sentence for a bad flag, before anything is loaded. Returns (the SanaConfig, the DCAEConfig, height, width,
     the control image's edge map or None)."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
     if args.prompt is None or not args.prompt.strip():
         raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-    if args.steps < 1:
-        raise ValueError("--steps must be at least 1")
+    if not 1 <= args.steps <= 1000:  # Flow-DPM-Solver converges in 20: 100,000 steps only took hours
+        raise ValueError(f"--steps must be between 1 and 1000 (the models sample in 20), not {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:  # 1 is off; beyond 100 only saturation, or NaN
+        raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train or --train-controlnet")
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number of pixels, not {value}")
@@ -2606,15 +2721,22 @@ def check_args(args):
             raise ValueError("--model names the preset of a --ckpt folder; give --ckpt too")
     if not args.ckpt:
         check_tiny_prompt(args.prompt)
+        unknown = [w for w in re.findall(r"\w+|[^\w\s]+", args.negative.lower()) if w not in TINY_WORDS]
+        if unknown:
+            raise ValueError(f'the tiny model does not know "{unknown[0][:20]}" of --negative, which its tokenizer '
+                             f'would drop: it knows only the words of {TINY_GRAMMAR}')
     if not math.isfinite(args.conditioning_scale):
         raise ValueError(f"--conditioning-scale must be a finite number, not {args.conditioning_scale}")
+    if not args.control:
+        refuse_unused(args, ("--conditioning-scale",), "without --control")
     if args.controlnet and not args.control:
         raise ValueError("--controlnet goes with --control IMAGE, the image whose edges steer the layout")
     if args.control and args.ckpt and not args.controlnet:
         raise ValueError("--control with --ckpt needs --controlnet, a published SANA ControlNet (.pth or folder)")
     args.controlnet = args.controlnet or (TINY_CONTROLNET if args.control else None)
     if args.controlnet and not os.path.exists(args.controlnet):
-        hint = "; run `python sana.py --train-controlnet` to create it" * (args.controlnet == TINY_CONTROLNET)
+        hint = ("; it comes with the repository's weights/ folder, or `python sana.py --train-controlnet --train-out "
+                f"{TINY_CONTROLNET}` makes it") * (args.controlnet == TINY_CONTROLNET)
         raise FileNotFoundError(f"ControlNet {args.controlnet} does not exist{hint}")
     cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
     f = vae_cfg.compression * cfg.patch_size
@@ -2645,6 +2767,9 @@ def check_args(args):
     if args.prune_to is not None and not 1 <= args.prune_to <= cfg.depth:
         raise ValueError(f"--prune-to must be between 1 and the model's {cfg.depth} blocks, not {args.prune_to}")
     check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    if args.control and os.path.exists(args.out) and os.path.samefile(args.out, args.control):
+        raise ValueError(f"--out {args.out} is the --control image, which the result would overwrite: give another "
+                         f"file name")
     return cfg, vae_cfg, h, w, control
 
 
@@ -2694,10 +2819,7 @@ def main(argv=None):
             return cli_train(args)
         cfg, vae_cfg, h, w, control = check_args(args)
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
-        need, free = generation_bytes(cfg, vae_cfg, h, w, dtype), available_memory(device)
-        if free is not None and need > free:
-            raise ValueError(f"a {w}x{h} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} GB "
-                             f"is available on {device}: ask for a smaller --height/--width")
+        check_memory(cfg, vae_cfg, h, w, dtype, device)
         t0 = time.time()
         pipe, controlnet = cli_load(args, device, dtype)
         print(f"loaded in {time.time() - t0:.1f}s")

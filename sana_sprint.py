@@ -33,7 +33,7 @@ Run:
   python sana_sprint.py --prompt "two red circles on a blue background" --steps 1     # tiny default, 64x64 PNG
   python sana_sprint.py --prompt "a cat" --ckpt Sana_Sprint_1.6B_1024px_diffusers --steps 2
   python sana_sprint.py --prompt "..." --ckpt DIR --image in.png --strength 0.6       # image-to-image
-  python sana_sprint.py --train               # distil the tiny default again (weights/sana_sprint_tiny.safetensors)
+  python sana_sprint.py --train               # distil the tiny default again (./sana_sprint_tiny.safetensors)
 
 Shapes: B batch, C latent channels, H/W latent height/width, p patch size, h/w the token grid, N = h*w image tokens,
         L text tokens, D width, d head dim; t the TrigFlow time in [0, pi/2] (t = 0 data, pi/2 noise), s the flow
@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -1360,14 +1360,44 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+# Copied from dcae.py: check_config
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 # Copied from dcae.py: read_weights
@@ -1416,6 +1446,19 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Copied from dcae.py: check_state_dict
 def check_state_dict(own, sd, source, what="the model"):
     """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
@@ -1435,9 +1478,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -1465,7 +1513,11 @@ def read_transformer_config(folder):
     if c.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{folder} holds a {c.get('_class_name', 'non-diffusers model')}, "
                          f"not a SanaTransformer2DModel")
-    return config_from_diffusers(c)
+    try:
+        return check_config(config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete SanaTransformer2DModel config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # Copied from sana.py: FUSED
@@ -1514,7 +1566,11 @@ def load_text_encoder(folder, *, device="cpu", dtype=torch.float32):
     if c.get("model_type") != "gemma2":
         kind = c.get("model_type") or c.get("_class_name") or "model of unknown type"
         raise ValueError(f"{folder} holds a {kind}, not a Gemma-2 text encoder")
-    cfg = gemma_config_from_json(c)
+    try:
+        cfg = check_config(gemma_config_from_json(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete Gemma-2 config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
     sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
     with torch.device("meta"):
         model = Gemma2(cfg)
@@ -1565,7 +1621,11 @@ def read_vae_config(folder):
     c = read_json(os.path.join(folder, "config.json"))
     if c.get("_class_name") != "AutoencoderDC":
         raise ValueError(f"{folder} holds a {c.get('_class_name') or 'model of unknown type'}, not an AutoencoderDC")
-    return dcae_config_from_diffusers(c)
+    try:
+        return check_config(dcae_config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete AutoencoderDC config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # Copied from sana.py: load_vae
@@ -1615,6 +1675,23 @@ def check_size(height, width, f):
         raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
 
 
+# Copied from sana.py: generation_bytes
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+    """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
+    activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
+    float32 output image at the size asked."""
+    f = vae_cfg.compression * cfg.patch_size
+    gh, gw = generation_size(cfg, f, height, width)
+    size = torch.finfo(dtype).bits // 8
+    dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+                                for i, (c, kind, depth) in enumerate(stages) if depth > 0)
+    image = batch * 3 * height * width * 4
+    return 10 * max(dit, decode, image)
+
+
 # The tiny SANA's text side and data: its Gemma-2, its prompt grammar, its DC-AE and latents; torchrun set-up.
 # Copied from sana.py: TINY_GEMMA
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -1649,7 +1726,8 @@ def check_tiny_prompt(prompt):
 def tiny_dcae_config(path=TINY_DCAE):
     """The tiny DC-AE's config, from its file's metadata (no weights read)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -1728,17 +1806,46 @@ def check_out_path(path, extensions, flag="--out"):
     return path
 
 
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
 # Copied from dcae.py: load_image
 def load_image(path, multiple):
     """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
     are scaled to 8 bits (Pillow would clip them)."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if not os.path.isfile(path):  # a folder, or a device such as /dev/zero that would be read forever
+        raise ValueError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}: give an "
+                         f"image file")
     try:
         img = Image.open(path)
         if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: 0..65535
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         img = img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {path} has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels Pillow reads (a "
+                         f"guard against decompression bombs): resize it") from None
     except OSError as e:
         raise ValueError(f"cannot read {path} as an image ({e})") from None
     w, h = img.size
@@ -1928,6 +2035,9 @@ class SanaSprint:
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
             top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
             img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        if not torch.isfinite(img).all():  # it would be written as black
+            raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
+                             "dtype")
         return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     @torch.no_grad()
@@ -2006,7 +2116,8 @@ TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the 
 def read_tiny_sana(path=TINY_TEACHER):
     """The committed tiny SANA: its DiT's state dict (sana.py keys), its text encoder, its tokenizer."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python sana.py --train --train-out {path}` makes it")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
              for name in ("transformer", "text_encoder")}
@@ -2131,8 +2242,8 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
         sd = {f"transformer.{k}": v.half() for k, v in student.state_dict().items()}
         sd.update({f"text_encoder.{k}": v.half() for k, v in te.state_dict().items()})
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        save_file(sd, out, metadata={"seed": str(seed), "steps": str(steps), "teacher_steps": str(teacher_steps),
-                                     "batch": str(batch), "lr": str(lr)})
+        save_weights(sd, out, metadata={"seed": str(seed), "steps": str(steps), "teacher_steps": str(teacher_steps),
+                                        "batch": str(batch), "lr": str(lr)})
         tok.save(os.path.splitext(out)[0] + "_tokenizer.json")
         log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
     if world > 1:
@@ -2145,7 +2256,8 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
     and the tiny DC-AE."""
     device, dtype = resolve_device(device), resolve_dtype(dtype, device)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python sana_sprint.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python sana_sprint.py --train --train-out {path}` makes it")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
              for name in ("transformer", "text_encoder")}
@@ -2169,6 +2281,29 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
 # generated. `main` reads: parse, check, load, run, write.
 
 
+# Copied from sana.py: available_memory
+def available_memory(device):
+    """Bytes free for a generation: the GPU's free memory on CUDA, MemAvailable of /proc/meminfo on a Linux CPU,
+    None where this is unknown (mps, other systems)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    if device == "cpu" and os.path.isfile("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+# Copied from sana.py: check_memory
+def check_memory(cfg, vae_cfg, height, width, dtype, device):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
+                         f"GB is available on {device}: ask for a smaller --height/--width")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="SANA-Sprint text-to-image in 1-4 steps (the tiny built-in model "
                                 "without --ckpt)",
@@ -2190,8 +2325,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="sana_sprint.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None, metavar="N", help="with --train: N optimisation steps in "
                    "each phase of the recipe in place of its own counts (a quick check)")
     research = p.add_argument_group("research options")
@@ -2208,6 +2344,8 @@ def build_parser():
 def check_args(args):
     """Every check of the command line that reads no weights, each refused in one sentence, in this order. Returns
     the start image ((1, 3, H, W) in [-1, 1], or None) and the output size (h, w) in pixels."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
     if args.prompt is None or not args.prompt.strip():
         raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
@@ -2215,6 +2353,9 @@ def check_args(args):
         raise ValueError(f"--steps must be 1, 2, 3 or 4 (SANA-Sprint is a 1-4 step model), not {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:  # beyond 100 only saturation, or NaN
+        raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
     if args.intermediate_time is not None and not 0 < args.intermediate_time < math.pi / 2:
         raise ValueError(f"--intermediate-time must be in (0, pi/2), not {args.intermediate_time}")
     if args.intermediate_time is not None and (args.steps != 2 or args.image):
@@ -2222,6 +2363,8 @@ def check_args(args):
                          "and no --image")
     if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise ValueError(f"--strength must be in (0, 1], not {args.strength}")
+    if not args.image:
+        refuse_unused(args, ("--strength",), "without --image")
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number of pixels, not {value}")
@@ -2243,16 +2386,25 @@ def check_args(args):
         side = cfg.sample_size * vae_cfg.compression  # the training resolution
         h, w = args.height or side, args.width or side
     check_size(h, w, f)
+    device = resolve_device(args.device)
+    check_memory(cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device)
     check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    if args.image and os.path.exists(args.out) and os.path.samefile(args.out, args.image):
+        raise ValueError(f"--out {args.out} is the --image it starts from, which the result would overwrite: give "
+                         f"another file name")
     return image, h, w
 
 
 def train_from_args(args):
     """--train: `train_tiny` from --seed into --train-out; --train-steps N replaces both phases' step counts."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
+    refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
+                         "--intermediate-time", "--image", "--strength"), "with --train, which writes --train-out")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
-    check_out_path(args.train_out, (".safetensors",), "--train-out")
-    train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
+    out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
+    train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS,
                teacher_steps=args.train_steps or TINY_TEACHER_STEPS)
 
 

@@ -40,7 +40,7 @@ Run:
   python svdquant.py --prompt "..." --precision nvfp4 --rank 8 --save q.safetensors   # quantized on the spot
   python svdquant.py --prompt "a cat" --ckpt svdq-int4_r32-sana1.6b.safetensors --base Sana_1600M_1024px_BF16_diffusers
   python svdquant.py --prompt "a cat" --ckpt Sana_1600M_1024px_BF16_diffusers --save q.safetensors  # quantize it
-  python svdquant.py --train        # quantize the tiny SANA again (weights/svdquant_tiny.safetensors)
+  python svdquant.py --train        # quantize the tiny SANA again (./svdquant_tiny.safetensors)
   python scripts/bench_svdquant.py  # memory, per-layer errors, and naive / smoothing / SVDQuant on the tiny model
 
 Shapes: M tokens, K input channels, N output channels, r rank, g group size (64 INT4, 16 NVFP4), G = K / g groups;
@@ -50,10 +50,12 @@ Deviations from the official code: (1) smoothing and the branch are calibrated o
 also for the attention's q/k/v (deepcompressor scores q/k/v on the attention block's output; here on the three
 projections' outputs, which share s and L2); (2) every layer is calibrated on the inputs of the 16-bit model
 (deepcompressor feeds each block the output of the already quantized blocks before it); (3) no GPTQ and no
-GELU shift (SANA has no GELU MLP); (4) activations are quantized in float32 (the engine divides x by s in 16-bit
-and accumulates the 4-bit GEMM in 16-bit: expect ~1% relative differences against it); (5) the self-attention's
-output projection keeps its bias (`attn.out_proj.bias` in the file), which nunchaku's C++ SANA block declares
-without one: not checked against the published file, which cannot be downloaded here.
+GELU shift (SANA has no GELU MLP); (4) activations are quantized by nunchaku's kernel's rule, also in calibration:
+x / s in the input's dtype, divided by the unrounded group scale, multiplied back by the stored one (deepcompressor's
+fake quant divides by the stored one: with NVFP4's E4M3 scales a gain off by up to 2^-4 per group, 0.7-2.4% of
+the output on the test cases, docs/svdquant.md), and the GEMM sums in float32 (the engine in 16-bit); (5) the
+self-attention's output projection keeps its bias (`attn.out_proj.bias` in the file), which nunchaku's C++ SANA
+block declares without one: not checked against the published file, which cannot be downloaded here.
 """
 import argparse
 import copy
@@ -68,7 +70,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -183,6 +185,7 @@ def fake_quant_act(x, precision="int4"):
     scale = (xg.abs().amax(-1, keepdim=True) / 6).clamp(max=FP8_MAX)  # (..., G, 1)
     codes = round_e2m1(xg / torch.where(scale > 0, scale, 1))  # divides by the unrounded scale, as the kernel
     out = decode_e2m1(codes) * scale.to(torch.float8_e4m3fn).float()  # and multiplies back by the FP8 one
+    # (deepcompressor divides by the FP8 one and rounds ties to the larger value: deviation (4) in the docstring)
     return out.flatten(-2)[..., :x.shape[-1]]
 
 
@@ -313,7 +316,7 @@ class W4A4Linear(nn.Module):
     """A quantized nn.Linear (or 1x1 convolution): Y = Q(X / s) Q(R)^T + (X L2') L1^T + b, with R held in 4 bits
     (two codes a byte), its group scales, s, the 16-bit branch (L2' = L2 / s acts on the raw X) and the bias.
     On CUDA the Triton kernel runs it (`w4a4_gemm`, kernels/w4a4_gemm.py, loaded in section 6); elsewhere the
-    PyTorch lines below, which are exact (float32)."""
+    PyTorch lines below, which are exact (float32; X / s rounded to the input's dtype, as in nunchaku's engine)."""
 
     def __init__(self, in_features, out_features, rank, precision="int4", bias=True, conv=False):
         super().__init__()
@@ -362,7 +365,8 @@ class W4A4Linear(nn.Module):
                           self.proj_up, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype, x = x.dtype, x.float()
-        y = fake_quant_act(x / self.smooth.float(), self.precision) @ self.weight_dequantized().T  # the 4-bit GEMM
+        x_s = (x / self.smooth.float()).to(dtype).float()  # X / s rounded to the input's dtype, as the engine has it
+        y = fake_quant_act(x_s, self.precision) @ self.weight_dequantized().T  # the 4-bit GEMM
         y = y + (x @ self.proj_down.float()) @ self.proj_up.float().T  # the 16-bit branch, on the raw x
         if self.bias is not None:
             y = y + self.bias.float()
@@ -1387,14 +1391,44 @@ def resolve_dtype(dtype=None, device="cpu"):
 
 # Copied from dcae.py: read_json
 def read_json(path):
-    """A JSON config as a dict; one sentence naming the file when it is missing or cut short."""
+    """A JSON config as a dict; one sentence naming the file when it is missing, cut short, nested too deep to
+    read, or not a JSON object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was the download interrupted?") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {{...}} of a config")
+    return obj
+
+
+# Copied from dcae.py: check_config
+def check_config(cfg, source):
+    """`cfg`, a config dataclass read from `source`, if each field holds the kind of value of its default (an
+    integer for an int, a list of strings for a tuple of str); otherwise one sentence naming the first that does
+    not, which would fail deep inside the model, or build another one than the weights'."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+    def fits(want, got):
+        if want is None:
+            return True
+        if isinstance(want, (bool, int, float)):
+            ok = (bool,) if isinstance(want, bool) else (int, float) if isinstance(want, float) else (int,)
+            return isinstance(got, ok) and isinstance(got, bool) == isinstance(want, bool)
+        if isinstance(want, (tuple, list)):
+            return isinstance(got, (tuple, list)) and all(fits(want[0] if want else None, g) for g in got)
+        return isinstance(got, type(want))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), f.default
+        if want is not MISSING and not fits(want, value):
+            like = f"a list like {list(want)}" if isinstance(want, tuple) else kinds.get(type(want), "another kind")
+            raise ValueError(f"{source}: {f.name} is {repr(value)[:40]}, not {like}")
+    return cfg
 
 
 # Copied from dcae.py: read_weights
@@ -1443,6 +1477,19 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+# Copied from dcae.py: save_weights
+def save_weights(tensors, path, metadata=None):
+    """safetensors' save_file, whole or not at all: the tensors go to a temporary file beside `path`, renamed over
+    it once complete, so an interrupted run (Ctrl-C, a full disk) leaves the file that was there before."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # Copied from dcae.py: check_state_dict
 def check_state_dict(own, sd, source, what="the model"):
     """own: {name: shape} expected; sd: the tensors found. One ValueError naming the missing, unexpected and
@@ -1462,9 +1509,14 @@ def check_state_dict(own, sd, source, what="the model"):
 
 # Copied from dcae.py: load_state_dict_strict
 def load_state_dict_strict(model, sd, source):
-    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly; otherwise
-    one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes)."""
+    """Put `sd` into `model` (which may live on the meta device) if names and shapes match exactly and every value
+    is finite; otherwise one ValueError naming the missing, unexpected and mis-shaped keys (with both shapes), or
+    the tensors holding NaN or inf (which would draw black images and empty answers)."""
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd, source)
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}): the "
+                         f"weights are broken (a training run that diverged, or a faulty conversion)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -1517,7 +1569,11 @@ def read_transformer_config(folder):
     if c.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{folder} holds a {c.get('_class_name', 'non-diffusers model')}, "
                          f"not a SanaTransformer2DModel")
-    return config_from_diffusers(c)
+    try:
+        return check_config(config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete SanaTransformer2DModel config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # Copied from sana.py: ORIGINAL_RENAMES
@@ -1630,7 +1686,11 @@ def load_text_encoder(folder, *, device="cpu", dtype=torch.float32):
     if c.get("model_type") != "gemma2":
         kind = c.get("model_type") or c.get("_class_name") or "model of unknown type"
         raise ValueError(f"{folder} holds a {kind}, not a Gemma-2 text encoder")
-    cfg = gemma_config_from_json(c)
+    try:
+        cfg = check_config(gemma_config_from_json(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete Gemma-2 config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
     sd = {k.removeprefix("model."): v for k, v in load_safetensors_dir(folder).items() if k != "lm_head.weight"}
     with torch.device("meta"):
         model = Gemma2(cfg)
@@ -1681,7 +1741,11 @@ def read_vae_config(folder):
     c = read_json(os.path.join(folder, "config.json"))
     if c.get("_class_name") != "AutoencoderDC":
         raise ValueError(f"{folder} holds a {c.get('_class_name') or 'model of unknown type'}, not an AutoencoderDC")
-    return dcae_config_from_diffusers(c)
+    try:
+        return check_config(dcae_config_from_diffusers(c), os.path.join(folder, "config.json"))
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of a kind no config holds
+        raise ValueError(f"{os.path.join(folder, 'config.json')} is not a complete AutoencoderDC config "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # Copied from sana.py: load_vae
@@ -1811,6 +1875,23 @@ def check_size(height, width, f):
         raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
 
 
+# Copied from sana.py: generation_bytes
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+    """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
+    activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
+    float32 output image at the size asked."""
+    f = vae_cfg.compression * cfg.patch_size
+    gh, gw = generation_size(cfg, f, height, width)
+    size = torch.finfo(dtype).bits // 8
+    dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+                                for i, (c, kind, depth) in enumerate(stages) if depth > 0)
+    image = batch * 3 * height * width * 4
+    return 10 * max(dit, decode, image)
+
+
 # Copied from sana.py: Sana
 @dataclass
 class Sana:
@@ -1862,6 +1943,9 @@ class Sana:
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
             top, left = (img.shape[-2] - out_hw[0]) // 2, (img.shape[-1] - out_hw[1]) // 2
             img = img[..., top:top + out_hw[0], left:left + out_hw[1]]
+        if not torch.isfinite(img).all():  # it would be written as black
+            raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
+                             "dtype")
         return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -1920,7 +2004,8 @@ def check_tiny_prompt(prompt):
 def tiny_dcae_config(path=TINY_DCAE):
     """The tiny DC-AE's config, from its file's metadata (no weights read)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python dcae.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python dcae.py --train --train-out {path}` makes it")
     try:
         meta = json.loads(read_metadata(path)["config"])
         return DCAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
@@ -1951,7 +2036,8 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
 def read_tiny(path=TINY_SANA):
     """A tiny weights file -> {"transformer": state dict, "text_encoder": state dict}."""
     if not os.path.isfile(path):
-        hint = ": run `python sana.py --train` to create it" if os.path.abspath(path) == TINY_SANA else ""
+        hint = (": it comes with the repository's weights/ folder, or `python sana.py --train --train-out "
+                f"{path}` makes it") if os.path.abspath(path) == TINY_SANA else ""
         raise FileNotFoundError(f"{path} is missing{hint}")
     sd = read_weights(path)
     parts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
@@ -2017,6 +2103,29 @@ def check_out_path(path, extensions, flag="--out"):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write to the folder {folder} ({e.strerror})") from None
     return path
+
+
+# Copied from dcae.py: train_out_path
+def train_out_path(path, committed):
+    """--train-out as given, or by default the committed weights' file name in the working folder: --train never
+    writes over the committed tiny weights unless --train-out names them."""
+    if path:
+        return path
+    path = os.path.basename(committed)
+    if os.path.exists(path) and os.path.samefile(path, committed):
+        raise ValueError(f"--train would write over the committed weights {committed} (the working folder is "
+                         f"theirs): run it from another folder, or give --train-out {committed} to replace them")
+    return path
+
+
+# Copied from dcae.py: refuse_unused
+def refuse_unused(args, flags, mode):
+    """One sentence for the first of `flags` (e.g. "--gan") that the command line set away from its default although
+    it does nothing in this `mode` (e.g. "without --train"): a flag silently ignored would look obeyed."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
+    if given:
+        raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2131,11 +2240,19 @@ def to_nunchaku(layer, dtype=torch.bfloat16):
 
 
 def from_nunchaku(sd, in_features, out_features, conv=False):
-    """nunchaku's tensors of one layer (as `to_nunchaku` writes them) -> a W4A4Linear, padding cropped."""
+    """nunchaku's tensors of one layer (as `to_nunchaku` writes them) -> a W4A4Linear, padding cropped: the true
+    N and K (the caller's), and the branch's true rank. The converter pads the rank with zero columns to a multiple of
+    16 (rank 24 is stored as 32), which the file does not record; the rank kept is that of the last column nonzero in
+    down or up, at least r_pad - 15 (what pads to r_pad). Zero columns add nothing, so the output is the same."""
     nvfp4 = sd["wscales"].dtype == torch.float8_e4m3fn
     precision = "nvfp4" if nvfp4 else "int4"
     G = math.ceil(in_features / GROUP_SIZE[precision])
-    rank = sd["lora_up"].shape[1] if "lora_up" in sd else 0
+    rank = 0
+    if "lora_up" in sd:
+        down = unpack_lowrank(sd["lora_down"], rows_outer=False).float()[:, :in_features]  # (r_pad, K)
+        up = unpack_lowrank(sd["lora_up"], rows_outer=True).float()[:out_features]  # (N, r_pad)
+        used = ((down != 0).any(1) | (up != 0).any(0)).nonzero()
+        rank = max(int(used.max()) + 1 if len(used) else 0, up.shape[1] - 15)
     layer = W4A4Linear(in_features, out_features, rank, precision, "bias" in sd, conv)
     codes = unpack_qweight(sd["qweight"], signed=not nvfp4)[:out_features, :in_features]
     layer.qweight = pack_nibbles(codes)
@@ -2148,8 +2265,7 @@ def from_nunchaku(sd, in_features, out_features, conv=False):
         layer.bias = unpack_vector(sd["bias"]).float()[:out_features, 0]
     layer.smooth = unpack_vector(sd["smooth"]).float()[:in_features, 0]
     if rank:
-        layer.proj_down = unpack_lowrank(sd["lora_down"], rows_outer=False).float()[:, :in_features].T.contiguous()
-        layer.proj_up = unpack_lowrank(sd["lora_up"], rows_outer=True).float()[:out_features]
+        layer.proj_down, layer.proj_up = down[:rank].T.contiguous(), up[:, :rank].contiguous()
     return layer
 
 
@@ -2231,7 +2347,7 @@ def save_nunchaku(model, path, dtype=torch.bfloat16):
              "activation": {"dtype": "int4" if layer.precision == "int4" else "fp4_e2m1_all",
                             "scale_dtype": None if layer.precision == "int4" else "fp8_e4m3_nan",
                             "group_size": GROUP_SIZE[layer.precision]}}
-    save_file(to_nunchaku_sana(model, dtype), path, metadata={
+    save_weights(to_nunchaku_sana(model, dtype), path, metadata={
         "config": json.dumps(diffusers_config(model.cfg)), "quantization_config": json.dumps(quant),
         "model_class": "NunchakuSanaTransformer2DModel"})
 
@@ -2244,7 +2360,11 @@ def load_nunchaku(path, *, device="cpu", dtype=torch.float32):
     if "config" not in meta:
         raise ValueError(f"{path} has no 'config' metadata: not a nunchaku single-file checkpoint (a legacy "
                          f"folder converts with nunchaku.merge_safetensors)")
-    cfg = config_from_diffusers(json.loads(meta["config"]))
+    try:
+        cfg = check_config(config_from_diffusers(json.loads(meta["config"])), f"{path}'s metadata")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: its 'config' metadata is not a SANA transformer config ({type(e).__name__}: "
+                         f"{str(e)[:60]})") from None
     sd = read_weights(path)
     precision = "int4" if not any(v.dtype == torch.float8_e4m3fn for v in sd.values()) else "nvfp4"
     rank = next((v.shape[1] for k, v in sd.items() if k.endswith(".lora_up")), 0)
@@ -2372,7 +2492,8 @@ def load_tiny_quantized(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32)
     """The committed quantized tiny SANA (nunchaku's format, read by the loader of the published checkpoints), with
     the tiny SANA's text encoder and DC-AE."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run `python svdquant.py --train` to create it")
+        raise FileNotFoundError(f"{path} is missing: it comes with the repository's weights/ folder, or "
+                                f"`python svdquant.py --train --train-out {path}` makes it")
     pipe = load_tiny(device=device, dtype=dtype)
     pipe.transformer = load_nunchaku(path, device=device, dtype=dtype)
     return pipe
@@ -2386,6 +2507,29 @@ PHOTO_PROMPTS = [  # calibration captions for a published model (the official se
     "a bowl of fruit on a kitchen counter", "a mountain lake at sunrise with mist", "portrait of an old man smiling",
     "a red sports car on a coastal road", "an astronaut riding a horse, digital art", "a living room with a sofa"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# Copied from sana.py: available_memory
+def available_memory(device):
+    """Bytes free for a generation: the GPU's free memory on CUDA, MemAvailable of /proc/meminfo on a Linux CPU,
+    None where this is unknown (mps, other systems)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    if device == "cpu" and os.path.isfile("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+# Copied from sana.py: check_memory
+def check_memory(cfg, vae_cfg, height, width, dtype, device):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
+                         f"GB is available on {device}: ask for a smaller --height/--width")
 
 
 def build_parser():
@@ -2405,8 +2549,9 @@ def build_parser():
     p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
     p.add_argument("--out", default="svdquant.png", help="the quantized model's image (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
-    p.add_argument("--train-out", default=TINY_WEIGHTS,
-                   help="where --train writes the weights (default: the committed tiny weights in weights/)")
+    p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
+                   "file's name in the working folder; the committed weights in weights/ are replaced only when named "
+                   "here)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="with --train: N optimisation steps in each phase of the recipe in place of its own counts "
                    "(a quick check)")
@@ -2424,20 +2569,30 @@ def build_parser():
 
 
 def check_train_args(args):
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
+    refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
+                         "--save", "--base", "--method", "--rank", "--precision"),
+                  "with --train, which writes --train-out")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
-    check_out_path(args.train_out, (".safetensors",), "--train-out")
+    args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
 
 
 def check_args(args):
     """Every refusal that needs no weights, one sentence each, before anything is loaded. Returns (height, width)."""
+    if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
     if args.prompt is None or not args.prompt.strip():
         raise ValueError('the prompt is empty: pass --prompt "two red circles on a blue background"')
-    if args.steps < 1:
-        raise ValueError("--steps must be at least 1")
+    if not 1 <= args.steps <= 1000:  # Flow-DPM-Solver converges in 20: 100,000 steps only took hours
+        raise ValueError(f"--steps must be between 1 and 1000 (the models sample in 20), not {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, not {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:  # 1 is off; beyond 100 only saturation, or NaN
+        raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
+    refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
     if args.rank is not None and args.rank < 0:
         raise ValueError(f"--rank must be 0 (no branch) or more, not {args.rank}")
     for name, value in (("--height", args.height), ("--width", args.width)):
@@ -2451,18 +2606,31 @@ def check_args(args):
     if nunchaku_file and not args.base:
         raise ValueError("a nunchaku --ckpt holds the transformer only: give --base, the 16-bit SANA diffusers "
                          "folder of the text encoder, tokenizer and VAE")
+    if args.base and not nunchaku_file:
+        raise ValueError("--base goes with a nunchaku --ckpt file; a --ckpt folder and the tiny model bring their own "
+                         "text encoder and VAE")
+    if nunchaku_file:
+        refuse_unused(args, ("--save", "--method", "--rank", "--precision"), "with a nunchaku --ckpt, which is "
+                      "quantized already")
     if not args.ckpt:
         check_tiny_prompt(args.prompt)
     if nunchaku_file:  # the transformer's config is the file's metadata, the VAE's the base folder's
         meta = read_metadata(args.ckpt)
         if "config" not in meta:
             raise ValueError(f"--ckpt {args.ckpt} has no 'config' metadata: not a nunchaku single-file checkpoint")
-        sana_cfg, vae_cfg = config_from_diffusers(json.loads(meta["config"])), pipeline_configs(args.base)[1]
+        try:
+            sana_cfg = check_config(config_from_diffusers(json.loads(meta["config"])), f"--ckpt {args.ckpt}'s metadata")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"--ckpt {args.ckpt}: its 'config' metadata is not a SANA transformer config "
+                             f"({type(e).__name__}: {str(e)[:60]})") from None
+        vae_cfg = pipeline_configs(args.base)[1]
     else:
         sana_cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (SANA_PRESETS["tiny"], tiny_dcae_config())
     side = sana_cfg.sample_size * vae_cfg.compression  # the training resolution
     h, w = args.height or side, args.width or side
     check_size(h, w, vae_cfg.compression * sana_cfg.patch_size)
+    device = resolve_device(args.device)
+    check_memory(sana_cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device)
     check_out_path(args.out, IMAGE_EXTENSIONS)
     if args.save:
         check_out_path(args.save, (".safetensors",), "--save")

@@ -1,17 +1,21 @@
 """Bad input, as a new user types it. Each row is one command line (or one loader call) and the sentence it must
 print. A command-line row must exit with code 2 after printing exactly one line, `error: <sentence>`, with no
-traceback; a row marked `early` must do so before any model is loaded or trained (the loaders are replaced by
+traceback, having written no file and changed none (the working folder, the fixture's files and weights/ are
+checked); a row marked `early` must do so before any model is loaded or trained (the loaders are replaced by
 ones that fail the test). A call row must raise ValueError or FileNotFoundError with the sentence in one line.
 Paths in braces are the broken files made by the `bad` fixture below. A new method file adds its rows here."""
 import os
 import pickle
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import dcae
 import fast_dllm
@@ -64,6 +68,7 @@ def bad(tmp_path_factory):
         return d / name
 
     save_file({"w": torch.zeros(1000)}, str(path("whole.safetensors")))
+    save_file({"w": torch.zeros(3)}, str(path("meta_not_json.safetensors")), metadata={"config": "{not json"})
     data = (d / "whole.safetensors").read_bytes()
     path("cut.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
     path("cut.json").write_text('{"_class_name": "AutoencoderDC", "latent_')
@@ -77,9 +82,19 @@ def bad(tmp_path_factory):
     path("text.png").write_text("this is not an image\n")
     Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(path("scene.png"))  # a 64x64 control image
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path("small.png"))  # smaller than a latent cell
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(path("photo_input.png"))  # the user's, untagged
+    paths["photo.png"] = str(d / "photo.png")  # an --out whose <out>_input.png is the user's
     path("folder").mkdir()
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a PNG claiming 20000x20000 RGB, with no pixels
+    path("huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                                 + chunk(b"IEND", b""))
     # DC-AE folders: a config.json cut short, and whole config + weights cut short
-    for name, config, weights in [("dcae_cut_config", "cut.json", None), ("dcae_cut_weights", None, "cut")]:
+    path("list.json").write_text("[1, 2, 3]\n")  # JSON, but not an object
+    path("deep.json").write_text("[" * 200_000 + "]" * 200_000)  # deeper than Python's recursion limit
+    for name, config, weights in [("dcae_cut_config", "cut.json", None), ("dcae_cut_weights", None, "cut"),
+                                  ("dcae_list_config", "list.json", None), ("dcae_deep_config", "deep.json", None)]:
         f = path(name)
         f.mkdir()
         src = open(os.path.join(DCAE_DIFFUSERS, "config.json")).read()
@@ -97,6 +112,8 @@ def bad(tmp_path_factory):
         ("llada_cut_weights", {"config.json": config, "model.safetensors": weights[: len(weights) // 2]}),
         ("llada_code_bin", {"config.json": config, "pytorch_model.bin": (d / "code.bin").read_bytes()}),
         ("llada_text_bin", {"config.json": config, "pytorch_model.bin": (d / "text.pth").read_bytes()}),
+        ("llada_bool_layers", {"config.json": re.sub(r'"n_layers": \d+', '"n_layers": true', config),
+                               "model.safetensors": weights}),  # true == 1: it used to load 1 layer of the 2
     ]:
         f = path(name)
         f.mkdir()
@@ -108,7 +125,9 @@ def bad(tmp_path_factory):
     config = open(os.path.join(SANA_PIPE, "transformer", "config.json")).read()
     weights = open(os.path.join(SANA_PIPE, "transformer", "diffusion_pytorch_model.safetensors"), "rb").read()
     for name, cfg, w in [("sana_pipe", config, weights), ("sana_cut_config", config[: len(config) // 2], weights),
-                         ("sana_cut_weights", config, weights[: len(weights) // 2])]:
+                         ("sana_cut_weights", config, weights[: len(weights) // 2]),
+                         ("sana_str_layers", re.sub(r'"num_layers": \d+', '"num_layers": "2"', config), weights),
+                         ("sana_no_layers", re.sub(r'"num_layers": \d+,', '', config), weights)]:
         f = path(name)
         (f / "transformer").mkdir(parents=True)
         (f / "transformer" / "config.json").write_text(cfg)
@@ -149,10 +168,43 @@ def bad(tmp_path_factory):
     for file in os.listdir(HART_QWEN2):
         os.symlink(os.path.join(HART_QWEN2, file), f / file)
     hart.build_tiny_tokenizer().save(str(f / "tokenizer.json"))
+    # weights holding a NaN (a training run that diverged): the tiny SANA (its tokenizer beside), a DC-AE folder and
+    # a LLaDA folder
+    def with_nan(src, dst):
+        with safe_open(src, "pt") as f:
+            meta = f.metadata()
+        sd = load_file(src)
+        first = sorted(k for k, v in sd.items() if v.is_floating_point())[0]
+        sd[first] = sd[first].clone()
+        sd[first].view(-1)[0] = float("nan")
+        save_file(sd, str(dst), metadata=meta)
+    with_nan(sana.TINY_WEIGHTS, path("sana_nan.safetensors"))
+    (d / "sana_nan_tokenizer.json").write_bytes(open(os.path.splitext(sana.TINY_WEIGHTS)[0] + "_tokenizer.json",
+                                                     "rb").read())
+    path("dcae_nan").mkdir()
+    (d / "dcae_nan" / "config.json").write_text(open(os.path.join(DCAE_DIFFUSERS, "config.json")).read())
+    with_nan(os.path.join(DCAE_DIFFUSERS, "diffusion_pytorch_model.safetensors"),
+             d / "dcae_nan" / "diffusion_pytorch_model.safetensors")
+    path("llada_nan").mkdir()
+    for file in ("config.json", "tokenizer.json"):
+        (d / "llada_nan" / file).write_bytes((d / "llada" / file).read_bytes())
+    with_nan(os.path.join(LLADA, "model.safetensors"), d / "llada_nan" / "model.safetensors")
     paths["sana_transformer_only"] = os.path.join(FIX, "sana", "transformer_sana10")
+    paths["svdquant_tiny"] = os.path.join(WEIGHTS, "svdquant_tiny.safetensors")
     paths["dcae_diffusers"] = DCAE_DIFFUSERS
     paths["unwritable"] = "/proc/out.png"  # not writable even for root
     return paths
+
+
+WEIGHTS = os.path.join(os.path.dirname(FIX), "..", "weights")  # the committed tiny weights
+
+
+def files_as_they_are(*folders):
+    """{path: (size, modification time in ns)} of every file under the folders (links not followed): a file
+    written, rewritten or removed shows."""
+    return {os.path.join(root, name): (os.lstat(os.path.join(root, name)).st_size,
+                                       os.lstat(os.path.join(root, name)).st_mtime_ns)
+            for folder in folders for root, _, names in os.walk(folder) for name in names}
 
 
 def fill(args, bad):
@@ -166,6 +218,10 @@ CLI = [  # (file, argv, sentence, early)
     ("dcae", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
     ("dcae", ["--image", "/no/such.png"], "image /no/such.png does not exist", True),
     ("dcae", ["--image", "{text.png}"], "cannot read", False),
+    ("dcae", ["--image", "{folder}"], "is a folder: give an image file", True),
+    ("dcae", ["--image", "/dev/zero"], "image /dev/zero is not a regular file: give an image file", True),
+    ("dcae", ["--image", "{huge.png}"], "has more than the 178,956,970 pixels Pillow reads (a guard against "
+                                        "decompression bombs): resize it", False),
     ("dcae", ["--out", "{folder}"], "is a folder; give a file name", True),
     ("dcae", ["--out", "rec.xyz"], "the file name must end in .png", True),
     ("dcae", ["--out", "{unwritable}"], "cannot write to the folder /proc", True),
@@ -174,10 +230,23 @@ CLI = [  # (file, argv, sentence, early)
     ("dcae", ["--ckpt", "{whole.safetensors}"], "is a file; give the checkpoint folder", False),
     ("dcae", ["--ckpt", "{dcae_cut_config}"], "config.json is not valid JSON", False),
     ("dcae", ["--ckpt", "{dcae_cut_weights}"], "is not a readable safetensors file", False),
+    ("dcae", ["--ckpt", "{dcae_list_config}"], "config.json holds a JSON list, not the object {...} of a config",
+     False),
+    ("dcae", ["--ckpt", "{dcae_deep_config}"], "config.json is nested too deeply to be a config", False),
     ("dcae", ["--ckpt", "{dcae_diffusers}", "--model", "dc-ae-f99"], "unknown preset 'dc-ae-f99'", True),
     ("dcae", ["--model", "dc-ae-f32c32-sana-1.0"], "give --ckpt too", True),
     ("dcae", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("dcae", ["--train", "--train-out", "/proc/dcae.safetensors"], "cannot write to the folder /proc", True),
+    ("dcae", ["--ckpt", "{dcae_nan}"], "holds NaN or inf in 1 tensor(s) (", False),
+    ("dcae", ["--image", "{scene.png}", "--out", "{scene.png}"], "is the input image, which the reconstruction would "
+                                                                  "overwrite", True),
+    ("dcae", ["--out", "{photo.png}"], "photo_input.png exists and is not a synthetic input drawn by dcae.py", True),
+    ("dcae", ["--train", "--image", "{scene.png}"], "--image does nothing with --train, which writes --train-out: "
+                                                    "leave it out", True),
+    ("dcae", ["--train", "--out", "x.png"], "--out does nothing with --train", True),
+    ("dcae", ["--gan"], "--gan does nothing without --train: leave it out", True),
+    ("dcae", ["--train-steps", "3"], "--train-steps does nothing without --train", True),
+    ("dcae", ["--train-out", "x.safetensors"], "--train-out does nothing without --train", True),
     # dcar.py
     ("dcar", ["--device", "banana"], "unknown device 'banana'", True),
     ("dcar", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
@@ -197,10 +266,22 @@ CLI = [  # (file, argv, sentence, early)
      True),
     ("dcar", ["--prompt", "a cat", "--ckpt", "{whole.pth}", "--text-encoder", "/no/t5"],
      "--text-encoder /no/t5 does not exist", True),
+    ("dcar", ["--prompt", "a cat", "--ckpt", "{whole.pth}", "--tokenizer", os.path.join(DCAR_CASE, "dc-ht"),
+              "--text-encoder", HART_QWEN2], "config.json describes a 'qwen2' model, not a T5: DC-AR's text encoder is "
+                                             "t5-base", False),
     ("dcar", ["--prompt", "a cat", "--ckpt", "{dcar_code_bin}"], "holds pickled Python objects besides tensors; it "
                                                                  "was not loaded", False),
     ("dcar", ["--prompt", "a cat", "--ckpt", "{dcar_wrong_bin}"], "does not fit the model: ", False),
     ("dcar", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--steps", "1000"], "--steps must be at most 64, the tokens this model "
+                                                           "generates (each round commits at least one), not 1000",
+     False),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--steps", "100000"], "--steps must be between 1 and 1000", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("dcar", ["--train", "--steps", "5"], "--steps does nothing with --train, which writes --train-out", True),
+    ("dcar", ["--prompt", SANA_PROMPT, "--train-out", "x.safetensors"], "--train-out does nothing without --train",
+     True),
     ("dcar", ["--train", "--train-out", "/proc/d.safetensors"], "cannot write to the folder /proc", True),
     ("dcar", ["--train", "--train-out", "t.png"], "the file name must end in .safetensors", True),
     # sana.py
@@ -208,7 +289,8 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--device", "mps"], "no Apple GPU", True),
     ("sana", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
     ("sana", ["--prompt", "  "], "the prompt is empty", True),
-    ("sana", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be at least 1", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be between 1 and 1000 (the models sample in "
+                                                        "20), not 0", True),
     ("sana", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
     ("sana", ["--prompt", SANA_PROMPT, "--guidance", "inf"], "--guidance must be a finite number, not inf", True),
     ("sana", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels, not 0", True),
@@ -231,6 +313,12 @@ CLI = [  # (file, argv, sentence, early)
      True),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_transformer_only}"], "has no text_encoder/ subfolder", True),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_cut_config}"], "config.json is not valid JSON", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_str_layers}"], "transformer/config.json: depth is '2', not an "
+                                                                       "integer", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_no_layers}"], "transformer/config.json is not a complete "
+                                                                      "SanaTransformer2DModel config (KeyError: "
+                                                                      "'num_layers')", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_str_layers}"], "depth is '2', not an integer", True),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_cut_weights}"], "is not a readable safetensors file", False),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--height", "17"], "positive multiples of 2", True),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--model", "Sana_9B"], "unknown preset 'Sana_9B'", True),
@@ -239,10 +327,17 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--samples", "4", "--ckpt", "{sana_pipe}"], "--samples needs a judge, and a "
      "published model has none offline", True),
     ("sana", ["--prompt", SANA_PROMPT, "--grow", "6"], "--grow goes with --train", True),
-    ("sana", ["--train", "--grow", "4"], "--grow must be more than the model's 4 blocks, not 4", True),
+    ("sana", ["--train", "--grow", "4"], "--grow must be more than the model's 4 blocks and at most 4 times as many "
+                                         "(16), not 4", True),
+    ("sana", ["--train", "--grow", "1000"], "--grow must be more than the model's 4 blocks and at most 4 times as "
+                                            "many (16), not 1000", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--steps", "100000"], "--steps must be between 1 and 1000 (the models sample "
+                                                             "in 20), not 100000", True),
     ("sana", ["--prompt", SANA_PROMPT, "--tiny-weights", "/no/such.safetensors"], "/no/such.safetensors is missing",
      True),
     ("sana", ["--prompt", SANA_PROMPT, "--tiny-weights", "{text.pth}"], "is not a PyTorch checkpoint", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--tiny-weights", "{sana_nan.safetensors}"], "holds NaN or inf in 1 tensor(s) "
+                                                                                  "(embed_tokens.weight)", False),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--tiny-weights", "{text.pth}"],
      "--tiny-weights is the tiny model's; --ckpt loads a published one", True),
     ("sana", ["--prompt", SANA_PROMPT, "--prune-to", "0"], "--prune-to must be between 1 and the model's 4 blocks, "
@@ -263,6 +358,10 @@ CLI = [  # (file, argv, sentence, early)
      "image /no/such.png does not exist", True),
     ("sana", ["--prompt", SANA_PROMPT, "--control", "{text.png}", "--controlnet", "{whole.safetensors}"], "cannot read",
      True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{folder}", "--controlnet", "{whole.safetensors}"],
+     "is a folder: give an image file", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{huge.png}", "--controlnet", "{whole.safetensors}"],
+     "has more than the 178,956,970 pixels", True),
     ("sana", ["--prompt", SANA_PROMPT, "--control", "{small.png}", "--controlnet", "{whole.safetensors}"],
      "is 8x8: smaller than 16", True),
     ("sana", ["--prompt", SANA_PROMPT, "--control", "{scene.png}", "--controlnet", "{whole.safetensors}", "--height",
@@ -273,6 +372,22 @@ CLI = [  # (file, argv, sentence, early)
               "{code.pth}"], "cannot tell which ControlNet", False),
     ("sana", ["--prompt", SANA_PROMPT, "--ckpt", "{sana_pipe}", "--control", "{scene.png}", "--controlnet",
               SANA_CONTROLNET], "a ControlNet of 2 blocks needs a base model of more than 2 blocks, not 2", False),
+    ("sana", ["--prompt", SANA_PROMPT, "--control", "{scene.png}", "--out", "{scene.png}"],
+     "is the --control image, which the result would overwrite", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100 (published models "
+                                                              "use about 4.5), not 1e+30", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--conditioning-scale", "0.5"], "--conditioning-scale does nothing without "
+                                                                       "--control: leave it out", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--negative", "a purple hexagon"], 'the tiny model does not know "purple" of '
+                                                                          "--negative, which its tokenizer would drop",
+     True),
+    ("sana", ["--prompt", SANA_PROMPT, "--train-steps", "3"], "--train-steps does nothing without --train or "
+                                                              "--train-controlnet", True),
+    ("sana", ["--train", "--prompt", SANA_PROMPT], "--prompt does nothing with --train or --train-controlnet, which "
+                                                   "write --train-out", True),
+    ("sana", ["--train-controlnet", "--tiny-weights", "{whole.safetensors}"], "--tiny-weights does nothing with "
+                                                                              "--train", True),
     ("sana", ["--train", "--train-controlnet"], "--train and --train-controlnet train different models", True),
     ("sana", ["--train-controlnet", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("sana", ["--train-controlnet", "--train-out", "/proc/c.safetensors"], "cannot write to the folder /proc", True),
@@ -295,12 +410,25 @@ CLI = [  # (file, argv, sentence, early)
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "1.5"], "--strength must be in (0, 1], not 1.5", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "nan"], "--strength must be in (0, 1], not nan", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 6,400.0 GB of memory", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
      True),
     ("sana_sprint", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "/no/such.png"], "image /no/such.png does not exist", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "{text.png}"], "cannot read", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "/dev/zero"], "is not a regular file", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "{huge.png}"], "has more than the 178,956,970 pixels", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--out", "{folder}"], "is a folder; give a file name", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "0.3"], "--strength does nothing without --image: leave "
+                                                                    "it out", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--train-out", "x.safetensors"], "--train-out does nothing without "
+                                                                               "--train", True),
+    ("sana_sprint", ["--train", "--prompt", SANA_PROMPT], "--prompt does nothing with --train", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--image", "{scene.png}", "--out", "{scene.png}"],
+     "is the --image it starts from, which the result would overwrite", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--ckpt", "{text.pth}"], "is a file; give the diffusers pipeline folder",
      True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--ckpt", "/no/such/folder"], "checkpoint folder /no/such/folder does "
@@ -314,10 +442,12 @@ CLI = [  # (file, argv, sentence, early)
     ("svdquant", ["--device", "banana"], "unknown device 'banana'", True),
     ("svdquant", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
     ("svdquant", ["--prompt", "  "], "the prompt is empty", True),
-    ("svdquant", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be at least 1", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--steps", "0"], "--steps must be between 1 and 1000", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--guidance", "nan"], "--guidance must be a finite number, not nan", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--rank", "-1"], "--rank must be 0 (no branch) or more, not -1", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 6,400.0 GB of memory", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
      True),
     ("svdquant", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
@@ -331,6 +461,19 @@ CLI = [  # (file, argv, sentence, early)
     ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{whole.safetensors}", "--base", "{sana_pipe}"],
      "has no 'config' metadata: not a nunchaku single-file checkpoint", True),
     ("svdquant", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{meta_not_json.safetensors}", "--base", "{sana_pipe}"],
+     "meta_not_json.safetensors: its 'config' metadata is not a SANA transformer config (JSONDecodeError: ", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--base", "{sana_pipe}"], "--base goes with a nunchaku --ckpt file", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{svdquant_tiny}", "--base", "{sana_pipe}", "--save",
+                  "q.safetensors"], "--save does nothing with a nunchaku --ckpt, which is quantized already", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{svdquant_tiny}", "--base", "{sana_pipe}", "--rank", "8"],
+     "--rank does nothing with a nunchaku --ckpt", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--ckpt", "{svdquant_tiny}", "--base", "{sana_pipe}", "--precision",
+                  "nvfp4"], "--precision does nothing with a nunchaku --ckpt", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--train-steps", "2"], "--train-steps does nothing without --train", True),
+    ("svdquant", ["--train", "--save", "q.safetensors"], "--save does nothing with --train", True),
     ("svdquant", ["--train", "--train-out", "/proc/s.safetensors"], "cannot write to the folder /proc", True),
     # fast_dllm.py
     ("fast_dllm", ["--device", "banana"], "unknown device 'banana'", True),
@@ -398,6 +541,10 @@ CLI = [  # (file, argv, sentence, early)
     ("hart", ["--prompt", "a cat", "--ckpt", "{hart_gpt2}", "--text-encoder", "{hart_qwen2}"],
      "has attn_type='gpt2'; this implementation supports only 'llama'", False),
     ("hart", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("hart", ["--train", "--top-k", "5"], "--top-k does nothing with --train, which writes --train-out", True),
+    ("hart", ["--prompt", SANA_PROMPT, "--train-steps", "5"], "--train-steps does nothing without --train", True),
     ("hart", ["--train", "--train-out", "/proc/h.safetensors"], "cannot write to the folder /proc", True),
     ("hart", ["--train", "--train-out", "t.png"], "the file name must end in .safetensors", True),
     ("fast_dllm", ["--out", "/no/such/folder/answer.txt"], "the folder /no/such/folder does not exist", True),
@@ -418,6 +565,28 @@ CLI = [  # (file, argv, sentence, early)
     ("fast_dllm", ["--train", "--train-steps", "0"], "--train-steps must be at least 1", True),
     ("fast_dllm", ["--train", "--train-out", "{folder}"], "is a folder; give a file name", True),
     ("fast_dllm", ["--train", "--train-out", "/proc/fd.safetensors"], "cannot write to the folder /proc", True),
+    # --seed beyond torch's 64 bits, refused before loading (it failed with "Overflow when unpacking long long" after)
+    *[(name, [*argv, "--seed", str(2**70)], f"--seed must be between 0 and 2**63 - 1, not {2**70}", True)
+      for name, argv in [("dcae", []), ("dcar", ["--prompt", SANA_PROMPT]), ("fast_dllm", []), ("hart", ["--train"]),
+                         ("sana", ["--prompt", SANA_PROMPT]), ("sana", ["--train"]),
+                         ("sana_sprint", ["--prompt", SANA_PROMPT]), ("svdquant", ["--prompt", SANA_PROMPT]),
+                         ("fast_dllm", ["--train"])]],
+    ("fast_dllm", ["--ckpt", "{llada_nan}", "--prompt", "hi"], "holds NaN or inf in 1 tensor(s) (", False),
+    ("fast_dllm", ["--ckpt", "{llada_bool_layers}", "--prompt", "hi"], "config.json: n_layers is True, not an integer",
+     True),
+    ("fast_dllm", ["--guidance", "1e30", "--cache", "none"], "guidance 1e+30 must be 0 (off) or a positive number up "
+                                                             "to 100", True),
+    ("fast_dllm", ["--steps", "33"], "steps 33 must be at most gen_length 32", True),
+    ("fast_dllm", ["--steps", "1000000"], "steps 1000000 must be at most gen_length 32", True),
+    ("fast_dllm", ["--gen-length", "8", "--block-length", "8"], "the tiny model answers in 32, 64, 128 tokens, the "
+                                                                "lengths it was trained at: --gen-length 8 is not one",
+     True),
+    ("fast_dllm", ["--gen-length", "4"], "--gen-length 4 is not one", True),
+    ("fast_dllm", ["--alg", "entropy"], "--alg orders Dream's tokens; LLaDA's samplers order them by confidence", True),
+    ("fast_dllm", ["--train", "--prompt", "sort 8315"], "--prompt does nothing with --train, which writes --train-out",
+     True),
+    ("fast_dllm", ["--train", "--cache", "dual"], "--cache does nothing with --train", True),
+    ("fast_dllm", ["--train-steps", "3"], "--train-steps does nothing without --train: leave it out", True),
 ]
 
 CALLS = [  # (file, call, sentence)
@@ -440,9 +609,12 @@ CALLS = [  # (file, call, sentence)
      "w.pt does not fit the model: 1 with another shape: weight (3, 4) (model: (3, 2))"),
     # dcar.py
     ("dcar", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "does not fit the model: "),
-    ("dcar", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python dcar.py --train`"),
+    ("dcar", lambda m, b: m.load_tiny("/no/such.safetensors"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python dcar.py --train --train-out /no/such.safetensors` makes it"),
     ("dcar", lambda m, b: m.load_tiny_dcht(b["whole.safetensors"]), "is not a tiny DC-HT written by"),
-    ("dcar", lambda m, b: m.load_tiny_dcht("/no/such.safetensors"), "is missing: run `python dcar.py --train`"),
+    ("dcar", lambda m, b: m.load_tiny_dcht("/no/such.safetensors"),
+     "`python dcar.py --train` writes it beside its --train-out"),
     ("dcar", lambda m, b: m.parse_yaml(b["bad.yaml"]), "bad.yaml:2 is not a `key: value` line"),
     ("dcar", lambda m, b: m.dcar_config_from_yaml({"model": {}}), "the config has no 'generator' where DC-AR's "
                                                                   "inference yaml has it"),
@@ -484,7 +656,8 @@ CALLS = [  # (file, call, sentence)
      "holds a SanaTransformer2DModel, not a SanaControlNetModel"),
     ("sana", lambda m, b: m.load_controlnet(SANA_CONTROLNET, dtype="float8"), "dtype 'float8' is not one of"),
     ("sana", lambda m, b: m.load_tiny_controlnet("/no/such.safetensors"),
-     "is missing: run `python sana.py --train-controlnet`"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python sana.py --train-controlnet --train-out /no/such.safetensors`"),
     ("sana", lambda m, b: m.load_tiny_controlnet(b["whole.safetensors"]), "is not a tiny ControlNet written by"),
     ("sana", lambda m, b: m.load_tiny_controlnet(b["text.pth"]), "is not a readable safetensors file"),
     ("sana", lambda m, b: m.SanaControlNet(m.PRESETS["tiny"], wiring="nvlabs"),
@@ -497,19 +670,26 @@ CALLS = [  # (file, call, sentence)
     ("sana_sprint", lambda m, b: m.load_pipeline(b["sana_pipe"]), "not a SANA-Sprint model"),
     ("sana_sprint", lambda m, b: m.load_pipeline(b["sana_transformer_only"]), "has no text_encoder/ subfolder"),
     ("sana_sprint", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny SANA-Sprint written by"),
-    ("sana_sprint", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python sana_sprint.py --train`"),
+    ("sana_sprint", lambda m, b: m.load_tiny("/no/such.safetensors"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python sana_sprint.py --train --train-out /no/such.safetensors`"),
     ("sana_sprint", lambda m, b: m.get_preset("Sana_Sprint_9B"), "unknown preset 'Sana_Sprint_9B'; known: "
                                                                "Sana_Sprint_0.6B_1024px"),
     ("sana_sprint", lambda m, b: m.check_tiny_prompt("a red circle"), "'a red circle' is not one"),
     # svdquant.py
     ("svdquant", lambda m, b: m.load_nunchaku(b["whole.safetensors"]), "has no 'config' metadata"),
     ("svdquant", lambda m, b: m.load_nunchaku(b["cut.safetensors"]), "is not a readable safetensors file"),
+    ("svdquant", lambda m, b: m.load_nunchaku(b["meta_not_json.safetensors"]),
+     "meta_not_json.safetensors: its 'config' metadata is not a SANA transformer config (JSONDecodeError: "),
     ("svdquant", lambda m, b: m.load_nunchaku("/no/such.safetensors"), "weights file /no/such.safetensors not found"),
     ("svdquant", lambda m, b: m.load_tiny_quantized("/no/such.safetensors"),
-     "is missing: run `python svdquant.py --train`"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python svdquant.py --train --train-out /no/such.safetensors`"),
     ("svdquant", lambda m, b: m.get_preset("Sana_9B"), "unknown preset 'Sana_9B'; known: Sana_600M_512px"),
     # hart.py
-    ("hart", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python hart.py --train`"),
+    ("hart", lambda m, b: m.load_tiny("/no/such.safetensors"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python hart.py --train --train-out /no/such.safetensors`"),
     ("hart", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "does not fit the model: "),
     ("hart", lambda m, b: m.load_tiny(dtype="float8"), "dtype 'float8' is not one of"),
     ("hart", lambda m, b: m.load_hart_tokenizer(b["folder"]), "has no config.json"),
@@ -539,11 +719,17 @@ CALLS = [  # (file, call, sentence)
     ("fast_dllm", lambda m, b: m.load_checkpoint(b["llada"], device="banana"), "unknown device 'banana'"),
     ("fast_dllm", lambda m, b: m.get_preset("LLaDA-9B"), "unknown preset 'LLaDA-9B'; known: LLaDA-8B-Base"),
     ("fast_dllm", lambda m, b: m.config_from_json(b["cut.json"]), "cut.json is not valid JSON"),
+    ("fast_dllm", lambda m, b: m.config_from_json(b["list.json"]), "list.json holds a JSON list, not the object"),
+    ("fast_dllm", lambda m, b: m.config_from_json(b["deep.json"]), "deep.json is nested too deeply to be a config"),
+    ("sana", lambda m, b: m.read_json(b["deep.json"]), "deep.json is nested too deeply to be a config"),
+    ("hart", lambda m, b: m.read_json(b["list.json"]), "list.json holds a JSON list"),
     ("fast_dllm", lambda m, b: m.load_tiny(dcae.TINY_WEIGHTS), "is not a tiny model written by `python fast_dllm.py"),
     ("fast_dllm", lambda m, b: m.load_tiny(b["whole.safetensors"]), "is not a tiny model written by"),
     ("fast_dllm", lambda m, b: m.load_tiny(b["text.pth"]), "is not a readable safetensors file"),
     ("fast_dllm", lambda m, b: m.load_tiny(b["fast_dllm_tiny.safetensors"]), "fast_dllm_tiny_tokenizer.json not found"),
-    ("fast_dllm", lambda m, b: m.load_tiny("/no/such.safetensors"), "is missing: run `python fast_dllm.py --train`"),
+    ("fast_dllm", lambda m, b: m.load_tiny("/no/such.safetensors"),
+     "is missing: it comes with the repository's weights/ folder, or "
+     "`python fast_dllm.py --train --train-out /no/such.safetensors`"),
     ("fast_dllm", lambda m, b: m.load_tiny(dtype="float8"), "dtype 'float8' is not one of"),
     ("fast_dllm", lambda m, b: m.check_tiny_prompt("sort \uff18\uff13\uff11\uff15"), "only sorts 3 to 6 digits 0-9"),
 ]
@@ -565,10 +751,13 @@ def test_cli_refuses_in_one_sentence(name, argv, sentence, early, bad, capsys, m
     if argv[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
         pytest.skip("this machine has an Apple GPU")
     monkeypatch.chdir(tmp_path)  # a relative --out lands here
+    before = files_as_they_are(os.path.dirname(bad["whole.safetensors"]), WEIGHTS)
     code, err = _run_cli(__import__(name), fill(argv, bad), capsys, monkeypatch, early)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert sentence in err, err
     assert "Traceback" not in err
+    assert not os.listdir(tmp_path), f"a refused run wrote {os.listdir(tmp_path)}"
+    assert files_as_they_are(os.path.dirname(bad["whole.safetensors"]), WEIGHTS) == before, "a refused run changed a file"
 
 
 @pytest.mark.parametrize("name,call,sentence", CALLS, ids=[f"{r[0]}-{i}" for i, r in enumerate(CALLS)])
@@ -645,3 +834,78 @@ def test_fast_dllm_long_prompt_is_echoed_short(capsys, monkeypatch):
     """A 10,000-character prompt is refused with its first 60 characters, not echoed whole."""
     code, err = _run_cli(fast_dllm, ["--prompt", "sort " + "1" * 10_000], capsys, monkeypatch, early=True)
     assert code == 2 and err.endswith(f"(got 'sort {'1' * 55}')\n") and len(err) < 200, err
+
+
+class Trained(Exception):
+    """Raised by a stand-in train_tiny: the test needs where it was told to write, not a trained model."""
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_train_writes_beside_not_over_the_committed_weights(name, tmp_path, monkeypatch, capsys):
+    """--train without --train-out writes the committed file's name in the working folder, never the committed
+    weights; run from weights/ itself, it refuses in one sentence naming them."""
+    module = __import__(name)
+
+    def record(*args, out=None, **kwargs):
+        raise Trained(out)
+    monkeypatch.setattr(module, "train_tiny", record)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Trained) as e:
+        module.main(["--train", "--train-steps", "1"])
+    assert e.value.args[0] == os.path.basename(module.TINY_WEIGHTS), e.value.args
+    monkeypatch.chdir(os.path.dirname(module.TINY_WEIGHTS))
+    code, err = _run_cli(module, ["--train", "--train-steps", "1"], capsys, monkeypatch, early=True)
+    assert code == 2 and err == (f"error: --train would write over the committed weights {module.TINY_WEIGHTS} (the "
+                                 f"working folder is theirs): run it from another folder, or give --train-out "
+                                 f"{module.TINY_WEIGHTS} to replace them\n"), err
+
+
+def test_interrupted_save_keeps_the_old_weights(tmp_path, monkeypatch):
+    """save_weights writes whole or not at all: a save interrupted half-way (Ctrl-C, a full disk) leaves the file
+    that was there, and no temporary file."""
+    out = tmp_path / "tiny.safetensors"
+    dcae.save_weights({"w": torch.ones(3)}, str(out))
+    before = out.read_bytes()
+
+    def half_then_interrupt(tensors, path, metadata=None):
+        open(path, "wb").write(b"\0" * 10)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dcae, "save_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dcae.save_weights({"w": torch.zeros(3)}, str(out))
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["tiny.safetensors"]
+
+
+def test_dcae_rewrites_its_own_synthetic_input_only(tmp_path, monkeypatch, capsys):
+    """dcae.py without --image writes its synthetic input beside --out: a second run rewrites it (the PNG says
+    dcae.py drew it), while a file of the same name that it did not draw is refused and left as it was."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        dcae.main(["--out", "rec.png"])
+    assert (tmp_path / "rec.png").exists() and dcae.drawn_here(str(tmp_path / "rec_input.png"))
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "other_input.png")
+    before = (tmp_path / "other_input.png").read_bytes()
+    code, err = _run_cli(dcae, ["--out", "other.png"], capsys, monkeypatch, early=True)
+    assert code == 2 and "other_input.png exists and is not a synthetic input" in err, err
+    assert (tmp_path / "other_input.png").read_bytes() == before and not (tmp_path / "other.png").exists()
+
+
+@pytest.mark.parametrize("name", ["sana", "sana_sprint", "hart", "dcar", "svdquant"])
+def test_nan_image_is_refused_not_drawn_black(name):
+    """A decoder that puts out NaN (weights broken after loading, a guidance scale that overflows the dtype) makes
+    the pipeline refuse in one sentence: the image used to come out black, written with exit code 0."""
+    module = __import__(name)
+    pipe = (sana if name == "svdquant" else module).load_tiny()  # svdquant samples with the tiny SANA's pipeline
+    decoder = (pipe.dcht if name == "dcar" else pipe.vae).decoder  # HART's and DC-AR's codebooks feed the sampler too
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.fill_(float("nan"))
+    g = torch.Generator().manual_seed(0)
+    run = {"sana": lambda: pipe.generate([SANA_PROMPT], 64, 64, 2, generator=g),
+           "svdquant": lambda: module.Sana.generate(pipe, [SANA_PROMPT], 64, 64, 2, generator=g),
+           "sana_sprint": lambda: pipe.generate([SANA_PROMPT], 64, 64, 1, generator=g),
+           "hart": lambda: pipe.generate([SANA_PROMPT], generator=g),
+           "dcar": lambda: pipe.generate([SANA_PROMPT], 2, generator=g)}[name]
+    with pytest.raises(ValueError) as e:
+        run()
+    assert str(e.value) == "the image came out NaN or inf: broken weights, or a guidance scale too large for the dtype"

@@ -233,6 +233,42 @@ def test_training_step_parity(case):
 
 
 @CASES
+def test_training_step_follows_the_cases_batch_mul(case, tmp_path):
+    """A case as a contributor would add it: this one copied with a smaller `diffusion.batch_mul` in its config.yaml
+    (the largest proper divisor m of the recorded M). The head's rows are M tiles of the B N tokens (MAR's
+    `.repeat(batch_mul, 1)`), so the recorded timesteps and noises split into k = M / m sets of m tiles: the step
+    run on the copy must draw B N m of each (Replay's shape checks fail on any other batch_mul, a code default
+    included), and its diffusion losses over the k sets must average to the recorded loss (a mean over all rows)."""
+    import shutil
+    io = load_file(os.path.join(case, "io.safetensors"))
+    big = int(re.search(r"\n\s+batch_mul:\s*(\d+)", open(os.path.join(case, "config.yaml")).read()).group(1))
+    if big == 1:
+        pytest.skip("batch_mul 1 has no smaller setting to derive")
+    m = big // next(p for p in range(2, big + 1) if big % p == 0)  # the largest proper divisor
+    new = shutil.copytree(case, tmp_path / "case")
+    text = open(new / "config.yaml").read()
+    open(new / "config.yaml", "w").write(re.sub(r"(\n\s+batch_mul:\s*)\d+", rf"\g<1>{m}", text, count=1))
+    cfg, _ = generator_config(new)
+    tc, key = train_config(new, io)
+    path = os.path.join(new, "dc-ar", "pytorch_model.bin")
+    model, head = dcar.load_generator(path, cfg).train(), dcar.load_diffusion_head(path, cfg).train()
+    losses = []
+    for part in range(big // m):  # the recorded draws with only this set's tiles of the timesteps and noises
+        rows = io["train.target_tokens"].numel() * m
+        sub = {k: v[part * rows:(part + 1) * rows] if k.split(".")[-1] in ("randint", "randn_like") else v
+               for k, v in io.items() if k.startswith("train.rng.")}
+        replay = Replay(sub, "train.")
+        out = dcar.training_loss(model, head, io["train.target_tokens"], io["train.residual_target"],
+                                 io["text.encoder_hidden_states"], io["text.attention_mask"], tc, replay)
+        assert replay.i == len(replay.draws)
+        assert_close(key, out["ce"], io[key], atol=1e-6, rtol=1e-5)  # the token loss does not depend on it
+        losses.append(out["diffusion"])
+    assert len(losses) > 1 and losses[0] != losses[1]
+    assert_close("train.diff_loss (mean over the sets)", torch.stack(losses).mean(), io["train.diff_loss"],
+                 atol=1e-5, rtol=1e-5)
+
+
+@CASES
 def test_pipeline_parity(case):
     """The case folder as a --ckpt folder: config.yaml names the checkpoints and the sampler's settings (they must
     be the run's, as meta.json records them), and the pipeline with the recorded draws gives the run's image."""
@@ -333,6 +369,32 @@ def test_tiny_prompt_fidelity():
                                             shapes_score.readme_prompts(), seeds=[0, 1])
     colour = sum(shapes_score.score(i, c)["color"] for i, c in zip(images, captions))
     assert len(images) == 48 and score >= 4 / 48 and colour >= 36, (score * 48, colour)
+
+
+@committed(dcar.TINY_WEIGHTS)
+def test_tiny_prompt_in_capitals_draws_the_lower_case_image():
+    """"A Red Circle On A White Background" is the lower-case caption to the tiny model (its capitals were <unk>,
+    and the picture lost its colour): the same token ids in the committed and a freshly built tokenizer, and the
+    same image from the same seed."""
+    pipe = dcar.load_tiny()
+    upper, lower = "A Red Circle On A White Background", "a red circle on a white background"
+    for tok in (pipe.tokenizer, dcar.build_tiny_tokenizer()):
+        ids = tok.encode(upper).ids
+        assert ids == tok.encode(lower).ids and 2 not in ids  # 2: <unk>
+    images = [pipe.generate([p], generator=torch.Generator().manual_seed(0))[0] for p in (upper, lower)]
+    assert torch.equal(*images)
+
+
+@committed(dcar.TINY_WEIGHTS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tiny_runs_in_16_bits_on_the_cpu(dtype):
+    """--dtype float16 / bfloat16 on the CPU (both offered by --help) draws the float32 image up to rounding and the
+    few tokens it flips: it stopped with "mat1 and mat2 must have the same dtype" (the head, the tokenizer in
+    float32, the residual MLP)."""
+    prompt = ["a red circle on a white background"]
+    ref, img = (dcar.load_tiny(dtype=d).generate(prompt, generator=torch.Generator().manual_seed(0))[0].float()
+                for d in ("float32", dtype))
+    assert (img - ref).abs().mean() < 25, (img - ref).abs().mean()
 
 
 def test_tiny_tokenizer_reads_every_caption():

@@ -60,7 +60,7 @@ def worker(name, folder):
         f.write("\n".join(map(str, lines)))
 
 
-def torchrun(args, timeout=600):
+def torchrun(args, timeout=600, cwd=ROOT):
     """Two CPU processes under torchrun, killed if they hang. A hang is tried once more on a fresh port, and a
     second one fails the test: a run that takes seconds once stalled for 5 minutes in a fresh-clone CI run
     (2026-12-03, fast_dllm, both workers silent), and passed on every rerun."""
@@ -68,7 +68,7 @@ def torchrun(args, timeout=600):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), *args]
         try:
-            run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            run = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
             break
         except subprocess.TimeoutExpired:
             if attempt == 2:
@@ -90,10 +90,13 @@ def test_two_processes_end_with_identical_weights(name, tmp_path):
 
 
 def test_torchrun_command_line(tmp_path):
-    """`torchrun --nproc_per_node 2 dcae.py --train --train-steps N`, the README's command line, on the CPU."""
-    out = tmp_path / "tiny.safetensors"
-    torchrun(["dcae.py", "--train", "--train-steps", "3", "--train-out", str(out)])
-    assert out.exists()
+    """`torchrun --nproc_per_node 2 dcae.py --train --train-steps N`, the README's command line, on the CPU. Without
+    --train-out it writes the committed file's name in the working folder and leaves the committed weights alone."""
+    committed = os.path.join(ROOT, "weights", "dcae_tiny.safetensors")
+    before = open(committed, "rb").read()
+    torchrun([os.path.join(ROOT, "dcae.py"), "--train", "--train-steps", "3"], cwd=tmp_path)
+    assert (tmp_path / "dcae_tiny.safetensors").exists()
+    assert open(committed, "rb").read() == before
 
 
 if __name__ == "__main__":  # a rank of test_two_processes_end_with_identical_weights

@@ -294,6 +294,34 @@ def test_tiny_prompt_fidelity():
     assert round(fidelity * len(images)) >= 3 and colour >= 39, (fidelity * len(images), colour)
 
 
+@committed(hart.TINY_WEIGHTS)
+def test_tiny_prompt_in_capitals_draws_the_lower_case_image():
+    """"A Red Circle On A White Background" is the lower-case caption to the tiny model (its capitals were <unk>,
+    and the picture lost its colour): the same token ids in the committed and a freshly built tokenizer, and the
+    same image from the same seed."""
+    pipe = hart.load_tiny()
+    upper, lower = "A Red Circle On A White Background", "a red circle on a white background"
+    for tok in (pipe.tokenizer, hart.build_tiny_tokenizer()):
+        ids = tok.encode(upper).ids
+        assert ids == tok.encode(lower).ids and 1 not in ids  # 1: <unk>
+    images = [pipe.generate([p], generator=torch.Generator().manual_seed(0))[0] for p in (upper, lower)]
+    assert torch.equal(*images)
+
+
+@committed(hart.TINY_WEIGHTS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tiny_runs_in_16_bits_on_the_cpu(dtype):
+    """--dtype float16 / bfloat16 on the CPU (both offered by --help) draws the float32 image up to rounding (mean
+    0.6 of 255; 4-5 with --more-smooth, whose sharp softmax mixture rounds more): it stopped with "mat1 and mat2
+    must have the same dtype" (the head, the tokenizer in float32, the residual MLP, the smooth mixture)."""
+    prompt = ["a red circle on a white background"]
+    pipes = [hart.load_tiny(dtype=d) for d in ("float32", dtype)]
+    for smooth in (False, True):  # --more-smooth mixes the codebook by the softmax of the logits, in float32
+        ref, img = (pipe.generate(prompt, generator=torch.Generator().manual_seed(0), more_smooth=smooth)[0].float()
+                    for pipe in pipes)
+        assert (img - ref).abs().mean() < (8 if smooth else 1), (smooth, (img - ref).abs().mean())  # of 255
+
+
 def test_tiny_tokenizer_reads_every_caption():
     """Every training caption tokenizes without <unk> and fits the text length."""
     tok = hart.build_tiny_tokenizer()
