@@ -168,6 +168,10 @@ def get_preset(name):
 # ----------------------------------------------------------------------------------------------------------
 # 2. Modules. Parameter names follow diffusers' AutoencoderDC, so its files load without renames.
 # ----------------------------------------------------------------------------------------------------------
+# Sums and activations are written in place where their input is a fresh activation (`f(x).add_(x)`,
+# `SiLU(inplace=True)`): the same values, and one activation fewer to allocate, which on the CPU costs about as
+# much as the arithmetic (the fresh memory's page faults). Autograd keeps what backward needs, so training is
+# unchanged.
 
 
 class RMSNorm2d(nn.Module):
@@ -181,8 +185,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # mean over channels of x^2 as |x|^2 / C: vector_norm reads x once, where pow then mean would write x^2 first
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / xf.shape[1]  # (B, 1, H, W)
+        y = xf * torch.rsqrt(ms + self.eps)
+        return y.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -196,8 +202,8 @@ def make_norm(kind, channels):
     return {"rms": RMSNorm2d, "ln": LayerNorm2d, "bn": nn.BatchNorm2d}[kind](channels)
 
 
-def make_act(kind):
-    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+def make_act(kind):  # in place: every caller passes a fresh activation
+    return {"silu": nn.SiLU(inplace=True), "relu": nn.ReLU(inplace=True)}[kind]
 
 
 class ResBlock(nn.Module):
@@ -211,7 +217,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)
 
 
 class MultiScaleQKV(nn.Module):
@@ -251,15 +257,15 @@ class LiteMLA(nn.Module):
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
         qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
-        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.d)).transpose(2, 3)  # (B, heads, N, 3d): [q | k | v]
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each, views (no copy in either memory layout)
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, T', H, W), channels-last
         return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
@@ -275,7 +281,7 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        x = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))
         value, gate = x.chunk(2, dim=1)
         return self.norm(self.conv_point(value * F.silu(gate)))
 
@@ -289,8 +295,8 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.conv_out(x)
+        x = self.attn(x).add_(x)
+        return self.conv_out(x).add_(x)
 
 
 def make_block(kind, channels, cfg, norm="rms", act="silu"):
@@ -318,7 +324,7 @@ class DownBlock(nn.Module):
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
-            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+            y = y.add_(s.unflatten(1, (-1, self.group)).mean(dim=2))
         return y
 
 
@@ -337,13 +343,17 @@ class UpBlock(nn.Module):
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            y = y.add_(F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2))
         return y
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Model
 # ----------------------------------------------------------------------------------------------------------
+# Memory layout: the encoder and the decoder run channels-last ((B, H, W, C) in memory, the same (B, C, H, W)
+# tensors to every op), and hand back ordinary contiguous tensors. oneDNN's CPU convolutions (and cuDNN's tensor
+# cores) compute in that layout, so each conv saves two reorders of its input and output; every module reads the
+# same either way (docs/dcae.md has the timings).
 
 
 class Encoder(nn.Module):
@@ -366,13 +376,13 @@ class Encoder(nn.Module):
         self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
 
     def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # channels-last: see the note above Encoder
         for stage in self.down_blocks:
             x = stage(x)
         z = self.conv_out(x)
         if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
             z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
-        return z
+        return z.contiguous()
 
 
 class Decoder(nn.Module):
@@ -397,16 +407,23 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
 
     def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        z = z.contiguous(memory_format=torch.channels_last)  # channels-last: see the note above Encoder
         x = self.conv_in(z)
         if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 class DCAE(nn.Module):
-    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped).
+
+    Both take `tile`, the side of a square tile in pixels: an image (or the image of a latent) larger than that on
+    either side then goes through tile by tile, neighbours overlapping by `overlap` pixels that are cross-faded as
+    diffusers' AutoencoderDC does under enable_tiling() (its defaults: tile 512, overlap 64). The activations then
+    take the memory of one tile, whatever the image size; both numbers are multiples of f.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -422,15 +439,66 @@ class DCAE(nn.Module):
             raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
                              f"the spatial compression of this DC-AE")
 
-    def encode(self, x):
+    def encode(self, x, tile=None, overlap=None):  # (B, 3, H, W) -> (B, c, H/f, W/f)
         self._check(x)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(x.shape[2:]) > tile:
+            stride = tile - overlap  # pixels between tile starts
+            z = self.tiled(self.encoder, x, tile, stride, overlap // f, stride // f)
+            return z[:, :, :x.shape[2] // f, :x.shape[3] // f]
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, tile=None, overlap=None):  # (B, c, h, w) -> (B, 3, h f, w f)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(z.shape[2:]) * f > tile:
+            return self.tiled(self.decoder, z, tile // f, (tile - overlap) // f, overlap, tile - overlap)
         return self.decoder(z)
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    @staticmethod
+    def tile_overlap(tile, overlap, f):
+        """The overlap to tile with (None: 64 pixels, or one latent cell if more), after one sentence (ValueError) for
+        a tile or an overlap that is not a multiple of f, or an overlap as large as the tile."""
+        overlap = max(64, f) if overlap is None else overlap
+        if tile <= 0 or tile % f:
+            raise ValueError(f"the tile size must be a positive multiple of {f} pixels, the compression of this "
+                             f"DC-AE, not {tile}")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"the tile overlap must be a multiple of {f} pixels smaller than the tile ({tile}), "
+                             f"not {overlap}")
+        return overlap
+
+    @staticmethod
+    def tiled(net, x, tile, stride, blend, keep):
+        """net over the tiles x[:, :, i:i + tile, j:j + tile], i and j multiples of `stride` (the last tiles are
+        smaller); each output tile is cross-faded over `blend` rows and columns into its upper and left neighbours,
+        cut to its first `keep` rows and columns, and stitched. diffusers' tiled_encode / tiled_decode, holding
+        one row of tiles at a time instead of all of them."""
+        rows, above = [], []
+        for i in range(0, x.shape[2], stride):
+            row = []
+            for j in range(0, x.shape[3], stride):
+                t = net(x[:, :, i:i + tile, j:j + tile])
+                if above:
+                    DCAE.blend(above[len(row)], t, blend, dim=2)
+                if row:
+                    DCAE.blend(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2)
+
+    @staticmethod
+    def blend(a, b, extent, dim):
+        """Cross-fades the first `extent` rows (dim 2) or columns (dim 3) of tile b from the last ones of tile a, in
+        place: b_y <- a_(y - extent) (1 - y / extent) + b_y y / extent (diffusers' blend_v / blend_h)."""
+        extent = min(a.shape[dim], b.shape[dim], extent)
+        for y in range(extent):
+            b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -936,12 +1004,89 @@ def shapes_batch(n, seed, size=64):
     return x, captions
 
 
+# What a --train run says, so that anyone can rerun it on their own CPU: this CPU and the precision first, then the
+# plan with the time it took where it was timed, then one progress line per phase with an ETA, and, once ten steps
+# are timed, how long the whole run will take on this CPU (a slow CPU learns it in the first minute, and that
+# --train-steps shortens it).
+
+
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
 # The tiny default recipe: (phase, steps, batch, resolution, lr). Phase 2 adapts to 128 px; phase 4 refines the
 # whole decoder with the encoder frozen (a superset of phase 3's head), with the reconstruction loss only unless
 # --gan: the GAN trades PSNR for sharpness, and the tiny model's bars are PSNR and the shapes read back from its
 # reconstructions (docs/dcae.md gives both, and the designs this recipe replaced).
 TINY_RECIPE = ((1, 1300, 16, 64, 1.5e-3), (2, 40, 8, 128, 2e-4), (4, 500, 16, 64, 5e-4))
 TINY_THREADS = 2  # the recipe's: the result depends on the thread count
+TINY_REFERENCE = "a 2-core Xeon with AMX"  # where TINY_STEP_SECONDS were measured
+# phase -> seconds a step there: measured by scripts/time_tiny_recipes.py
+TINY_STEP_SECONDS = {1: 0.376, 2: 0.437, 4: 0.315}
 
 
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_RECIPE, gan=False):
@@ -955,7 +1100,11 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_R
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
-    log(f"training on cpu, float32, {threads} thread(s) per process, {world} process(es)")
+    log(cpu_summary(threads, world))
+    log("precision: float32 on every CPU (bfloat16 autocast would save ~15% a step with native bfloat16, and cost "
+        "~9x without it)")
+    progress = TrainProgress([(f"phase {phase}", steps or n, TINY_STEP_SECONDS.get(phase, 0.0))
+                              for phase, n, *_ in recipe], TINY_REFERENCE, log)
     torch.manual_seed(seed)
     cfg = PRESETS["tiny-f8c4-shapes"]
     model = DCAE(cfg)
@@ -975,14 +1124,13 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None, recipe=TINY_R
         if use_disc is not None and world > 1:
             use_disc = nn.parallel.DistributedDataParallel(disc)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if use_disc else None
+        progress.phase(f"phase {phase}")
         for i in range(phase_steps):
             data_seed = (seed * 1_000_003 + phase * 100_003 + i) * world + rank  # one stream per rank
             x, _ = shapes_batch(batch, seed=data_seed, size=res)
             loss, rec = train_step(net, x, opt, disc=use_disc, disc_opt=disc_opt)
             sched.step()
-            if i % 100 == 0 or i == phase_steps - 1:
-                log(f"phase {phase} | step {i:5d}/{phase_steps} | loss {loss:.4f} | psnr {psnr(rec, x).mean():.2f} dB "
-                    f"| {time.time() - t0:.0f}s")
+            progress.step(i, loss=float(loss), psnr=f"{psnr(rec, x).mean():.2f} dB")
     model.eval()
     # Latent scaling factor, as published models carry one: 1 / std of the latents of held-out images.
     with torch.no_grad():
@@ -1139,13 +1287,19 @@ def drawn_here(path):
         return False
 
 
+TILE = 512  # --tile's side alone, as diffusers' enable_tiling()
+AUTO_TILE_SIDE = 2048  # images of more pixels than AUTO_TILE_SIDE^2 are tiled unless --tile 0 (docs/dcae.md: memory)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="DC-AE: reconstruct an image (the tiny built-in model without --ckpt)")
     p.add_argument("--ckpt", help="published DC-AE folder (mit-han-lab or diffusers layout); default: the tiny model")
     p.add_argument("--model", help=f"preset for a --ckpt folder whose config does not name one: {', '.join(PRESETS)}")
     p.add_argument("--seed", type=int, default=0, help="random seed (the synthetic image; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", help="the reconstruction to write (default: <image>_rec.png, or shapes_rec.png)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -1154,6 +1308,12 @@ def build_parser():
     p.add_argument("--train-steps", type=int, default=None, help="with --train: N optimisation steps in each phase of "
                    "the recipe in place of its own counts (a quick check)")
     p.add_argument("--image", help="image to reconstruct (default: a synthetic shapes image, written beside --out)")
+    p.add_argument("--tile", type=int, nargs="?", const=TILE, default=None, metavar="PIXELS",
+                   help=f"encode and decode in square tiles of this side, a multiple of the compression, their overlap "
+                   f"cross-faded as in diffusers' AutoencoderDC (memory of one tile: docs/dcae.md); alone: {TILE}; 0: "
+                   f"never (default: tiles of {TILE} for images of more than {AUTO_TILE_SIDE}x{AUTO_TILE_SIDE} pixels)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PIXELS", help="with tiles: the overlap of "
+                   "neighbouring tiles, a multiple of the compression (default: 64, or one latent cell if larger)")
     research = p.add_argument_group("research options")
     research.add_argument("--gan", action="store_true",
                           help="with --train: add the PatchGAN loss in the decoder phases (3, 4)")
@@ -1166,7 +1326,9 @@ def check_args(args):
     if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
         raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train:
-        refuse_unused(args, ("--ckpt", "--model", "--out", "--image"), "with --train, which writes --train-out")
+        refuse_unused(args, ("--ckpt", "--model", "--out", "--image", "--tile", "--tile-overlap"),
+                      "with --train, which writes --train-out")
+        refuse_unused(args, ("--dtype",), "with --train, whose recipe trains in float32 on every CPU")
         if args.train_steps is not None and args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1")
         args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
@@ -1188,6 +1350,15 @@ def check_args(args):
     if args.source and os.path.exists(args.source) and not drawn_here(args.source):
         raise ValueError(f"{args.source} exists and is not a synthetic input drawn by dcae.py, which would write "
                          f"its input there: give another --out, or pass it as --image")
+
+
+def cli_tile(tile, overlap, f, height, width):
+    """--tile / --tile-overlap for an image of height x width: the tile side to encode and decode with (None: in one
+    pass), as given (0: never), or TILE above AUTO_TILE_SIDE^2 pixels; one sentence for sizes that a DC-AE of
+    compression f cannot tile with."""
+    tile = tile if tile is not None else TILE if height * width > AUTO_TILE_SIDE**2 else 0
+    DCAE.tile_overlap(tile or TILE, overlap, f)
+    return tile or None
 
 
 def input_image(args, multiple):
@@ -1214,12 +1385,18 @@ def main(argv=None):
         config = get_preset(args.model) if args.model else None
         model = from_pretrained(args.ckpt, config, device=device, dtype=dtype) if args.ckpt else \
             load_tiny(device=device, dtype=dtype)
-        x = input_image(args, model.cfg.compression)
+        f = model.cfg.compression
+        cli_tile(args.tile, args.tile_overlap, f, 0, 0)  # the tile sizes checked before the input is drawn
+        x = input_image(args, f)
+        tile = cli_tile(args.tile, args.tile_overlap, f, *x.shape[2:])
         with torch.no_grad():
-            z = model.encode(x.to(device, dtype))  # (1, c, H/f, W/f)
-            rec = model.decode(z).float().cpu()
+            z = model.encode(x.to(device, dtype), tile, args.tile_overlap)  # (1, c, H/f, W/f)
+            rec = model.decode(z, tile, args.tile_overlap).float().cpu()
         save_image(rec, args.out)
-        print(f"{tuple(x.shape[2:])} -> latent {tuple(z.shape[1:])} -> {args.out}: PSNR {psnr(rec, x).item():.2f} dB")
+        tiled = f", in tiles of {tile} overlapping by {DCAE.tile_overlap(tile, args.tile_overlap, f)}" \
+            if tile and max(x.shape[2:]) > tile else ""
+        print(f"{tuple(x.shape[2:])} -> latent {tuple(z.shape[1:])}{tiled} -> {args.out}: PSNR "
+              f"{psnr(rec, x).item():.2f} dB")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -585,7 +585,7 @@ def gumbel(u):
 
 @torch.no_grad()
 def generate(model, head, y, mask, steps=12, guidance=4.5, temperature=1.5, draws=None, diffusion_steps=32,
-             trace=None):
+             trace=None, callback=None):
     """Hybrid masked AR (paper Sec. 3.2; the official `generate`): `steps` MaskGIT rounds over the discrete tokens,
     then the residual tokens by the diffusion head on the last round's hidden states.
     y (B, L, context_dim) T5 features, mask (B, L). Returns ids (B, N) and residual tokens (B, N, C).
@@ -594,7 +594,7 @@ def generate(model, head, y, mask, steps=12, guidance=4.5, temperature=1.5, draw
     null caption), divided by the softmax temperature 0.5 + 0.8 (1 - r); candidates argmax(l + tau G), tau =
     temperature (1 - r); confidence = the candidate's logit + tau G' (a second draw); then the least confident
     floor(N arccos(r) / (pi / 2)) positions (counted on the first sample, at least 1, fewer than still masked)
-    are masked again, except in the last round."""
+    are masked again, except in the last round. callback(step, ids) runs after each round."""
     draws = draws or Draws()
     cfg = model.cfg
     B, N, V = y.shape[0], cfg.seq_len, cfg.codebook_size
@@ -618,11 +618,13 @@ def generate(model, head, y, mask, steps=12, guidance=4.5, temperature=1.5, draw
         confidence = score + tau * gumbel(draws.uniform(B, N).to(y.device))
         if step == steps - 1:
             ids = sampled
-            break
-        mask_len = math.floor(N * math.acos(r) / (math.pi / 2))
-        mask_len = max(1, min(int(is_mask[0].sum()) - 1, mask_len))
-        cut = confidence.sort(dim=-1).values[:, mask_len - 1:mask_len]
-        ids = torch.where(confidence <= cut, torch.full_like(sampled, V), sampled)
+        else:
+            mask_len = math.floor(N * math.acos(r) / (math.pi / 2))
+            mask_len = max(1, min(int(is_mask[0].sum()) - 1, mask_len))
+            cut = confidence.sort(dim=-1).values[:, mask_len - 1:mask_len]
+            ids = torch.where(confidence <= cut, torch.full_like(sampled, V), sampled)
+        if callback:
+            callback(step, ids)
     # the residual tokens: ancestral sampling of the head on the last round's hidden states, CFG on epsilon
     betas, timestep_map = respace(cosine_betas(), diffusion_steps)
     diffusion = Diffusion(betas, timestep_map)
@@ -837,8 +839,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # mean over channels of x^2 as |x|^2 / C: vector_norm reads x once, where pow then mean would write x^2 first
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / xf.shape[1]  # (B, 1, H, W)
+        y = xf * torch.rsqrt(ms + self.eps)
+        return y.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 # Copied from dcae.py: LayerNorm2d
@@ -855,8 +859,8 @@ def make_norm(kind, channels):
 
 
 # Copied from dcae.py: make_act
-def make_act(kind):
-    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+def make_act(kind):  # in place: every caller passes a fresh activation
+    return {"silu": nn.SiLU(inplace=True), "relu": nn.ReLU(inplace=True)}[kind]
 
 
 # Copied from dcae.py: ResBlock
@@ -871,7 +875,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)
 
 
 # Copied from dcae.py: MultiScaleQKV
@@ -913,15 +917,15 @@ class LiteMLA(nn.Module):
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
         qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
-        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.d)).transpose(2, 3)  # (B, heads, N, 3d): [q | k | v]
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each, views (no copy in either memory layout)
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, T', H, W), channels-last
         return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
@@ -938,7 +942,7 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        x = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))
         value, gate = x.chunk(2, dim=1)
         return self.norm(self.conv_point(value * F.silu(gate)))
 
@@ -953,8 +957,8 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.conv_out(x)
+        x = self.attn(x).add_(x)
+        return self.conv_out(x).add_(x)
 
 
 # Copied from dcae.py: make_block
@@ -984,7 +988,7 @@ class DownBlock(nn.Module):
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
-            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+            y = y.add_(s.unflatten(1, (-1, self.group)).mean(dim=2))
         return y
 
 
@@ -1004,7 +1008,7 @@ class UpBlock(nn.Module):
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            y = y.add_(F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2))
         return y
 
 
@@ -1029,13 +1033,13 @@ class Encoder(nn.Module):
         self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
 
     def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # channels-last: see the note above Encoder
         for stage in self.down_blocks:
             x = stage(x)
         z = self.conv_out(x)
         if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
             z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
-        return z
+        return z.contiguous()
 
 
 # Copied from dcae.py: Decoder
@@ -1061,12 +1065,13 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
 
     def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        z = z.contiguous(memory_format=torch.channels_last)  # channels-last: see the note above Encoder
         x = self.conv_in(z)
         if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 # Copied from dcae.py: _RENAMES
@@ -1172,7 +1177,13 @@ def save_weights(tensors, path, metadata=None):
 
 # Copied from dcae.py: DCAE
 class DCAE(nn.Module):
-    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped).
+
+    Both take `tile`, the side of a square tile in pixels: an image (or the image of a latent) larger than that on
+    either side then goes through tile by tile, neighbours overlapping by `overlap` pixels that are cross-faded as
+    diffusers' AutoencoderDC does under enable_tiling() (its defaults: tile 512, overlap 64). The activations then
+    take the memory of one tile, whatever the image size; both numbers are multiples of f.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -1188,15 +1199,66 @@ class DCAE(nn.Module):
             raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
                              f"the spatial compression of this DC-AE")
 
-    def encode(self, x):
+    def encode(self, x, tile=None, overlap=None):  # (B, 3, H, W) -> (B, c, H/f, W/f)
         self._check(x)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(x.shape[2:]) > tile:
+            stride = tile - overlap  # pixels between tile starts
+            z = self.tiled(self.encoder, x, tile, stride, overlap // f, stride // f)
+            return z[:, :, :x.shape[2] // f, :x.shape[3] // f]
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, tile=None, overlap=None):  # (B, c, h, w) -> (B, 3, h f, w f)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(z.shape[2:]) * f > tile:
+            return self.tiled(self.decoder, z, tile // f, (tile - overlap) // f, overlap, tile - overlap)
         return self.decoder(z)
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    @staticmethod
+    def tile_overlap(tile, overlap, f):
+        """The overlap to tile with (None: 64 pixels, or one latent cell if more), after one sentence (ValueError) for
+        a tile or an overlap that is not a multiple of f, or an overlap as large as the tile."""
+        overlap = max(64, f) if overlap is None else overlap
+        if tile <= 0 or tile % f:
+            raise ValueError(f"the tile size must be a positive multiple of {f} pixels, the compression of this "
+                             f"DC-AE, not {tile}")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"the tile overlap must be a multiple of {f} pixels smaller than the tile ({tile}), "
+                             f"not {overlap}")
+        return overlap
+
+    @staticmethod
+    def tiled(net, x, tile, stride, blend, keep):
+        """net over the tiles x[:, :, i:i + tile, j:j + tile], i and j multiples of `stride` (the last tiles are
+        smaller); each output tile is cross-faded over `blend` rows and columns into its upper and left neighbours,
+        cut to its first `keep` rows and columns, and stitched. diffusers' tiled_encode / tiled_decode, holding
+        one row of tiles at a time instead of all of them."""
+        rows, above = [], []
+        for i in range(0, x.shape[2], stride):
+            row = []
+            for j in range(0, x.shape[3], stride):
+                t = net(x[:, :, i:i + tile, j:j + tile])
+                if above:
+                    DCAE.blend(above[len(row)], t, blend, dim=2)
+                if row:
+                    DCAE.blend(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2)
+
+    @staticmethod
+    def blend(a, b, extent, dim):
+        """Cross-fades the first `extent` rows (dim 2) or columns (dim 3) of tile b from the last ones of tile a, in
+        place: b_y <- a_(y - extent) (1 - y / extent) + b_y y / extent (diffusers' blend_v / blend_h)."""
+        extent = min(a.shape[dim], b.shape[dim], extent)
+        for y in range(extent):
+            b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
 
 
 # Copied from dcae.py: DTYPES
@@ -1726,15 +1788,15 @@ class DCARPipeline:
         self.temperature, self.diffusion_steps = temperature, diffusion_steps
 
     @torch.no_grad()
-    def generate(self, prompts, steps=None, guidance=None, generator=None, draws=None):
+    def generate(self, prompts, steps=None, guidance=None, generator=None, draws=None, callback=None):
         """-> uint8 images (B, H, W, 3) on the CPU; `generator` (a CPU torch.Generator) draws every random number
-        (or `draws`, a Draws, hands them over)."""
+        (or `draws`, a Draws, hands them over); callback(step, ids) after each round."""
         device = self.model.pos_embed.device
         text = tokenize_t5(self.tokenizer, prompts, self.text_len).to(device)
         y = self.text_encoder(text)
         ids, residual = generate(self.model, self.head, y, (text != 0).long(), steps or self.steps,
                                  self.guidance if guidance is None else guidance, self.temperature,
-                                 draws or Draws(generator), self.diffusion_steps)
+                                 draws or Draws(generator), self.diffusion_steps, callback=callback)
         x = self.dcht.decode_tokens(ids, residual.to(y.dtype))
         if not torch.isfinite(x).all():  # it would be written as black
             raise ValueError("the image came out NaN or inf: broken weights, or a guidance scale too large for the "
@@ -1756,6 +1818,10 @@ class DCARPipeline:
 
 TINY_DCHT_STAGES = (("continuous", 100), ("discrete", 250), ("decoder", 400))  # steps of batch 16 per stage
 TINY_STEPS = 1200  # the generator's, batch 32
+TINY_REFERENCE = "a 2-core Xeon with AMX, in bfloat16"  # where TINY_STEP_SECONDS were measured
+# a step of each phase there, in seconds: measured by scripts/time_tiny_recipes.py
+TINY_STEP_SECONDS = {"continuous": 0.273, "discrete": 0.311, "decoder": 0.218, "tokenize": 20.5,
+                     "generator": 0.172}
 TINY_SAMPLE_STEPS = 8  # masked AR rounds for 64 tokens (chosen on the choice set: docs/dcar.md)
 TINY_GUIDANCE = 2.0  # g of l_c + g (l_c - l_u), chosen on the choice set (docs/dcar.md)
 TINY_TEXT_LEN = 10  # the longest caption, "three yellow triangles on a green background", is 7 words + </s>
@@ -1818,13 +1884,84 @@ def round_to_fp16(module):
             t.copy_(t.half())
 
 
-def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY_DCHT_STAGES, batch=16, lr=5e-4,
+# Copied from dcae.py: cpu_summary
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+# Copied from dcae.py: format_time
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+# Copied from dcae.py: TrainProgress
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
+def train_tiny_dcht(seed, out, progress, *, steps=None, stages=TINY_DCHT_STAGES, batch=16, lr=5e-4,
                     codebook_size=TINY_CODEBOOK, rank=0, world=1):
     """The tiny DC-HT from the committed tiny DC-AE, in float32: DC-HT's three stages (section 4), each with its own
     AdamW (`steps`: every stage runs that many steps in place of its count, a quick check). Rank 0 writes the weights
-    with their config in the metadata; returns the model."""
+    with their config in the metadata; returns the model. `progress` (TrainProgress) shows stage S as phase
+    "tokenizer S"."""
     torch.manual_seed(seed)
-    t0 = time.time()
     model, cfg = init_tiny_dcht(seed, codebook_size)
     model.train()
     g = torch.Generator().manual_seed(seed * world + rank)
@@ -1834,15 +1971,14 @@ def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY
         opt = torch.optim.AdamW(dcht_trainable(model, stage), lr=lr, weight_decay=0.0)
         if world > 1:  # a new wrapper per stage: each stage trains other parameters
             net = nn.parallel.DistributedDataParallel(net)
+        progress.phase(f"tokenizer {stage}")
         for i in range(n):
             x, _ = shapes_batch(batch, seed=(seed * 1_000_003 + s * 100_003 + i) * world + rank)
             loss = net(x, g)
             opt.zero_grad(set_to_none=True)
             loss["loss"].backward()
             opt.step()
-            if i % 100 == 0 or i == n - 1:
-                log(f"tokenizer, {stage} step {i:4d}/{n} | recon {loss['recon'].item():.4f} | quantizer "
-                    f"{loss['quantizer'].item():.4f} | {time.time() - t0:.0f}s")
+            progress.step(i, recon=loss["recon"].item(), quantizer=loss["quantizer"].item())
     model.eval().requires_grad_(False)
     round_to_fp16(model)  # what load_tiny_dcht reads
     if rank == 0:
@@ -1850,7 +1986,7 @@ def train_tiny_dcht(seed=0, out=TINY_DCHT, log=print, *, steps=None, stages=TINY
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_weights({k: (v.half() if v.is_floating_point() else v).contiguous()
                       for k, v in model.state_dict().items()}, out, metadata=meta)
-        log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+        progress.log(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
     return model
 
 
@@ -1917,22 +2053,30 @@ class JointLoss(nn.Module):
 
 
 
-def cpu_bf16(bf16=None):
-    """(whether to train in bf16 autocast, why): as asked, else where the CPU computes bf16 natively."""
+# Copied from sana.py: training_precision
+def training_precision(bf16=None):
+    """(bf16, why): whether a tiny recipe trains in bfloat16 autocast (float32 master weights): where the CPU computes
+    bf16 natively (AVX512-BF16 or AMX) and torch's kernels may use it, which is faster than float32 there; float32
+    elsewhere, where bf16 runs ~9x slower. True or False (--dtype with --train) forces either."""
     if bf16 is not None:
         return bf16, "as asked"
-    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return bf16, "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return False, "this CPU has no native bfloat16, which would run ~9x slower than float32"
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False, (f"torch's kernels are limited to {torch.backends.cpu.get_cpu_capability()} here "
+                       f"(ATEN_CPU_CAPABILITY), which has no native bfloat16")
+    return True, "this CPU computes bfloat16 natively (AVX512-BF16/AMX), faster than float32"
 
 
-def tiny_token_data(dcht, n_images, seed, log, t0):
+def tiny_token_data(dcht, n_images, seed, progress):
     """The generator's training set: n_images shapes images tokenized once by the frozen DC-HT, and their captions
     by the word-level tokenizer. -> ids (n, N), residual tokens (n, N, C), text ids (n, L), the tokenizer."""
+    progress.phase("tokenize")
     ids, residual, caps = shapes_tokens(dcht, n_images, seed)
     tok = build_tiny_tokenizer()
     text_ids = tokenize_t5(tok, caps, TINY_TEXT_LEN)
-    log(f"tokenized {n_images} images to {ids.shape[1]} tokens each (residual std {residual.std():.3f}, "
-        f"{(residual.abs() > TINY.vae_scale).float().mean():.2%} of it beyond vae_scale) in {time.time() - t0:.0f}s")
+    progress.step(0, images=n_images, tokens=ids.shape[1], **{"residual std": residual.std().item(), "beyond vae_scale":
+                  f"{(residual.abs() > TINY.vae_scale).float().mean():.2%}"})
     return ids, residual, text_ids, tok
 
 
@@ -1941,7 +2085,7 @@ def tiny_lr(step, steps, lr, warmup=100):
     return lr * min(1, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 
 
-def train_generator(joint, net, data, g, log, t0, *, steps, batch, lr, ema_decay, bf16):
+def train_generator(joint, net, data, g, progress, *, steps, batch, lr, ema_decay, bf16):
     """The joint loop over the tokenized data (ids, residual, text ids): `net` (JointLoss, DDP-wrapped or not) on
     random batches drawn from `g`, AdamW with gradient clipping at 1, an EMA of the weights; at the end the EMA,
     rounded to fp16, replaces the weights (what gets saved)."""
@@ -1950,6 +2094,7 @@ def train_generator(joint, net, data, g, log, t0, *, steps, batch, lr, ema_decay
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     draws = Draws(g)  # batches, masks and noise: one stream per rank
+    progress.phase("generator")
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = tiny_lr(step, steps, lr)
@@ -1965,8 +2110,7 @@ def train_generator(joint, net, data, g, log, t0, *, steps, batch, lr, ema_decay
         with torch.no_grad():
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+        progress.step(step, loss=loss.item())
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e.half())
@@ -1992,21 +2136,25 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, dcht_st
     torch.set_num_threads(max(1, 2 // world))  # more threads than cores stall OpenMP
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
-    bf16, why = cpu_bf16(bf16)
-    log(f"training on cpu: the tokenizer in float32, the generator in {'bfloat16 autocast' if bf16 else 'float32'} "
-        f"({why}), {world} process(es)")
+    bf16, why = training_precision(bf16)
+    log(cpu_summary(max(1, 2 // world), world))
+    log(f"precision: the tokenizer in float32, the generator in {'bfloat16 autocast' if bf16 else 'float32'}: {why}")
+    progress = TrainProgress([(f"tokenizer {stage}", dcht_steps or n, TINY_STEP_SECONDS[stage])
+                              for stage, n in TINY_DCHT_STAGES] +
+                             [("tokenize", 1, TINY_STEP_SECONDS["tokenize"] * n_images / 8192),
+                              ("generator", steps, TINY_STEP_SECONDS["generator"] * batch / 32)], TINY_REFERENCE, log)
     t0 = time.time()
-    dcht = train_tiny_dcht(seed, os.path.splitext(out)[0] + "_dcht.safetensors", log, steps=dcht_steps, rank=rank,
-                           world=world)
+    dcht = train_tiny_dcht(seed, os.path.splitext(out)[0] + "_dcht.safetensors", progress, steps=dcht_steps,
+                           rank=rank, world=world)
     torch.manual_seed(seed)
-    ids, residual, text_ids, tok = tiny_token_data(dcht, n_images, seed, log, t0)
+    ids, residual, text_ids, tok = tiny_token_data(dcht, n_images, seed, progress)
     te, model, head = T5Encoder(TINY_T5), DCAR(TINY), DiffusionHead(TINY)
     initialize_weights(model, head)
     joint = net = JointLoss(te, model, head)
     if world > 1:  # averages the gradients
         net = nn.parallel.DistributedDataParallel(joint)
     g = torch.Generator().manual_seed(seed * world + rank)
-    train_generator(joint, net, (ids, residual, text_ids), g, log, t0, steps=steps, batch=batch, lr=lr,
+    train_generator(joint, net, (ids, residual, text_ids), g, progress, steps=steps, batch=batch, lr=lr,
                     ema_decay=ema_decay, bf16=bf16)
     if rank == 0:
         save_tiny({"text_encoder": te, "generator": model, "head": head}, tok, out,
@@ -2049,6 +2197,28 @@ def load_tiny(path=TINY_WEIGHTS, *, device="cpu", dtype=torch.float32):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+# Copied from sana.py: StepProgress
+class StepProgress:
+    """A sampler's progress on the command line, on stderr (as tqdm's): called after step i (0-based) of `steps`, it
+    updates one line in place on a terminal (step, elapsed, ETA from the pace so far), and elsewhere prints a line
+    every 10 s and the last: a published model takes minutes an image on a CPU. Python callers pass no callback and
+    see nothing."""
+
+    def __init__(self, steps, label="sampling step"):
+        self.steps, self.label, self.live = steps, label, sys.stderr.isatty()
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, i, *_):
+        now, done = time.time(), i + 1
+        line = (f"{self.label} {done}/{self.steps} | {format_time(now - self.t0)} elapsed, ETA "
+                f"{format_time((now - self.t0) / done * max(0, self.steps - done))}")
+        if self.live:
+            print("\r" + line + "\x1b[K", end="\n" if done >= self.steps else "", file=sys.stderr, flush=True)
+        elif done >= self.steps or now - self.shown >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="DC-AR text-to-image (the tiny built-in model without --ckpt)",
                                 epilog=f"The tiny default model (no --ckpt) draws only {TINY_GRAMMAR}.")
@@ -2062,7 +2232,9 @@ def build_parser():
                    f"the model's: 4.5 for the published one, {TINY_GUIDANCE} for the tiny one)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the sampler's draws; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", default="dcar.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -2078,6 +2250,16 @@ def build_parser():
     return p
 
 
+# Copied from sana.py: train_bf16
+def train_bf16(dtype):
+    """--dtype with --train: None (training_precision decides), True (bfloat16 autocast) or False (float32); one
+    sentence for another type, which no tiny recipe trains in."""
+    if dtype and dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"with --train, --dtype is float32 or bfloat16 (autocast over float32 weights), not "
+                         f"{dtype[:40]!r}")
+    return {"float32": False, "bfloat16": True}.get(dtype)
+
+
 def check_args(args):
     """Refuse bad input in one sentence (ValueError / FileNotFoundError) before anything is loaded."""
     if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
@@ -2088,6 +2270,7 @@ def check_args(args):
         if args.train_steps is not None and args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1")
         args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
+        train_bf16(args.dtype)
         return
     resolve_dtype(args.dtype, resolve_device(args.device))  # --device and --dtype first, one sentence each
     refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
@@ -2129,12 +2312,14 @@ def main(argv=None):
         check_args(args)
         if args.train:
             train_tiny(seed=args.seed, out=args.train_out, steps=args.train_steps or TINY_STEPS,
-                       dcht_steps=args.train_steps)
+                       dcht_steps=args.train_steps, bf16=train_bf16(args.dtype))
             return
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         pipe = load(args, device, dtype)
         t0 = time.time()
-        img = pipe.generate([args.prompt], args.steps, args.guidance, torch.Generator().manual_seed(args.seed))[0]
+        progress = StepProgress(args.steps or pipe.steps, "round")
+        img = pipe.generate([args.prompt], args.steps, args.guidance, torch.Generator().manual_seed(args.seed),
+                            callback=progress)[0]
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance if args.guidance is None else args.guidance
         print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({img.shape[1]}x{img.shape[0]}, "

@@ -407,7 +407,7 @@ def training_step(net, opt, x0, prompt_lengths, mask_id, shifted=False):
 
 @torch.no_grad()
 def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="none", threshold=None, factor=None,
-             temperature=0.0, remasking="low_confidence", guidance=0.0, alg="entropy", eps=1e-3):
+             temperature=0.0, remasking="low_confidence", guidance=0.0, alg="entropy", eps=1e-3, callback=None):
     """Masked-diffusion sampling with Fast-dLLM's cache and parallel decoding, for LLaDA and Dream.
 
     prompt: (B, P) token ids, or a list of token sequences of different lengths (left-padded, see above).
@@ -424,6 +424,7 @@ def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="
     Dream only: alg (entropy, maskgit_plus, topk_margin: how confidence is measured without a threshold), eps (the
     last timestep of its schedule); Dream with cache="none" runs Dream's own sampler, which has no blocks (see
     generate_dream).
+    callback(i, n) runs after block i of n (Dream's own sampler: step i of n).
     Returns (x (B, P_max + gen_length), nfe = number of (batched) forwards); every row's answer is
     x[:, -gen_length:]."""
     dream = isinstance(model, Dream)
@@ -436,13 +437,14 @@ def generate(model, prompt, gen_length=128, block_length=32, steps=None, cache="
     mask = torch.full((prompt.shape[0], gen_length), model.cfg.mask_token_id, dtype=prompt.dtype, device=prompt.device)
     x = torch.cat([prompt, mask], dim=1)
     if dream:
-        return generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps)
+        return generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps,
+                              callback)
     return generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature,
-                          remasking, guidance)
+                          remasking, guidance, callback)
 
 
 def generate_llada(model, x, pad, gen_length, block_length, steps, cache, threshold, factor, temperature, remasking,
-                   guidance):
+                   guidance, callback=None):
     """LLaDA's semi-autoregressive sampler (ML-GSAI) and Fast-dLLM's cached / parallel versions of it."""
     mask_id, P = model.cfg.mask_token_id, x.shape[1] - gen_length
     num_blocks = gen_length // block_length
@@ -483,6 +485,8 @@ def generate_llada(model, x, pad, gen_length, block_length, steps, cache, thresh
             x[:, lo:lo + logits.shape[1]] = commit(win, cand, conf, eligible, None if parallel else quotas[i],
                                                    threshold, factor)
             i += 1
+        if callback:
+            callback(b, num_blocks)
     return x, nfe
 
 
@@ -542,7 +546,8 @@ def add_gumbel_noise(logits, temperature):
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
-def generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps):
+def generate_dream(model, x, pad, gen_length, block_length, steps, cache, threshold, alg, temperature, eps,
+                   callback=None):
     """Dream's samplers. Logits are shifted right by one (Dream predicts the next token).
     cache="none": Dream's own sampler (HKUNLP, generation_utils.py), no blocks. With timesteps t_i linearly from 1
       to eps, step i commits int(n (1 - t_{i+1} / t_i)) of the n remaining MASKs (all on the last step), the most
@@ -583,6 +588,8 @@ def generate_dream(model, x, pad, gen_length, block_length, steps, cache, thresh
                     keep = torch.stack(keep)
                     x[j, keep] = cand[j, keep]
             i += 1
+            if callback:
+                callback(i - 1, max(row_steps))
         return x, nfe
     num_blocks = gen_length // block_length
     steps_per_block = (steps or (num_blocks if threshold is not None else gen_length)) // num_blocks
@@ -614,6 +621,8 @@ def generate_dream(model, x, pad, gen_length, block_length, steps, cache, thresh
                 i += 1
             if not (x[:, s:e] == mask_id).any():
                 break
+        if callback:
+            callback(b, num_blocks)
     return x, nfe
 
 
@@ -1162,6 +1171,9 @@ TINY_EXAMPLE = "sort 8315"
 TINY_GEN_LENGTHS = (32, 32, 32, 64, 128)
 TINY_TOKENS_PER_STEP = 3072
 TINY_STEPS = 2400
+TINY_REFERENCE = "a 2-core Xeon with AMX"  # where TINY_STEP_SECONDS were measured
+# a training step of each family there: measured by scripts/time_tiny_recipes.py
+TINY_STEP_SECONDS = {"llada": 0.171, "dream": 0.158}
 TINY_PRESETS = {"llada": ("tiny-sort", TINY_WEIGHTS), "dream": ("tiny-sort-dream", TINY_DREAM_WEIGHTS)}
 
 
@@ -1221,6 +1233,77 @@ def tiny_batch(rng, tok, tokens=TINY_TOKENS_PER_STEP):
     return torch.tensor(rows), torch.full((batch_size,), prompt_len)
 
 
+# Copied from dcae.py: cpu_summary
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+# Copied from dcae.py: format_time
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+# Copied from dcae.py: TrainProgress
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
 def train_tiny(seed=0, out=None, log=print, *, steps=TINY_STEPS, lr=2e-3, arch="llada"):
     """Retrains a tiny default from the seed -> (model, tokenizer); writes the weights to `out` (default: the
     committed file of `arch`, llada or dream) and the tokenizer beside them (<name>_tokenizer.json). The same task,
@@ -1234,7 +1317,10 @@ def train_tiny(seed=0, out=None, log=print, *, steps=TINY_STEPS, lr=2e-3, arch="
     torch.use_deterministic_algorithms(True)
     rank, world = ddp_setup()
     log = log if rank == 0 else (lambda *a: None)
-    log(f"training the tiny {arch} on cpu, float32, 1 thread per process, {world} process(es)")
+    log(cpu_summary(1, world))
+    log("precision: float32 on every CPU (one thread: bit-reproducible, and the tiny model's matmuls are too small "
+        "for bfloat16 to pay)")
+    progress = TrainProgress([(f"train {arch}", steps, TINY_STEP_SECONDS[arch])], TINY_REFERENCE, log)
     # One stream per rank (one process: the seed itself). DDP copies rank 0's initial weights to every rank.
     torch.manual_seed(seed * world + rank)
     rng = random.Random(seed * world + rank)
@@ -1248,12 +1334,12 @@ def train_tiny(seed=0, out=None, log=print, *, steps=TINY_STEPS, lr=2e-3, arch="
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
+    progress.phase(f"train {arch}")
     for step in range(steps):
         x0, prompt_lengths = tiny_batch(rng, tok)
         loss = training_step(net, opt, x0, prompt_lengths, cfg.mask_token_id, shifted=arch == "dream")
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+        progress.step(step, loss=loss.item())
     model.eval()
     if rank == 0:
         tokenizer_path = os.path.splitext(out)[0] + "_tokenizer.json"
@@ -1318,6 +1404,28 @@ def tiny_accuracy(model, tok, problems, batch_size=1, **sampler_kwargs):
 FAST_DLLM = dict(cache="dual", threshold=0.9)  # the sampler when no sampler flag is given: DualCache, threshold 0.9
 
 
+# Copied from sana.py: StepProgress
+class StepProgress:
+    """A sampler's progress on the command line, on stderr (as tqdm's): called after step i (0-based) of `steps`, it
+    updates one line in place on a terminal (step, elapsed, ETA from the pace so far), and elsewhere prints a line
+    every 10 s and the last: a published model takes minutes an image on a CPU. Python callers pass no callback and
+    see nothing."""
+
+    def __init__(self, steps, label="sampling step"):
+        self.steps, self.label, self.live = steps, label, sys.stderr.isatty()
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, i, *_):
+        now, done = time.time(), i + 1
+        line = (f"{self.label} {done}/{self.steps} | {format_time(now - self.t0)} elapsed, ETA "
+                f"{format_time((now - self.t0) / done * max(0, self.steps - done))}")
+        if self.live:
+            print("\r" + line + "\x1b[K", end="\n" if done >= self.steps else "", file=sys.stderr, flush=True)
+        elif done >= self.steps or now - self.shown >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="LLaDA / Dream + Fast-dLLM: answer a prompt (a tiny sorting model "
                                             "without --ckpt)")
@@ -1335,7 +1443,9 @@ def build_parser():
                         "--cache none only)")
     p.add_argument("--seed", type=int, default=0, help="random seed (--temperature sampling; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", help="also write the answer to this .txt file")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -1414,6 +1524,7 @@ def run_train(args):
     refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--out", "--gen-length",
                          "--block-length", "--cache", "--threshold", "--factor", "--temperature", "--alg"),
                   "with --train, which writes --train-out")
+    refuse_unused(args, ("--dtype",), "with --train, whose recipe trains in float32 on every CPU")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     arch = args.arch or "llada"
@@ -1439,7 +1550,12 @@ def main(argv=None):
             model, tok = load_checkpoint(args.ckpt, run.config, device=device, dtype=dtype)
         torch.manual_seed(args.seed)
         t0 = time.time()
-        text, gen, nfe = answer(model, tok, run.prompt, run.template, **run.sampler)
+        progress = StepProgress(0, "decoding")
+
+        def show(i, n):  # the sampler knows the count: blocks, or Dream's own steps
+            progress.steps = n
+            progress(i)
+        text, gen, nfe = answer(model, tok, run.prompt, run.template, callback=show, **run.sampler)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.time() - t0

@@ -25,7 +25,7 @@ Inside, top to bottom (sections 1-5 are the whole method; the rest can be skippe
   9. Beyond the paper's core: SANA 1.5's CAME-8bit optimizer, depth growth, depth pruning and inference-time scaling
      (best of n by a judge's knockout tournament; the tiny model's judge reads the shapes scenes); the published
      HED ControlNets (`SanaControlNet`, in the original wiring and in diffusers', which differ), their loading and
-     the tiny ControlNet
+     the tiny ControlNet; LoRA fine-tuning on a folder of one's own images, in diffusers' LoRA file layout
  10. Tiny default: a word-level tokenizer for the shapes captions, `train_tiny` (AdamW, or CAME), `finetune_tiny`,
      `load_tiny` (any depth: grown or pruned too)
  11. CLI
@@ -45,6 +45,8 @@ Run:
   python sana.py --prompt "..." --tiny-weights sana_tiny_grown.safetensors   # ... then sampled
   python sana.py --train-controlnet                 # the tiny ControlNet, into ./sana_controlnet_tiny.safetensors
   python sana.py --prompt "two red circles on a blue background" --control scene.png     # steered by the committed one
+  python sana.py --train --data DIR --lora-rank 8 --train-out style.safetensors    # LoRA on your images (.txt captions)
+  python sana.py --prompt "two red circles on a blue background" --lora style.safetensors   # ... then sampled
 
 Shapes: B batch, C latent channels, H/W latent height/width (the image's pixels / f, f the DC-AE's compression;
         in the copied DC-AE, H/W are the image's), p patch size, h/w = H/p, W/p the token grid, N = h*w image
@@ -807,6 +809,22 @@ def refuse_unused(args, flags, mode):
         raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
 
 
+# Copied from dcae.py: TILE
+TILE = 512  # --tile's side alone, as diffusers' enable_tiling()
+# Copied from dcae.py: AUTO_TILE_SIDE
+AUTO_TILE_SIDE = 2048  # images of more pixels than AUTO_TILE_SIDE^2 are tiled unless --tile 0 (docs/dcae.md: memory)
+
+
+# Copied from dcae.py: cli_tile
+def cli_tile(tile, overlap, f, height, width):
+    """--tile / --tile-overlap for an image of height x width: the tile side to encode and decode with (None: in one
+    pass), as given (0: never), or TILE above AUTO_TILE_SIDE^2 pixels; one sentence for sizes that a DC-AE of
+    compression f cannot tile with."""
+    tile = tile if tile is not None else TILE if height * width > AUTO_TILE_SIDE**2 else 0
+    DCAE.tile_overlap(tile or TILE, overlap, f)
+    return tile or None
+
+
 # Copied from dcae.py: load_image
 def load_image(path, multiple):
     """An image file -> (1, 3, H, W) in [-1, 1], centre-cropped to a multiple of the compression. 16-bit images
@@ -1056,8 +1074,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # mean over channels of x^2 as |x|^2 / C: vector_norm reads x once, where pow then mean would write x^2 first
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / xf.shape[1]  # (B, 1, H, W)
+        y = xf * torch.rsqrt(ms + self.eps)
+        return y.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 # Copied from dcae.py: LayerNorm2d
@@ -1074,8 +1094,8 @@ def make_norm(kind, channels):
 
 
 # Copied from dcae.py: make_act
-def make_act(kind):
-    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+def make_act(kind):  # in place: every caller passes a fresh activation
+    return {"silu": nn.SiLU(inplace=True), "relu": nn.ReLU(inplace=True)}[kind]
 
 
 # Copied from dcae.py: ResBlock
@@ -1090,7 +1110,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)
 
 
 # Copied from dcae.py: MultiScaleQKV
@@ -1132,15 +1152,15 @@ class LiteMLA(nn.Module):
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
         qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
-        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.d)).transpose(2, 3)  # (B, heads, N, 3d): [q | k | v]
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each, views (no copy in either memory layout)
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, T', H, W), channels-last
         return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
@@ -1157,7 +1177,7 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        x = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))
         value, gate = x.chunk(2, dim=1)
         return self.norm(self.conv_point(value * F.silu(gate)))
 
@@ -1172,8 +1192,8 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.conv_out(x)
+        x = self.attn(x).add_(x)
+        return self.conv_out(x).add_(x)
 
 
 # Copied from dcae.py: make_block
@@ -1203,7 +1223,7 @@ class DownBlock(nn.Module):
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
-            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+            y = y.add_(s.unflatten(1, (-1, self.group)).mean(dim=2))
         return y
 
 
@@ -1223,7 +1243,7 @@ class UpBlock(nn.Module):
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            y = y.add_(F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2))
         return y
 
 
@@ -1248,13 +1268,13 @@ class Encoder(nn.Module):
         self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
 
     def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # channels-last: see the note above Encoder
         for stage in self.down_blocks:
             x = stage(x)
         z = self.conv_out(x)
         if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
             z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
-        return z
+        return z.contiguous()
 
 
 # Copied from dcae.py: Decoder
@@ -1280,17 +1300,24 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
 
     def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        z = z.contiguous(memory_format=torch.channels_last)  # channels-last: see the note above Encoder
         x = self.conv_in(z)
         if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 # Copied from dcae.py: DCAE
 class DCAE(nn.Module):
-    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped).
+
+    Both take `tile`, the side of a square tile in pixels: an image (or the image of a latent) larger than that on
+    either side then goes through tile by tile, neighbours overlapping by `overlap` pixels that are cross-faded as
+    diffusers' AutoencoderDC does under enable_tiling() (its defaults: tile 512, overlap 64). The activations then
+    take the memory of one tile, whatever the image size; both numbers are multiples of f.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -1306,15 +1333,66 @@ class DCAE(nn.Module):
             raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
                              f"the spatial compression of this DC-AE")
 
-    def encode(self, x):
+    def encode(self, x, tile=None, overlap=None):  # (B, 3, H, W) -> (B, c, H/f, W/f)
         self._check(x)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(x.shape[2:]) > tile:
+            stride = tile - overlap  # pixels between tile starts
+            z = self.tiled(self.encoder, x, tile, stride, overlap // f, stride // f)
+            return z[:, :, :x.shape[2] // f, :x.shape[3] // f]
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, tile=None, overlap=None):  # (B, c, h, w) -> (B, 3, h f, w f)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(z.shape[2:]) * f > tile:
+            return self.tiled(self.decoder, z, tile // f, (tile - overlap) // f, overlap, tile - overlap)
         return self.decoder(z)
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    @staticmethod
+    def tile_overlap(tile, overlap, f):
+        """The overlap to tile with (None: 64 pixels, or one latent cell if more), after one sentence (ValueError) for
+        a tile or an overlap that is not a multiple of f, or an overlap as large as the tile."""
+        overlap = max(64, f) if overlap is None else overlap
+        if tile <= 0 or tile % f:
+            raise ValueError(f"the tile size must be a positive multiple of {f} pixels, the compression of this "
+                             f"DC-AE, not {tile}")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"the tile overlap must be a multiple of {f} pixels smaller than the tile ({tile}), "
+                             f"not {overlap}")
+        return overlap
+
+    @staticmethod
+    def tiled(net, x, tile, stride, blend, keep):
+        """net over the tiles x[:, :, i:i + tile, j:j + tile], i and j multiples of `stride` (the last tiles are
+        smaller); each output tile is cross-faded over `blend` rows and columns into its upper and left neighbours,
+        cut to its first `keep` rows and columns, and stitched. diffusers' tiled_encode / tiled_decode, holding
+        one row of tiles at a time instead of all of them."""
+        rows, above = [], []
+        for i in range(0, x.shape[2], stride):
+            row = []
+            for j in range(0, x.shape[3], stride):
+                t = net(x[:, :, i:i + tile, j:j + tile])
+                if above:
+                    DCAE.blend(above[len(row)], t, blend, dim=2)
+                if row:
+                    DCAE.blend(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2)
+
+    @staticmethod
+    def blend(a, b, extent, dim):
+        """Cross-fades the first `extent` rows (dim 2) or columns (dim 3) of tile b from the last ones of tile a, in
+        place: b_y <- a_(y - extent) (1 - y / extent) + b_y y / extent (diffusers' blend_v / blend_h)."""
+        extent = min(a.shape[dim], b.shape[dim], extent)
+        for y in range(extent):
+            b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
 
 
 # Copied from dcae.py: config_from_diffusers with config_from_diffusers->dcae_config_from_diffusers
@@ -1672,17 +1750,18 @@ def check_size(height, width, f):
         raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}x{width}")
 
 
-def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1, tile=None):
     """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
     activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
-    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
-    float32 output image at the size asked."""
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv; pixels of one
+    tile when it decodes in tiles of side `tile`), or the float32 output image at the size asked."""
     f = vae_cfg.compression * cfg.patch_size
     gh, gw = generation_size(cfg, f, height, width)
     size = torch.finfo(dtype).bits // 8
     dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    th, tw = (min(gh, tile), min(gw, tile)) if tile else (gh, gw)
     stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
-    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (th >> i) * (tw >> i)
                                 for i, (c, kind, depth) in enumerate(stages) if depth > 0)
     image = batch * 3 * height * width * 4
     return 10 * max(dit, decode, image)
@@ -1698,6 +1777,8 @@ class Sana:
     chi: str = CHI  # None: no complex human instruction (the tiny default)
     max_len: int = MAX_TEXT_LEN
     guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+    vae_tile: int = None  # decode in tiles of this side in pixels (DCAE.decode; None: in one pass)
+    vae_tile_overlap: int = None  # their overlap in pixels (None: the DC-AE's default)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1705,10 +1786,10 @@ class Sana:
 
     @torch.no_grad()
     def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True, model=None):
+                 negative_prompt="", resolution_binning=True, model=None, callback=None):
         """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
         model(x, t, y, mask) -> v is the network the sampler calls, by default the transformer; a ControlNet
-        steers it from outside (control_model, section 9)."""
+        steers it from outside (control_model, section 9). callback(i, x) after each step (the CLI's progress)."""
         if any(not p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         f, cfg = self.compression, self.transformer.cfg
@@ -1731,8 +1812,9 @@ class Sana:
         model = model or self.transformer
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         x = solve(guided_velocity(lambda x, t, y, m: model(x.to(dtype), t, y, m), cond, uncond, scale), x, sigmas,
-                  timesteps)
-        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+                  timesteps, callback)
+        z = (x / self.vae_scale).to(next(self.vae.parameters()).dtype)
+        img = self.vae.decode(z, self.vae_tile, self.vae_tile_overlap).float()
         if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
             r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
@@ -2187,9 +2269,13 @@ def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CO
     in fp16) to `out` unless None, and returns it."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    bf16, why = training_precision(bf16)
+    log(cpu_summary(threads))
+    log(f"precision: {'bfloat16 autocast' if bf16 else 'float32'}: {why}")
+    progress = TrainProgress([("encode", 1, TINY_STEP_SECONDS["controlnet encode"] * n_images / 4096),
+                              ("train", steps, TINY_STEP_SECONDS["controlnet"] * batch / 32)], TINY_REFERENCE, log)
     t0 = time.time()
+    progress.phase("encode")
     transformer, te = pipe.transformer.eval().requires_grad_(False), pipe.text_encoder.eval().requires_grad_(False)
     controlnet = SanaControlNet.from_transformer(transformer, depth).train()
     z, control, captions = [], [], []
@@ -2202,10 +2288,10 @@ def train_controlnet_tiny(pipe, steps=TINY_CONTROLNET_STEPS, seed=0, out=TINY_CO
         ids, mask = tokenize(pipe.tokenizer, captions, TINY_TEXT_LEN)
         null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
         y, null_y = te(ids, mask), te(null_ids, null_mask)
-    log(f"encoded {n_images} scenes and their edge maps in {time.time() - t0:.0f}s")
+    progress.step(0, scenes=n_images)
     fit(ControlLoss(transformer, controlnet), list(controlnet.parameters()),
         (torch.cat(z), torch.cat(control), y, mask, null_y, null_mask), torch.Generator().manual_seed(seed), steps,
-        batch, lr, ema_decay, bf16, log, t0)
+        batch, lr, ema_decay, bf16, progress)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_weights({k: v.half() for k, v in controlnet.state_dict().items()}, out,
@@ -2257,6 +2343,271 @@ def steer_scenes(pipe, controlnet, x, captions, scale, seed=0, chunk=32):
     return np.concatenate(out)
 
 
+# LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685): adapt a model to one's
+# own images by training, beside each frozen target layer W (N, K), a low-rank update: W x + (alpha / r) B A x, with
+# A (r, K) and B (N, r), B zero at the start so that training starts from the base model. The file is the
+# PEFT/diffusers layout that SanaPipeline.load_lora_weights reads: `transformer.<module>.lora_A.weight` and
+# `.lora_B.weight` (our module names are diffusers', section 3, so no key is renamed), with peft's LoraConfig (r,
+# lora_alpha, target_modules) as JSON under the `lora_adapter_metadata` metadata key, as diffusers' save_lora_weights
+# writes it. The defaults are diffusers' examples/dreambooth/train_dreambooth_lora_sana.py's: rank 4, alpha 4, the
+# q, k and v of both attentions, AdamW at lr 1e-4 with weight decay 1e-4, a constant lr, gradients clipped at 1.
+# The training folder's latents and text features are computed once and cached; the loss is section 4's.
+
+LORA_TARGETS = ("to_q", "to_k", "to_v")  # peft's target_modules: a module whose name is one, or ends in "." + one
+LORA_METADATA = "lora_adapter_metadata"  # the safetensors metadata key of peft's LoraConfig (diffusers' lora_base)
+LORA_LR = 1e-4  # diffusers' default
+LORA_STEPS = 500  # a published model's default --train-steps: a DreamBooth-sized run
+# the tiny model's recipe (docs/sana.md, "LoRA" has what else was tried): alpha = rank (the update at scale 1), the
+# blocks' every linear layer and proj_out (each of the 16 tokens becomes a 2x2 latent patch there, so the look of an
+# object is drawn by the Mix-FFN and proj_out, not by the attentions alone); 1,600 steps of batch 16 at lr 1e-3
+# (warmup, cosine) and the base's training time shifts. Its run is minutes on 2 CPU cores.
+TINY_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted", "ff.conv_point", "proj_out")
+TINY_LORA_STEPS, TINY_LORA_LR, TINY_LORA_BATCH = 1600, 1e-3, 16
+TINY_LORA_SECONDS = {"cache": 0.0, "fine-tune": 0.0}  # on TINY_REFERENCE: caching 1,024 images, a step
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class LoRA(nn.Module):
+    """A frozen nn.Linear or 1x1 nn.Conv2d, its weight and bias kept under their own key names, plus the update
+    y += (alpha / r) B(A(x)) (peft's lora.Linear / lora.Conv2d: A and B are layers of the base's kind, so their keys
+    and shapes are peft's). The branch runs in A's dtype (float32 beside a bfloat16 model), as peft's does."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.conv = isinstance(base, nn.Conv2d)
+        self.weight, self.bias = base.weight, base.bias
+        N, K = base.weight.shape[:2]
+        layer = (lambda i, o: nn.Conv2d(i, o, 1, bias=False)) if self.conv else (lambda i, o: nn.Linear(i, o, bias=False))
+        self.lora_A, self.lora_B = layer(K, rank), layer(rank, N)
+        nn.init.normal_(self.lora_A.weight, std=1 / rank)  # peft's init_lora_weights="gaussian", diffusers' choice
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x):  # (..., K) -> (..., N), or (B, K, h, w) -> (B, N, h, w)
+        y = F.conv2d(x, self.weight, self.bias) if self.conv else F.linear(x, self.weight, self.bias)
+        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
+
+
+def adaptable(m):
+    """LoRA here adapts nn.Linear and 1x1 nn.Conv2d layers (Mix-FFN's conv_inverted and conv_point)."""
+    return isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+
+
+def lora_targets(model, targets):
+    """{name: layer} of the model's layers that `targets` names, matched as peft matches target_modules ("to_q": every
+    block's attn1.to_q and attn2.to_q); one sentence for a name that matches nothing, or a layer LoRA cannot adapt."""
+    found = {}
+    for t in targets:
+        hits = {n: m for n, m in model.named_modules() if n == t or n.endswith("." + t)}
+        if not hits:
+            raise ValueError(f"--lora-targets: {t!r} names no layer of the transformer (e.g. to_q, to_k, to_v, "
+                             f"to_out.0, ff.conv_inverted, ff.conv_point)")
+        bad = [n for n, m in hits.items() if not adaptable(m)]
+        if bad:
+            raise ValueError(f"--lora-targets: {bad[0]} is not a linear layer (nn.Linear or a 1x1 convolution), "
+                             f"which is what LoRA adapts here")
+        found.update(hits)
+    return found
+
+
+def add_lora(model, targets=LORA_TARGETS, rank=4, alpha=4.0):
+    """Freezes `model` and puts a fresh LoRA of (rank, alpha) on each target layer, in place. Returns its parameters."""
+    model.requires_grad_(False)
+    for name, m in lora_targets(model, targets).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRA(m, rank, alpha).to(m.weight.device))
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def save_lora(model, path, rank, alpha, targets):
+    """The model's LoRA tensors (float32) in diffusers' layout, with peft's config in the metadata (atomically)."""
+    sd = {f"transformer.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "init_lora_weights": "gaussian"}
+    save_weights(sd, path, {"format": "pt", LORA_METADATA: json.dumps({f"transformer.{k}": v for k, v in
+                                                                       config.items()}, indent=2, sort_keys=True)})
+
+
+def read_lora(path):
+    """A LoRA file, sana.py's or one saved by diffusers/peft -> {module name: (A (r, K), B (N, r), alpha / r)}, A and B
+    2-D (a convolution's (r, K, 1, 1) flattened). Keys may start with "transformer." (diffusers' save_lora_weights),
+    "base_model.model." (peft's save_pretrained) or neither (save_lora_adapter). alpha comes from peft's config in
+    the metadata (lora_alpha, alpha_pattern), else equals the rank (diffusers' rule for a file without one: scale 1).
+    One sentence for a file that is not such a LoRA."""
+    sd = read_weights(path)
+    if not path.endswith(".safetensors") or not sd:
+        raise ValueError(f"--lora {path} is not a LoRA .safetensors file (diffusers' save_lora_weights writes one)")
+    config = json.loads(read_metadata(path).get(LORA_METADATA) or "{}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"--lora {path} is a {'DoRA' if config.get('use_dora') else 'rsLoRA'}, which sana.py does "
+                         f"not implement (plain LoRA only)")
+    pairs = {}
+    for key, v in sd.items():
+        m = re.fullmatch(r"(?:transformer\.|base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ValueError(f"--lora {path}: {key} is not a LoRA key (<module>.lora_A.weight / .lora_B.weight)")
+        pairs.setdefault(m[1], {})[m[2]] = v.float().flatten(1)
+    layers = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
+            raise ValueError(f"--lora {path}: {name} needs a lora_A (r, K) and a lora_B (N, r) of the same rank r")
+        r = ab["A"].shape[0]
+        alpha = next((a for p, a in config.get("alpha_pattern", {}).items() if re.fullmatch(rf"(.*\.)?({p})", name)),
+                     config.get("lora_alpha", r))
+        layers[name] = (ab["A"], ab["B"], alpha / r)
+    return layers
+
+
+def apply_lora(model, layers, scale=1.0, path="the LoRA"):
+    """Puts the LoRA layers of read_lora(path) on the model's, each update times `scale` (diffusers' lora scale,
+    attention_kwargs={"scale": s}); one sentence for a layer the model lacks or a shape that does not fit."""
+    own = dict(model.named_modules())
+    for name, (A, B, s) in layers.items():
+        m = own.get(name)
+        if m is None or not adaptable(m):
+            raise ValueError(f"--lora {path} adapts {name}, which this model does not have as a linear layer: a LoRA "
+                             f"for another model?")
+        N, K = m.weight.shape[:2]
+        if A.shape[1] != K or B.shape[0] != N:
+            raise ValueError(f"--lora {path}: {name} is ({N}, {K}) in this model, the LoRA's is ({B.shape[0]}, "
+                             f"{A.shape[1]}): a LoRA for another model?")
+        lora = LoRA(m, A.shape[0], 1.0)
+        lora.lora_A.weight.data = A.reshape(lora.lora_A.weight.shape).to(m.weight)
+        lora.lora_B.weight.data = B.reshape(lora.lora_B.weight.shape).to(m.weight)
+        lora.scale = s * scale
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lora.requires_grad_(False))
+    return model
+
+
+def read_image_folder(folder):
+    """The (image path, caption) pairs of a training folder, in either convention of diffusers' examples: a caption
+    file beside each image with the same stem (cat.png + cat.txt), or an imagefolder metadata.jsonl whose lines hold
+    file_name and text. One sentence naming the file for a folder without images, an image without a caption, an
+    empty caption or a bad metadata line."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--data {folder} is not a folder of images")
+    images = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    jsonl = os.path.join(folder, "metadata.jsonl")
+    captions = {}
+    if os.path.isfile(jsonl):
+        with open(jsonl, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                    if row is not None:
+                        captions[os.path.normpath(row["file_name"])] = str(row["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{jsonl}, line {i}: not a JSON object with file_name and text") from None
+        for name in captions:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise ValueError(f"{jsonl} names {name}, which is not in {folder}")
+        images = sorted(set(images) | set(captions))
+    else:
+        for name in images:
+            txt = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+            if os.path.isfile(txt):
+                with open(txt, encoding="utf-8", errors="replace") as f:
+                    captions[name] = f.read().strip()
+    if not images:
+        raise ValueError(f"--data {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for name in images:
+        if name not in captions:
+            raise ValueError(f"{os.path.join(folder, name)} has no caption: put {os.path.splitext(name)[0]}.txt beside "
+                             f"it, or list it in metadata.jsonl (file_name, text)")
+        if not captions[name].strip():
+            raise ValueError(f"the caption of {os.path.join(folder, name)} is empty")
+    return [(os.path.join(folder, name), captions[name].strip()) for name in images]
+
+
+def load_training_image(path, side):
+    """An image file -> (3, side, side) in [-1, 1]: its shorter side resized to `side` (bilinear), then centre-cropped
+    to a square, as diffusers' examples do with --center_crop (no aspect-ratio bucketing). One sentence naming a file
+    that cannot be read as an image."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read {path} as an image ({str(e)[:80]})") from None
+    w, h = img.size
+    r = side / min(w, h)
+    img = img.resize((max(side, round(w * r)), max(side, round(h * r))), Image.BILINEAR)
+    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, side, side)
+
+
+def finetune(pipe, images, captions, steps, progress, *, lora=(4, 4.0, LORA_TARGETS), lr=LORA_LR, batch=4,
+             shift=None, cosine=False, bf16=False, seed=0):
+    """Fine-tunes pipe.transformer in place on images (n, 3, H, W) in [-1, 1] and their captions: with a LoRA of
+    lora = (rank, alpha, targets) on it (the base frozen), or all of its weights when lora is None. The DC-AE
+    latents and the text features are computed once (both frozen; the phase "cache" of `progress`, a TrainProgress);
+    then `steps` steps (its phase "fine-tune") of section 4's loss on batches drawn from them (10% of captions
+    dropped for CFG), AdamW (weight decay 1e-4), gradients clipped at 1, at a constant lr (diffusers') or, with
+    `cosine`, fit's schedule (linear warmup, here over 50 steps, then cosine decay to 10%); bf16: in bfloat16
+    autocast. shift: the training time shift(s) (default: the model's sampling shift). Returns the losses."""
+    model = pipe.transformer
+    device, dtype = model.proj_out.weight.device, model.proj_out.weight.dtype
+    progress.phase("cache")
+    with torch.no_grad():  # the cache: (n, C, h, w) scaled latents, (n, L, Dy) text states
+        vae_dtype = next(pipe.vae.parameters()).dtype
+        z = torch.cat([pipe.vae.encode(x.to(device, vae_dtype)).float() for x in images.split(16)]) * pipe.vae_scale
+        y, mask = encode_prompts(pipe.text_encoder, pipe.tokenizer, captions, pipe.max_len, pipe.chi)
+        null_y, null_mask = encode_prompts(pipe.text_encoder, pipe.tokenizer, [""], pipe.max_len, chi=None)
+    progress.step(0, images=len(z), latents=str(tuple(z.shape[1:])), text=str(tuple(y.shape[1:])))
+    params = add_lora(model, lora[2], lora[0], lora[1]) if lora else list(model.requires_grad_(True).parameters())
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    g = torch.Generator(device).manual_seed(seed)
+    net = lambda x, t, y, m: model(x.to(dtype), t, y.to(dtype), m)  # noqa: E731  latents and noise stay float32
+    shift = model.cfg.flow_shift if shift is None else shift
+    losses = []
+    progress.phase("fine-tune")
+    for step in range(steps):
+        if cosine:
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        idx = torch.randint(len(z), (min(batch, len(z)),), generator=g, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = training_loss(net, z[idx], y[idx], mask[idx], null_y, null_mask, generator=g, shift=shift)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        progress.step(step, loss=sum(losses[-50:]) / len(losses[-50:]))
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def lora_step_bytes(cfg, height, width, dtype=torch.bfloat16, rank=4, targets=LORA_TARGETS, batch=1,
+                    text_len=MAX_TEXT_LEN, f=32):
+    """Peak memory of one LoRA training step, in bytes, computed from the model built on the meta device: {"weights":
+    the frozen transformer in `dtype`, "lora": the LoRA's float32 weights, gradients and AdamW's two moments, 16 bytes
+    a parameter, "activations": the tensors autograd saves for the backward pass (a forward at batch `batch`, the
+    latent of height x width pixels at compression f, text_len text tokens, none padding), counted by
+    saved_tensors_hooks}. The DC-AE and the text encoder are not in it (the cache is computed before training)."""
+    with torch.device("meta"):
+        model = SanaTransformer(cfg).to(dtype)
+        params = add_lora(model, targets, rank, 4.0)
+        frozen = {id(p) for p in model.parameters()}
+        x = torch.zeros(batch, cfg.in_channels, height // f, width // f, dtype=dtype)
+        y = torch.zeros(batch, text_len, cfg.caption_channels, dtype=dtype)
+        saved = {}
+
+        def pack(t):  # a view keeps its whole base alive; a tensor saved by several ops (x by q, k, v) counts once
+            base = t._base if t._base is not None else t
+            if id(base) not in frozen:  # the weights autograd keeps a hold of are the model's own, counted already
+                saved[id(base)] = base.numel() * base.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, torch.zeros(batch), y)  # the graph (and so every id in `saved`) lives while out does
+        activations = sum(saved.values())
+        del out
+    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
+            "lora": 16 * sum(p.numel() for p in params), "activations": activations}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 10. Tiny default: shapes latents, train_tiny, load_tiny
 # ----------------------------------------------------------------------------------------------------------
@@ -2266,6 +2617,10 @@ def steer_scenes(pipe, controlnet, x, captions, scale, seed=0, chunk=32):
 TINY_GEMMA = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16)
 TINY_STEPS = 2800  # the recipe's
+TINY_REFERENCE = "a 2-core Xeon with AMX, in bfloat16"  # where TINY_STEP_SECONDS were measured
+# a step of each phase there, in seconds: measured by scripts/time_tiny_recipes.py (the ControlNet's phases likewise,
+# from a 12-step train_controlnet_tiny)
+TINY_STEP_SECONDS = {"encode": 31.4, "train": 0.241, "controlnet encode": 28.5, "controlnet": 0.0877}
 TINY_GROW_STEPS = 400  # --grow's training steps (scripts/bench_sana_growth.py's)
 # the peak learning rate of each optimizer (make_optimizer): CAME, without Adam's bias correction, takes early steps
 # several times larger than Adam's at the same lr (docs/sana.md)
@@ -2346,14 +2701,100 @@ def tiny_pipeline(transformer, text_encoder, tokenizer, vae):
                 max_len=TINY_TEXT_LEN, guidance_scale=2.0)
 
 
-def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0, optimizer="adamw"):
+# Copied from dcae.py: cpu_summary
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+# Copied from dcae.py: format_time
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+# Copied from dcae.py: TrainProgress
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
+def training_precision(bf16=None):
+    """(bf16, why): whether a tiny recipe trains in bfloat16 autocast (float32 master weights): where the CPU computes
+    bf16 natively (AVX512-BF16 or AMX) and torch's kernels may use it, which is faster than float32 there; float32
+    elsewhere, where bf16 runs ~9x slower. True or False (--dtype with --train) forces either."""
+    if bf16 is not None:
+        return bf16, "as asked"
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return False, "this CPU has no native bfloat16, which would run ~9x slower than float32"
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False, (f"torch's kernels are limited to {torch.backends.cpu.get_cpu_capability()} here "
+                       f"(ATEN_CPU_CAPABILITY), which has no native bfloat16")
+    return True, "this CPU computes bfloat16 natively (AVX512-BF16/AMX), faster than float32"
+
+
+def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, progress, optimizer="adamw", phase="train"):
     """The tiny recipe's loop over data = (per-sample tensors (latents, ids, mask, ...), null ids, null mask): the
     optimizer named (make_optimizer: AdamW, CAME or CAME-8bit), linear warmup then cosine decay to 10%, bf16 autocast
     (fp32 master weights), gradients clipped at 1, an EMA of the weights, which ends in the parameters rounded to fp16
-    (what the weights file holds)."""
+    (what the weights file holds). `progress` (TrainProgress) shows the steps as its `phase`."""
     *samples, null_ids, null_mask = data
     ema = [p.detach().clone() for p in params]
     opt = make_optimizer(optimizer, params, lr)
+    progress.phase(phase)
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to 10%
             group["lr"] = lr * min(1, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
@@ -2367,8 +2808,7 @@ def fit(net, params, data, g, steps, batch, lr, ema_decay, bf16, log, t0, optimi
         with torch.no_grad():  # EMA of the weights: what gets saved
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+        progress.step(step, loss=loss.item())
     with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
         for e, p in zip(ema, params):
             p.copy_(e.half())
@@ -2391,22 +2831,21 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
-    why = "as asked"
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        why = "AVX512-BF16/AMX" if bf16 else "this CPU has no native bfloat16"
-    precision = f"{'bfloat16 autocast' if bf16 else 'float32'} ({why})"
-    log(f"training on cpu, {precision}, {threads} thread(s) per process, {world} process(es), {optimizer} at lr "
-        f"{lr:g}")
+    bf16, why = training_precision(bf16)
+    log(cpu_summary(threads, world))
+    log(f"precision: {'bfloat16 autocast' if bf16 else 'float32'}: {why}; {optimizer} at lr {lr:g}")
+    progress = TrainProgress([("encode", 1, TINY_STEP_SECONDS["encode"] * n_images / 12288),
+                              ("train", steps, TINY_STEP_SECONDS["train"] * batch / 128)], TINY_REFERENCE, log)
     torch.manual_seed(seed)
     t0 = time.time()
+    progress.phase("encode")
     vae = load_tiny_dcae()
     z, caps = shapes_latents(vae, n_images, seed)
     z = z * vae.cfg.scaling_factor  # ~unit-variance latents, as SANA's 0.41407 for DC-AE f32c32
     tok = build_tiny_tokenizer()
     ids, mask = tokenize(tok, caps, TINY_TEXT_LEN)
     null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
-    log(f"encoded {n_images} images to latents {tuple(z.shape[1:])} (std {z.std():.2f}) in {time.time() - t0:.0f}s")
+    progress.step(0, images=n_images, latents=f"{tuple(z.shape[1:])} of std {z.std():.2f}")
     # y_norm starts at 1, not 0.01: the official value scales the text encoder's gradients by 0.01 too, which
     # a frozen pretrained Gemma does not mind but the tiny one, trained from scratch with the DiT, does
     te, model = Gemma2(TINY_GEMMA), initialize_weights(SanaTransformer(PRESETS["tiny"]), y_norm_scale=1.0)
@@ -2423,7 +2862,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, batch=1
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     params = list(model.parameters()) + list(te.parameters())
     g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
-    fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, log, t0, optimizer)
+    fit(net, params, (z, ids, mask, null_ids, null_mask), g, steps, batch, lr, ema_decay, bf16, progress, optimizer)
     if rank == 0:
         save_tiny(tiny_pipeline(model, te, tok, vae), out, seed=seed, steps=steps, batch=batch, lr=lr,
                   optimizer=optimizer)
@@ -2438,25 +2877,25 @@ def finetune_tiny(pipe, steps, seed=0, log=print, *, batch=128, lr=1e-3, n_image
     shapes latents; the text encoder trains along. Returns the pipeline, its weights the EMA rounded to fp16."""
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    t0 = time.time()
+    bf16, why = training_precision(bf16)
+    log(f"fine-tuning in {'bfloat16 autocast' if bf16 else 'float32'}: {why}")
+    progress = TrainProgress([("fine-tune", steps, TINY_STEP_SECONDS["train"] * batch / 128)], TINY_REFERENCE, log)
     model, te = pipe.transformer.train(), pipe.text_encoder.train()
     z, caps = shapes_latents(pipe.vae, n_images, seed + 1)
     ids, mask = tokenize(pipe.tokenizer, caps, TINY_TEXT_LEN)
     null_ids, null_mask = tokenize(pipe.tokenizer, [""], TINY_TEXT_LEN)
     params = list(model.parameters()) + list(te.parameters())
     fit(JointLoss(model, te, TINY_TRAIN_SHIFT), params, (z * pipe.vae_scale, ids, mask, null_ids, null_mask),
-        torch.Generator().manual_seed(seed), steps, batch, lr, 0.99, bf16, log, t0)
+        torch.Generator().manual_seed(seed), steps, batch, lr, 0.99, bf16, progress, phase="fine-tune")
     return tiny_pipeline(model, te, pipe.tokenizer, pipe.vae)
 
 
-def grow_tiny(weights, depth, out, steps=TINY_GROW_STEPS, seed=0, lr=3e-3, log=print):
+def grow_tiny(weights, depth, out, steps=TINY_GROW_STEPS, seed=0, lr=3e-3, log=print, bf16=None):
     """`--train --grow`: the tiny model of `weights` grown to `depth` blocks (grow_depth) and trained `steps` steps
     with the tiny recipe's loss (finetune_tiny, at the recipe's peak lr), written to `out`. Returns the pipeline."""
     pipe = load_tiny(weights)
     grown = tiny_pipeline(grow_depth(pipe.transformer, depth), pipe.text_encoder, pipe.tokenizer, pipe.vae)
-    grown = finetune_tiny(grown, steps, seed=seed, log=log, lr=lr)
+    grown = finetune_tiny(grown, steps, seed=seed, log=log, lr=lr, bf16=bf16)
     save_tiny(grown, out, seed=seed, steps=steps, lr=lr, grown_from=os.path.basename(weights))
     log(f"grew {os.path.basename(weights)} to {depth} blocks, trained {steps} steps: wrote {out}")
     return grown
@@ -2606,12 +3045,34 @@ def available_memory(device):
     return None
 
 
-def check_memory(cfg, vae_cfg, height, width, dtype, device):
-    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
-    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+def check_memory(cfg, vae_cfg, height, width, dtype, device, tile=None):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free (its
+    DC-AE decoding in tiles of side `tile`, if given)."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype, tile=tile), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
                          f"GB is available on {device}: ask for a smaller --height/--width")
+
+
+class StepProgress:
+    """A sampler's progress on the command line, on stderr (as tqdm's): called after step i (0-based) of `steps`, it
+    updates one line in place on a terminal (step, elapsed, ETA from the pace so far), and elsewhere prints a line
+    every 10 s and the last: a published model takes minutes an image on a CPU. Python callers pass no callback and
+    see nothing."""
+
+    def __init__(self, steps, label="sampling step"):
+        self.steps, self.label, self.live = steps, label, sys.stderr.isatty()
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, i, *_):
+        now, done = time.time(), i + 1
+        line = (f"{self.label} {done}/{self.steps} | {format_time(now - self.t0)} elapsed, ETA "
+                f"{format_time((now - self.t0) / done * max(0, self.steps - done))}")
+        if self.live:
+            print("\r" + line + "\x1b[K", end="\n" if done >= self.steps else "", file=sys.stderr, flush=True)
+        elif done >= self.steps or now - self.shown >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
 
 
 def build_parser():
@@ -2628,7 +3089,9 @@ def build_parser():
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the initial noise; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", default="sana.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -2641,6 +3104,36 @@ def build_parser():
     p.add_argument("--negative", default="", help="negative prompt (default: none)")
     p.add_argument("--tiny-weights", default=TINY_WEIGHTS, help="without --ckpt: the tiny model's weights, e.g. "
                    "a grown one (default: the committed ones)")
+    p.add_argument("--tile", type=int, nargs="?", const=TILE, default=None, metavar="PIXELS",
+                   help=f"decode the latent in square tiles of this side, a multiple of the DC-AE's compression, their "
+                   f"overlap cross-faded as in diffusers' AutoencoderDC (memory of one tile: docs/dcae.md); alone: "
+                   f"{TILE}; 0: never (default: tiles of {TILE} for images of more than {AUTO_TILE_SIDE}x"
+                   f"{AUTO_TILE_SIDE} pixels)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PIXELS", help="with tiles: the overlap of "
+                   "neighbouring tiles, a multiple of the DC-AE's compression (default: 64, or one latent cell if "
+                   "larger)")
+    o = p.add_argument_group("your own images", "fine-tune on a folder of images with LoRA (section 9), and sample with "
+                             "the result")
+    o.add_argument("--data", help="with --train: a folder of images, each with a caption: a .txt of the same stem "
+                   "beside it, or a line of metadata.jsonl (file_name, text); resized and centre-cropped to the model's "
+                   "resolution (no aspect-ratio buckets). Fine-tunes the tiny model, or --ckpt's, with a LoRA (writes "
+                   "--train-out, default ./sana_lora.safetensors, in diffusers' LoRA layout); --train-steps sets the "
+                   f"steps (default: {TINY_LORA_STEPS} for the tiny model, {LORA_STEPS} otherwise)")
+    o.add_argument("--lora-rank", type=int, default=4, help="with --data: the LoRA's rank r (default: %(default)s, "
+                   "as diffusers' SANA LoRA script)")
+    o.add_argument("--lora-alpha", type=float, help="with --data: the LoRA's alpha; its update is scaled by alpha / r "
+                   "(default: 4, as diffusers'; the tiny model's: the rank)")
+    o.add_argument("--lora-targets", help="with --data: the layers the LoRA adapts, comma-separated, matched as peft's "
+                   f"target_modules (to_q: both attentions' to_q; also to_out.0, ff.conv_inverted, ff.conv_point, "
+                   f"proj_out; default: {','.join(LORA_TARGETS)}, as diffusers'; the tiny model's: "
+                   f"{','.join(TINY_LORA_TARGETS)})")
+    o.add_argument("--full-finetune", action="store_true", help="with --data: train all of the transformer's weights, "
+                   "not a LoRA (writes the tiny weights file --tiny-weights reads, or with --ckpt the transformer's "
+                   "weights in diffusers' layout; default --train-out ./sana_finetuned.safetensors)")
+    o.add_argument("--lora", help="a LoRA .safetensors to sample with: sana.py's (--train --data) or one saved by "
+                   "diffusers/peft for a SanaTransformer2DModel")
+    o.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the weight of its update (diffusers' "
+                   "lora scale; default: %(default)s)")
     r = p.add_argument_group("research options", "SANA 1.5's techniques and ControlNet (section 9)")
     r.add_argument("--optimizer", default="adamw", choices=list(TINY_LR), help="with --train: the tiny recipe's "
                    "AdamW, the official recipe's CAME or SANA 1.5's CAME-8bit (default: %(default)s)")
@@ -2667,22 +3160,38 @@ def build_parser():
     return p
 
 
+def train_bf16(dtype):
+    """--dtype with --train: None (training_precision decides), True (bfloat16 autocast) or False (float32); one
+    sentence for another type, which no tiny recipe trains in."""
+    if dtype and dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"with --train, --dtype is float32 or bfloat16 (autocast over float32 weights), not "
+                         f"{dtype[:40]!r}")
+    return {"float32": False, "bfloat16": True}.get(dtype)
+
+
 def cli_train(args):
     """--train (the tiny model), --train --grow N (SANA 1.5's growth) or --train-controlnet."""
     if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
         raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     if args.train and args.train_controlnet:
         raise ValueError("--train and --train-controlnet train different models: give one")
+    if args.data is not None and args.train:
+        return cli_finetune(args)
+    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune"),
+                  "with --train-controlnet" if args.train_controlnet else "without --data DIR (fine-tuning on your "
+                  "own images)")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     if args.grow is not None and not args.train:
         raise ValueError("--grow goes with --train: the grown model trains before it is written")
     refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
                          "--sampler", "--negative", "--samples", "--prune-to", "--control", "--controlnet",
-                         "--conditioning-scale") + ("--tiny-weights",) * (args.grow is None),
+                         "--conditioning-scale", "--tile", "--tile-overlap", "--lora", "--lora-scale")
+                  + ("--tiny-weights",) * (args.grow is None),
                   "with --train or --train-controlnet, which write --train-out")
     if args.optimizer != "adamw" and (args.train_controlnet or args.grow is not None):
         raise ValueError("--optimizer goes with --train alone: growth and the ControlNet train with AdamW")
+    bf16 = train_bf16(args.dtype)
     committed = TINY_CONTROLNET if args.train_controlnet else TINY_GROWN if args.grow is not None else TINY_WEIGHTS
     out = check_out_path(train_out_path(args.train_out, committed), (".safetensors",), "--train-out")
     if args.grow is not None:
@@ -2690,11 +3199,79 @@ def cli_train(args):
         if not depth < args.grow <= 4 * depth:  # SANA 1.5 grows 20 blocks to 60; 1000 would train for days
             raise ValueError(f"--grow must be more than the model's {depth} blocks and at most 4 times as many "
                              f"({4 * depth}), not {args.grow}")
-        grow_tiny(args.tiny_weights, args.grow, out, args.train_steps or TINY_GROW_STEPS, args.seed)
+        grow_tiny(args.tiny_weights, args.grow, out, args.train_steps or TINY_GROW_STEPS, args.seed, bf16=bf16)
     elif args.train:
-        train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, optimizer=args.optimizer)
+        train_tiny(seed=args.seed, out=out, steps=args.train_steps or TINY_STEPS, optimizer=args.optimizer, bf16=bf16)
     else:
-        train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out)
+        train_controlnet_tiny(load_tiny(), args.train_steps or TINY_CONTROLNET_STEPS, seed=args.seed, out=out,
+                              bf16=bf16)
+
+
+def cli_finetune(args):
+    """--train --data DIR: a LoRA on the tiny model or on --ckpt's (or, with --full-finetune, all of its transformer's
+    weights) trained on the folder's images, written to --train-out. Every check that needs no weights comes first."""
+    refuse_unused(args, ("--prompt", "--model", "--steps", "--guidance", "--height", "--width", "--out", "--sampler",
+                         "--negative", "--samples", "--prune-to", "--control", "--controlnet", "--conditioning-scale",
+                         "--tile", "--tile-overlap", "--optimizer", "--grow", "--lora", "--lora-scale")
+                  + ("--lora-rank", "--lora-alpha", "--lora-targets") * args.full_finetune,
+                  "with --train --data, which fine-tunes" + " all the weights" * args.full_finetune)
+    if args.train_steps is not None and args.train_steps < 1:
+        raise ValueError("--train-steps must be at least 1")
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, not {args.lora_rank}")
+    alpha = args.lora_alpha if args.lora_alpha is not None else 4.0 if args.ckpt else float(args.lora_rank)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"--lora-alpha must be a positive number, not {args.lora_alpha}")
+    targets = LORA_TARGETS if args.ckpt else TINY_LORA_TARGETS
+    if args.lora_targets is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.ckpt and args.tiny_weights != TINY_WEIGHTS:
+        raise ValueError("--tiny-weights is the tiny model's; --ckpt loads a published one: give one of them")
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    cfg, vae_cfg = pipeline_configs(args.ckpt) if args.ckpt else (PRESETS["tiny"], tiny_dcae_config())
+    if not args.ckpt:
+        cfg = replace(cfg, depth=tiny_depth(read_tiny(args.tiny_weights)))
+    with torch.device("meta"):
+        lora_targets(SanaTransformer(cfg), targets or ("",))
+    pairs = read_image_folder(args.data)
+    for path, caption in pairs * (not args.ckpt):
+        try:
+            check_tiny_prompt(caption)
+        except ValueError as e:
+            raise ValueError(f"the caption of {path}: {e}") from None
+    default = "sana_finetuned.safetensors" if args.full_finetune else "sana_lora.safetensors"
+    out = check_out_path(train_out_path(args.train_out, os.path.join(HERE, "weights", default)), (".safetensors",),
+                         "--train-out")
+    side = cfg.sample_size * vae_cfg.compression  # the model's training resolution
+    images = torch.stack([load_training_image(path, side) for path, _ in pairs])  # (n, 3, side, side)
+    if args.ckpt:  # diffusers' recipe, in the --dtype asked (or the best for the device)
+        device, dtype = pick_device_dtype(args.device, args.dtype)
+        pipe, bf16 = load_pipeline(args.ckpt, device=device, dtype=dtype), False
+        steps, recipe = args.train_steps or LORA_STEPS, dict(lr=LORA_LR, batch=4)
+        plan, reference = [("cache", 1, 0.0), ("fine-tune", steps, 0.0)], f"{device} (not timed: see the pace below)"
+    else:  # the tiny recipe: float32 weights, bf16 autocast where the CPU computes bf16 natively (train_tiny's)
+        device = resolve_device(args.device)
+        torch.set_num_threads(2)  # the recipe's, where TINY_LORA_SECONDS were measured
+        bf16, why = training_precision(train_bf16(args.dtype))
+        print(cpu_summary(torch.get_num_threads()))
+        print(f"precision: {'bfloat16 autocast' if bf16 else 'float32'}: {why}")
+        pipe = load_tiny(args.tiny_weights, device=device)
+        steps = args.train_steps or TINY_LORA_STEPS
+        recipe = dict(lr=TINY_LORA_LR, batch=TINY_LORA_BATCH, shift=TINY_TRAIN_SHIFT, cosine=True)
+        plan = [("cache", 1, TINY_LORA_SECONDS["cache"] * len(pairs) / 1024),
+                ("fine-tune", steps, TINY_LORA_SECONDS["fine-tune"])]
+        reference = TINY_REFERENCE
+    lora = None if args.full_finetune else (args.lora_rank, alpha, targets)
+    torch.manual_seed(args.seed)
+    finetune(pipe, images, [c for _, c in pairs], steps, TrainProgress(plan, reference), lora=lora, bf16=bf16,
+             seed=args.seed, **recipe)
+    if lora:
+        save_lora(pipe.transformer, out, *lora)
+    elif args.ckpt:  # the transformer's diffusion_pytorch_model.safetensors, diffusers' keys
+        save_weights({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, out)
+    else:
+        save_tiny(pipe, out, finetuned_on=os.path.abspath(args.data), steps=steps)
+    print(f"wrote {out}: {'a LoRA' if lora else 'the fine-tuned weights'} after {steps} steps on {len(pairs)} images")
 
 
 def check_args(args):
@@ -2712,6 +3289,14 @@ def check_args(args):
     if args.guidance is not None and not 0 <= args.guidance <= 100:  # 1 is off; beyond 100 only saturation, or NaN
         raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
     refuse_unused(args, ("--train-out", "--train-steps"), "without --train or --train-controlnet")
+    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune"),
+                  "without --train: it fine-tunes on your own images")
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number, not {args.lora_scale}")
+    if args.lora:
+        read_lora(args.lora)  # a file that is not a LoRA: one sentence before the model loads
+    else:
+        refuse_unused(args, ("--lora-scale",), "without --lora")
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number of pixels, not {value}")
@@ -2751,6 +3336,7 @@ def check_args(args):
                              f"{args.height or h}: leave out --height/--width or resize the image")
         control = edge_map(control)
     check_size(h, w, f)
+    args.tile = cli_tile(args.tile, args.tile_overlap, vae_cfg.compression, h, w)  # None: decode in one pass
     if args.grow is not None:
         raise ValueError("--grow goes with --train: the grown model trains before it is written")
     if args.optimizer != "adamw":
@@ -2777,6 +3363,9 @@ def cli_load(args, device, dtype):
     """The pipeline of --ckpt or the tiny one, and the ControlNet of --control (or None), checked against it."""
     pipe = load_pipeline(args.ckpt, args.model, device=device, dtype=dtype) if args.ckpt else \
         load_tiny(args.tiny_weights, device=device, dtype=dtype)
+    pipe.vae_tile, pipe.vae_tile_overlap = args.tile, args.tile_overlap  # --tile, as check_args resolved it
+    if args.lora:
+        apply_lora(pipe.transformer, read_lora(args.lora), args.lora_scale, args.lora)
     if not args.control:
         return pipe, None
     if not args.ckpt:
@@ -2809,7 +3398,7 @@ def cli_sample(args, pipe, controlnet, control, h, w):
         kw["model"] = control_model(pipe, controlnet, control, h, w, args.conditioning_scale)
     if args.samples > 1:
         return best_of_n(pipe, args.prompt, args.samples, shapes_judge, h, w, g, **kw)
-    return pipe.generate([args.prompt], h, w, generator=g, **kw)[0]
+    return pipe.generate([args.prompt], h, w, generator=g, callback=StepProgress(args.steps), **kw)[0]
 
 
 def main(argv=None):
@@ -2819,7 +3408,7 @@ def main(argv=None):
             return cli_train(args)
         cfg, vae_cfg, h, w, control = check_args(args)
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
-        check_memory(cfg, vae_cfg, h, w, dtype, device)
+        check_memory(cfg, vae_cfg, h, w, dtype, device, args.tile)
         t0 = time.time()
         pipe, controlnet = cli_load(args, device, dtype)
         print(f"loaded in {time.time() - t0:.1f}s")

@@ -961,8 +961,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # mean over channels of x^2 as |x|^2 / C: vector_norm reads x once, where pow then mean would write x^2 first
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / xf.shape[1]  # (B, 1, H, W)
+        y = xf * torch.rsqrt(ms + self.eps)
+        return y.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 # Copied from dcae.py: LayerNorm2d
@@ -979,8 +981,8 @@ def make_norm(kind, channels):
 
 
 # Copied from dcae.py: make_act
-def make_act(kind):
-    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+def make_act(kind):  # in place: every caller passes a fresh activation
+    return {"silu": nn.SiLU(inplace=True), "relu": nn.ReLU(inplace=True)}[kind]
 
 
 # Copied from dcae.py: ResBlock
@@ -995,7 +997,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)
 
 
 # Copied from dcae.py: MultiScaleQKV
@@ -1037,15 +1039,15 @@ class LiteMLA(nn.Module):
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
         qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
-        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.d)).transpose(2, 3)  # (B, heads, N, 3d): [q | k | v]
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each, views (no copy in either memory layout)
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, T', H, W), channels-last
         return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
@@ -1062,7 +1064,7 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        x = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))
         value, gate = x.chunk(2, dim=1)
         return self.norm(self.conv_point(value * F.silu(gate)))
 
@@ -1077,8 +1079,8 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.conv_out(x)
+        x = self.attn(x).add_(x)
+        return self.conv_out(x).add_(x)
 
 
 # Copied from dcae.py: make_block
@@ -1108,7 +1110,7 @@ class DownBlock(nn.Module):
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
-            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+            y = y.add_(s.unflatten(1, (-1, self.group)).mean(dim=2))
         return y
 
 
@@ -1128,7 +1130,7 @@ class UpBlock(nn.Module):
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            y = y.add_(F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2))
         return y
 
 
@@ -1153,13 +1155,13 @@ class Encoder(nn.Module):
         self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
 
     def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # channels-last: see the note above Encoder
         for stage in self.down_blocks:
             x = stage(x)
         z = self.conv_out(x)
         if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
             z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
-        return z
+        return z.contiguous()
 
 
 # Copied from dcae.py: Decoder
@@ -1185,17 +1187,24 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
 
     def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        z = z.contiguous(memory_format=torch.channels_last)  # channels-last: see the note above Encoder
         x = self.conv_in(z)
         if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 # Copied from dcae.py: DCAE
 class DCAE(nn.Module):
-    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped).
+
+    Both take `tile`, the side of a square tile in pixels: an image (or the image of a latent) larger than that on
+    either side then goes through tile by tile, neighbours overlapping by `overlap` pixels that are cross-faded as
+    diffusers' AutoencoderDC does under enable_tiling() (its defaults: tile 512, overlap 64). The activations then
+    take the memory of one tile, whatever the image size; both numbers are multiples of f.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -1211,15 +1220,66 @@ class DCAE(nn.Module):
             raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
                              f"the spatial compression of this DC-AE")
 
-    def encode(self, x):
+    def encode(self, x, tile=None, overlap=None):  # (B, 3, H, W) -> (B, c, H/f, W/f)
         self._check(x)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(x.shape[2:]) > tile:
+            stride = tile - overlap  # pixels between tile starts
+            z = self.tiled(self.encoder, x, tile, stride, overlap // f, stride // f)
+            return z[:, :, :x.shape[2] // f, :x.shape[3] // f]
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, tile=None, overlap=None):  # (B, c, h, w) -> (B, 3, h f, w f)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(z.shape[2:]) * f > tile:
+            return self.tiled(self.decoder, z, tile // f, (tile - overlap) // f, overlap, tile - overlap)
         return self.decoder(z)
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    @staticmethod
+    def tile_overlap(tile, overlap, f):
+        """The overlap to tile with (None: 64 pixels, or one latent cell if more), after one sentence (ValueError) for
+        a tile or an overlap that is not a multiple of f, or an overlap as large as the tile."""
+        overlap = max(64, f) if overlap is None else overlap
+        if tile <= 0 or tile % f:
+            raise ValueError(f"the tile size must be a positive multiple of {f} pixels, the compression of this "
+                             f"DC-AE, not {tile}")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"the tile overlap must be a multiple of {f} pixels smaller than the tile ({tile}), "
+                             f"not {overlap}")
+        return overlap
+
+    @staticmethod
+    def tiled(net, x, tile, stride, blend, keep):
+        """net over the tiles x[:, :, i:i + tile, j:j + tile], i and j multiples of `stride` (the last tiles are
+        smaller); each output tile is cross-faded over `blend` rows and columns into its upper and left neighbours,
+        cut to its first `keep` rows and columns, and stitched. diffusers' tiled_encode / tiled_decode, holding
+        one row of tiles at a time instead of all of them."""
+        rows, above = [], []
+        for i in range(0, x.shape[2], stride):
+            row = []
+            for j in range(0, x.shape[3], stride):
+                t = net(x[:, :, i:i + tile, j:j + tile])
+                if above:
+                    DCAE.blend(above[len(row)], t, blend, dim=2)
+                if row:
+                    DCAE.blend(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2)
+
+    @staticmethod
+    def blend(a, b, extent, dim):
+        """Cross-fades the first `extent` rows (dim 2) or columns (dim 3) of tile b from the last ones of tile a, in
+        place: b_y <- a_(y - extent) (1 - y / extent) + b_y y / extent (diffusers' blend_v / blend_h)."""
+        extent = min(a.shape[dim], b.shape[dim], extent)
+        for y in range(extent):
+            b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
 
 
 # The synthetic shapes data of the tiny default (dcae.py draws it).
@@ -1676,17 +1736,18 @@ def check_size(height, width, f):
 
 
 # Copied from sana.py: generation_bytes
-def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1, tile=None):
     """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
     activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
-    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
-    float32 output image at the size asked."""
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv; pixels of one
+    tile when it decodes in tiles of side `tile`), or the float32 output image at the size asked."""
     f = vae_cfg.compression * cfg.patch_size
     gh, gw = generation_size(cfg, f, height, width)
     size = torch.finfo(dtype).bits // 8
     dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    th, tw = (min(gh, tile), min(gw, tile)) if tile else (gh, gw)
     stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
-    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (th >> i) * (tw >> i)
                                 for i, (c, kind, depth) in enumerate(stages) if depth > 0)
     image = batch * 3 * height * width * 4
     return 10 * max(dit, decode, image)
@@ -1827,6 +1888,22 @@ def refuse_unused(args, flags, mode):
     given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
     if given:
         raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
+# Copied from dcae.py: TILE
+TILE = 512  # --tile's side alone, as diffusers' enable_tiling()
+# Copied from dcae.py: AUTO_TILE_SIDE
+AUTO_TILE_SIDE = 2048  # images of more pixels than AUTO_TILE_SIDE^2 are tiled unless --tile 0 (docs/dcae.md: memory)
+
+
+# Copied from dcae.py: cli_tile
+def cli_tile(tile, overlap, f, height, width):
+    """--tile / --tile-overlap for an image of height x width: the tile side to encode and decode with (None: in one
+    pass), as given (0: never), or TILE above AUTO_TILE_SIDE^2 pixels; one sentence for sizes that a DC-AE of
+    compression f cannot tile with."""
+    tile = tile if tile is not None else TILE if height * width > AUTO_TILE_SIDE**2 else 0
+    DCAE.tile_overlap(tile or TILE, overlap, f)
+    return tile or None
 
 
 # Copied from dcae.py: load_image
@@ -1993,6 +2070,8 @@ class SanaSprint:
     guidance_scale: float = 4.5  # diffusers' default (the app's is 5.0; training samples 4, 4.5, 5)
     max_time: float = 1.5708
     intermediate_time: float = 1.3
+    vae_tile: int = None  # encode and decode in tiles of this side in pixels (DCAE; None: in one pass)
+    vae_tile_overlap: int = None  # their overlap in pixels (None: the DC-AE's default)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -2029,7 +2108,8 @@ class SanaSprint:
     def decode(self, latents, out_hw):
         """Unit-std latents (B, C, h, w) -> uint8 images (B, H, W, 3), (H, W) = out_hw: where the model drew another
         size (resolution binning), resized to cover out_hw, then centre-cropped."""
-        img = self.vae.decode((latents / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+        z = (latents / self.vae_scale).to(next(self.vae.parameters()).dtype)
+        img = self.vae.decode(z, self.vae_tile, self.vae_tile_overlap).float()
         if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
             r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
@@ -2041,9 +2121,10 @@ class SanaSprint:
         return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     @torch.no_grad()
-    def generate(self, prompts, height, width, steps=2, guidance_scale=None, generator=None, resolution_binning=True):
+    def generate(self, prompts, height, width, steps=2, guidance_scale=None, generator=None, resolution_binning=True,
+                 callback=None):
         """prompts: list of str -> uint8 images (B, height, width, 3), from pure noise at t = max_time in `steps`
-        steps of `sample_scm`; guidance_scale: w (None: the pipeline's)."""
+        steps of `sample_scm`; guidance_scale: w (None: the pipeline's); callback(i, x0) after each step."""
         self.check(prompts, steps, height, width)
         sd = self.transformer.cfg.sigma_data
         h, w = generation_size(self.transformer.cfg, self.compression, height, width, resolution_binning)
@@ -2051,7 +2132,7 @@ class SanaSprint:
         x = self.noise(len(prompts), h, w, generator) * sd  # x_t at t = max_time: pure noise, std sigma_d
         times = scm_times(steps, self.max_time, self.intermediate_time if steps == 2 else None)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        latents = sample_scm(self.F(y, mask, scale), x, times.to(x.device), sd, generator)
+        latents = sample_scm(self.F(y, mask, scale), x, times.to(x.device), sd, generator, callback)
         return self.decode(latents, (height, width))
 
 
@@ -2078,7 +2159,7 @@ def load_pipeline(folder, preset=None, *, device="cpu", dtype=torch.float32):
 
 
 @torch.no_grad()
-def image_to_image(pipe, prompts, image, steps=2, guidance_scale=None, generator=None, strength=0.6):
+def image_to_image(pipe, prompts, image, steps=2, guidance_scale=None, generator=None, strength=0.6, callback=None):
     """image: (B, 3, H, W) in [-1, 1], the picture to start from -> uint8 images (B, H, W, 3). It is encoded, noised
     to t = strength * max_time with the generator's first draw, x_t = cos(t) z + sin(t) sigma_d eps, and `sample_scm`
     runs `steps` steps spaced evenly from there to 0 (diffusers' img2img pipeline drops whole steps of the
@@ -2092,10 +2173,11 @@ def image_to_image(pipe, prompts, image, steps=2, guidance_scale=None, generator
     noise = pipe.noise(len(prompts), height, width, generator)
     times = torch.linspace(strength * pipe.max_time, 0, steps + 1)
     vae_dtype = next(pipe.vae.parameters()).dtype
-    z = pipe.vae.encode(image.to(device=noise.device, dtype=vae_dtype)).float() * pipe.vae_scale * sd  # x0
+    z = pipe.vae.encode(image.to(device=noise.device, dtype=vae_dtype), pipe.vae_tile, pipe.vae_tile_overlap)
+    z = z.float() * pipe.vae_scale * sd  # x0
     x = torch.cos(times[0]) * z + torch.sin(times[0]) * noise * sd  # x_t at the start time
     scale = pipe.guidance_scale if guidance_scale is None else guidance_scale
-    latents = sample_scm(pipe.F(y, mask, scale), x, times.to(noise.device), sd, generator)
+    latents = sample_scm(pipe.F(y, mask, scale), x, times.to(noise.device), sd, generator, callback)
     return pipe.decode(latents, (height, width))
 
 
@@ -2108,6 +2190,9 @@ def image_to_image(pipe, prompts, image, steps=2, guidance_scale=None, generator
 
 TINY_TEACHER_STEPS = 100  # the dense-time fine-tune of the teacher
 TINY_STEPS = 560  # sCM + LADD; at the constant lr the game collapses not far past this (docs/sana_sprint.md)
+TINY_REFERENCE = "a 2-core Xeon with AMX"  # where TINY_STEP_SECONDS were measured
+# a step of each phase there, in seconds: measured by scripts/time_tiny_recipes.py
+TINY_STEP_SECONDS = {"encode": 32.1, "teacher": 0.288, "student": 0.564}
 TINY_DISTILL = DistillConfig(guidance=(1.5, 2.0, 2.5), tangent_warmup=100, head_blocks=(1, 3))
 TINY_INTERMEDIATE_TIME = 0.9  # the 2-step sampler's second time, chosen on the shapes scorer's choice set: the
 # published 1.3 leaves 8x8 latents so noisy that the second step cannot fix what the first got wrong
@@ -2144,13 +2229,84 @@ def average_gradients(params, world):
                 p.grad /= world
 
 
-def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, log=print, world=1, t0=None, lr=1e-4,
+# Copied from dcae.py: cpu_summary
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+# Copied from dcae.py: format_time
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+# Copied from dcae.py: TrainProgress
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
+def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, progress, world=1, lr=1e-4,
                  ema_decay=0.97):
     """Stage (a) on the tiny SANA: dense time (`fit_dense_time`), qk-norm calibrated on a batch
     (`calibrate_qk_norm`), then `steps` of `flow_loss` at batch 128, keeping an EMA of the weights. z: (n, C, H, W)
     unit-std latents, y/mask their captions' states. Returns the teacher frozen. The conversion alone keeps the tiny
-    SANA's prompt fidelity; without the calibration it loses much of it (figures: docs/sana_sprint.md)."""
-    t0 = t0 or time.time()
+    SANA's prompt fidelity; without the calibration it loses much of it (figures: docs/sana_sprint.md). `progress`
+    (TrainProgress) shows the steps as its phase "teacher"."""
     teacher = teacher_from_sana(sana_sd, PRESETS["tiny"])
     fit = fit_dense_time(teacher.time_embed.timestep_embedder)
     calib = torch.Generator().manual_seed(0)  # one calibration batch for every rank: the weights must agree
@@ -2158,10 +2314,11 @@ def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, log=p
     s = torch.rand(128, generator=calib).view(-1, 1, 1, 1)
     x_s = (1 - s) * z[idx] + s * torch.randn(z[idx].shape, generator=calib)
     calibrate_qk_norm(teacher, x_s, s.flatten(), y[idx], mask[idx])
-    log(f"teacher: dense-time embedding fitted (mse {fit:.2e}), qk-norm calibrated")
+    progress.log(f"teacher: dense-time embedding fitted (mse {fit:.2e}), qk-norm calibrated")
     params = list(teacher.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    progress.phase("teacher")
     for step in range(steps):
         idx = torch.randint(len(z), (128,), generator=generator)
         loss = flow_loss(teacher, z[idx], y[idx], mask[idx], null_y, null_mask, generator)
@@ -2172,8 +2329,7 @@ def tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, steps, generator, log=p
         with torch.no_grad():
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - ema_decay)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"teacher step {step:4d}/{steps} | flow loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+        progress.step(step, **{"flow loss": loss.item()})
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -2196,9 +2352,16 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
     torch.set_num_threads(max(1, 2 // world))
     torch.use_deterministic_algorithms(True)
     log = log if rank == 0 else (lambda *a: None)
-    log(f"training on cpu, float32, {max(1, 2 // world)} thread(s) per process, {world} process(es)")
+    log(cpu_summary(max(1, 2 // world), world))
+    log("precision: float32 on every CPU (forward-mode AD through bfloat16 autocast is not worth its risk at this "
+        "size)")
+    progress = TrainProgress([("encode", 1, TINY_STEP_SECONDS["encode"] * n_images / 12288),
+                              ("teacher", teacher_steps, TINY_STEP_SECONDS["teacher"]),
+                              ("student", steps, TINY_STEP_SECONDS["student"] * batch / 32)], TINY_REFERENCE, log,
+                             every=50)
     torch.manual_seed(seed)
     t0 = time.time()
+    progress.phase("encode")
     sana_sd, te, tok = read_tiny_sana()
     te.requires_grad_(False)
     vae = load_tiny_dcae()
@@ -2209,9 +2372,9 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
         y = torch.cat([te(ids[i:i + 1024], mask[i:i + 1024]) for i in range(0, len(ids), 1024)])
         null_ids, null_mask = tokenize(tok, [""], TINY_TEXT_LEN)
         null_y = te(null_ids, null_mask)
-    log(f"encoded {n_images} images and captions in {time.time() - t0:.0f}s")
+    progress.step(0, images=n_images)
     g = torch.Generator().manual_seed(seed * world + rank)  # batches and noise: one stream per rank
-    teacher = tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, teacher_steps, g, log, world, t0)
+    teacher = tiny_teacher(sana_sd, z, y, mask, null_y, null_mask, teacher_steps, g, progress, world)
     # (b) + (c) the student: the teacher plus a guidance embedder whose output starts at 0, and the logvar head
     student = SprintTransformer(PRESETS["tiny"])
     student.load_state_dict(teacher.state_dict(), strict=False)
@@ -2223,6 +2386,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
     opt_g = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=lr_d, betas=(0.0, 0.99), weight_decay=0.0)
     ema = [p.detach().clone() for p in student.parameters()]
+    progress.phase("student")
     for step in range(steps):
         idx = torch.randint(len(z), (batch,), generator=g)
         x0 = z[idx] * student.cfg.sigma_data
@@ -2231,9 +2395,7 @@ def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=TINY_STEPS, teacher
         with torch.no_grad():  # EMA of the student's weights: what gets saved
             for e, p in zip(ema, student.parameters()):
                 e.lerp_(p, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        if step % 50 == 0 or step == steps - 1:
-            log(f"step {step:4d}/{steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()) +
-                f" | {time.time() - t0:.0f}s")
+        progress.step(step, **{k: float(v) for k, v in losses.items()})
     student.eval()
     with torch.no_grad():  # the EMA, rounded to the fp16 of the file: the pipeline returned is what load_tiny reads
         for e, p in zip(ema, student.parameters()):
@@ -2296,12 +2458,35 @@ def available_memory(device):
 
 
 # Copied from sana.py: check_memory
-def check_memory(cfg, vae_cfg, height, width, dtype, device):
-    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
-    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+def check_memory(cfg, vae_cfg, height, width, dtype, device, tile=None):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free (its
+    DC-AE decoding in tiles of side `tile`, if given)."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype, tile=tile), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
                          f"GB is available on {device}: ask for a smaller --height/--width")
+
+
+# Copied from sana.py: StepProgress
+class StepProgress:
+    """A sampler's progress on the command line, on stderr (as tqdm's): called after step i (0-based) of `steps`, it
+    updates one line in place on a terminal (step, elapsed, ETA from the pace so far), and elsewhere prints a line
+    every 10 s and the last: a published model takes minutes an image on a CPU. Python callers pass no callback and
+    see nothing."""
+
+    def __init__(self, steps, label="sampling step"):
+        self.steps, self.label, self.live = steps, label, sys.stderr.isatty()
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, i, *_):
+        now, done = time.time(), i + 1
+        line = (f"{self.label} {done}/{self.steps} | {format_time(now - self.t0)} elapsed, ETA "
+                f"{format_time((now - self.t0) / done * max(0, self.steps - done))}")
+        if self.live:
+            print("\r" + line + "\x1b[K", end="\n" if done >= self.steps else "", file=sys.stderr, flush=True)
+        elif done >= self.steps or now - self.shown >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
 
 
 def build_parser():
@@ -2322,7 +2507,9 @@ def build_parser():
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the noise; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", default="sana_sprint.png", help="the image to write (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -2330,6 +2517,14 @@ def build_parser():
                    "here)")
     p.add_argument("--train-steps", type=int, default=None, metavar="N", help="with --train: N optimisation steps in "
                    "each phase of the recipe in place of its own counts (a quick check)")
+    p.add_argument("--tile", type=int, nargs="?", const=TILE, default=None, metavar="PIXELS",
+                   help=f"encode and decode through the DC-AE in square tiles of this side, a multiple of its "
+                   f"compression, their overlap cross-faded as in diffusers' AutoencoderDC (memory of one tile: "
+                   f"docs/dcae.md); alone: {TILE}; 0: never (default: tiles of {TILE} for images of more than "
+                   f"{AUTO_TILE_SIDE}x{AUTO_TILE_SIDE} pixels)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PIXELS", help="with tiles: the overlap of "
+                   "neighbouring tiles, a multiple of the DC-AE's compression (default: 64, or one latent cell if "
+                   "larger)")
     research = p.add_argument_group("research options")
     research.add_argument("--intermediate-time", type=float, default=None, help="with --steps 2: the TrigFlow time "
                           "of the second step, in (0, pi/2) (default: the model's: 1.3 for the published models, "
@@ -2386,8 +2581,9 @@ def check_args(args):
         side = cfg.sample_size * vae_cfg.compression  # the training resolution
         h, w = args.height or side, args.width or side
     check_size(h, w, f)
+    args.tile = cli_tile(args.tile, args.tile_overlap, vae_cfg.compression, h, w)  # None: in one pass
     device = resolve_device(args.device)
-    check_memory(cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device)
+    check_memory(cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device, args.tile)
     check_out_path(args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
     if args.image and os.path.exists(args.out) and os.path.samefile(args.out, args.image):
         raise ValueError(f"--out {args.out} is the --image it starts from, which the result would overwrite: give "
@@ -2400,7 +2596,9 @@ def train_from_args(args):
     if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
         raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
-                         "--intermediate-time", "--image", "--strength"), "with --train, which writes --train-out")
+                         "--intermediate-time", "--image", "--strength", "--tile", "--tile-overlap"),
+                  "with --train, which writes --train-out")
+    refuse_unused(args, ("--dtype",), "with --train, whose recipe trains in float32 on every CPU")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
@@ -2421,16 +2619,18 @@ def main(argv=None):
         print(f"loaded in {time.time() - t0:.1f}s")
         if args.intermediate_time is not None:
             pipe.intermediate_time = args.intermediate_time
+        pipe.vae_tile, pipe.vae_tile_overlap = args.tile, args.tile_overlap  # --tile, as check_args resolved it
         cut = tokens_cut(pipe.tokenizer, args.prompt, pipe.max_len, pipe.chi)
         if cut:
             print(f"note: the prompt is {cut} tokens too long for this model, which reads {pipe.max_len} text tokens: "
                   f"its end was cut off")
         t0 = time.time()
         g = torch.Generator().manual_seed(args.seed)
+        progress = StepProgress(args.steps)
         if image is None:
-            img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g)[0]
+            img = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g, callback=progress)[0]
         else:
-            img = image_to_image(pipe, [args.prompt], image, args.steps, args.guidance, g, args.strength)[0]
+            img = image_to_image(pipe, [args.prompt], image, args.steps, args.guidance, g, args.strength, progress)[0]
         Image.fromarray(img.numpy()).save(args.out)
         guidance = pipe.guidance_scale if args.guidance is None else args.guidance
         print(f"wrote {args.out}: {args.prompt.strip()[:60]!r} ({w}x{h}, {args.steps} step(s), guidance {guidance}"

@@ -479,12 +479,13 @@ def quantize_pipeline(pipe, cfg, prompts, steps=20, seed=0, log=print):
 
 
 @torch.no_grad()
-def generate(pipe, transformer, prompts, height, width, steps=20, guidance_scale=None, generator=None):
+def generate(pipe, transformer, prompts, height, width, steps=20, guidance_scale=None, generator=None, callback=None):
     """uint8 images (B, height, width, 3) of `transformer` (quantized, or the 16-bit one) in the sampler of `pipe`,
     a SANA pipeline: Gemma-2 encodes the prompts, x_T ~ N(0, I) comes from `generator`, `steps` steps of the
     Flow-DPM-Solver run on the guided velocity v = v_u + w (v_c - v_u) (w = guidance_scale, 1 = off; None: the
-    pipeline's own), and the DC-AE decodes x_0."""
-    return replace(pipe, transformer=transformer).generate(prompts, height, width, steps, guidance_scale, generator)
+    pipeline's own), and the DC-AE decodes x_0; callback(i, x) after each step."""
+    return replace(pipe, transformer=transformer).generate(prompts, height, width, steps, guidance_scale, generator,
+                                                           callback=callback)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1052,8 +1053,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+        # mean over channels of x^2 as |x|^2 / C: vector_norm reads x once, where pow then mean would write x^2 first
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / xf.shape[1]  # (B, 1, H, W)
+        y = xf * torch.rsqrt(ms + self.eps)
+        return y.mul_(self.weight.float()[:, None, None]).add_(self.bias.float()[:, None, None]).to(x.dtype)
 
 
 # Copied from dcae.py: LayerNorm2d
@@ -1070,8 +1073,8 @@ def make_norm(kind, channels):
 
 
 # Copied from dcae.py: make_act
-def make_act(kind):
-    return {"silu": nn.SiLU(), "relu": nn.ReLU()}[kind]
+def make_act(kind):  # in place: every caller passes a fresh activation
+    return {"silu": nn.SiLU(inplace=True), "relu": nn.ReLU(inplace=True)}[kind]
 
 
 # Copied from dcae.py: ResBlock
@@ -1086,7 +1089,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return self.norm(self.conv2(self.nonlinearity(self.conv1(x)))).add_(x)
 
 
 # Copied from dcae.py: MultiScaleQKV
@@ -1128,15 +1131,15 @@ class LiteMLA(nn.Module):
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3T, C): the fused 1x1 conv
         qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3T, H, W)
         qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3T', H, W)
-        qkv = qkv.reshape(B, -1, 3 * self.d, H * W)  # (B, heads, 3d, N): [q | k | v] per head
-        q, k, v = (t.transpose(2, 3) for t in qkv.split(self.d, dim=2))  # (B, heads, N, d) each
+        qkv = qkv.flatten(2).unflatten(1, (-1, 3 * self.d)).transpose(2, 3)  # (B, heads, N, 3d): [q | k | v]
+        q, k, v = qkv.split(self.d, dim=3)  # (B, heads, N, d) each, views (no copy in either memory layout)
         if H * W > self.d:  # linear form, O(N d^2)
             out = relu_linear_attention(q, k, v)
         else:  # tiny feature maps: the quadratic form, as the official code switches (same math)
             q, k = torch.relu(q.float()), torch.relu(k.float())
             scores = q @ k.transpose(2, 3)  # (B, heads, N queries, N keys)
             out = ((scores / (scores.sum(dim=3, keepdim=True) + 1e-15)) @ v.float()).to(v.dtype)
-        out = out.transpose(2, 3).reshape(B, -1, H, W)  # (B, T', H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, T', H, W), channels-last
         return self.norm_out(F.conv2d(out, self.to_out.weight[:, :, None, None]))
 
 
@@ -1153,7 +1156,7 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm(norm, channels)
 
     def forward(self, x):
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))
+        x = self.conv_depth(F.silu(self.conv_inverted(x), inplace=True))
         value, gate = x.chunk(2, dim=1)
         return self.norm(self.conv_point(value * F.silu(gate)))
 
@@ -1168,8 +1171,8 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels, norm=norm)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.conv_out(x)
+        x = self.attn(x).add_(x)
+        return self.conv_out(x).add_(x)
 
 
 # Copied from dcae.py: make_block
@@ -1199,7 +1202,7 @@ class DownBlock(nn.Module):
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             s = F.pixel_unshuffle(x, 2)  # (B, 4 C_in, H/2, W/2)
-            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+            y = y.add_(s.unflatten(1, (-1, self.group)).mean(dim=2))
         return y
 
 
@@ -1219,7 +1222,7 @@ class UpBlock(nn.Module):
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:  # repeat each channel in place (c0 c0 .. c1 c1 ..), not tiling
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            y = y.add_(F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2))
         return y
 
 
@@ -1244,13 +1247,13 @@ class Encoder(nn.Module):
         self.out_group = W[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
 
     def forward(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # channels-last: see the note above Encoder
         for stage in self.down_blocks:
             x = stage(x)
         z = self.conv_out(x)
         if self.out_group:  # averaging shortcut: consecutive groups of W[-1]/c channels
             z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
-        return z
+        return z.contiguous()
 
 
 # Copied from dcae.py: Decoder
@@ -1276,17 +1279,24 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample, shortcut=False)
 
     def forward(self, z):  # (B, c, h, w) -> (B, 3, h f, w f)
+        z = z.contiguous(memory_format=torch.channels_last)  # channels-last: see the note above Encoder
         x = self.conv_in(z)
         if self.in_repeats:  # duplicating shortcut: each latent channel repeated W[-1]/c times
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 # Copied from dcae.py: DCAE
 class DCAE(nn.Module):
-    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped)."""
+    """encode: image in [-1, 1] (B, 3, H, W) -> raw latent; decode: raw latent -> image (unclamped).
+
+    Both take `tile`, the side of a square tile in pixels: an image (or the image of a latent) larger than that on
+    either side then goes through tile by tile, neighbours overlapping by `overlap` pixels that are cross-faded as
+    diffusers' AutoencoderDC does under enable_tiling() (its defaults: tile 512, overlap 64). The activations then
+    take the memory of one tile, whatever the image size; both numbers are multiples of f.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -1302,15 +1312,66 @@ class DCAE(nn.Module):
             raise ValueError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}, "
                              f"the spatial compression of this DC-AE")
 
-    def encode(self, x):
+    def encode(self, x, tile=None, overlap=None):  # (B, 3, H, W) -> (B, c, H/f, W/f)
         self._check(x)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(x.shape[2:]) > tile:
+            stride = tile - overlap  # pixels between tile starts
+            z = self.tiled(self.encoder, x, tile, stride, overlap // f, stride // f)
+            return z[:, :, :x.shape[2] // f, :x.shape[3] // f]
         return self.encoder(x)
 
-    def decode(self, z):
+    def decode(self, z, tile=None, overlap=None):  # (B, c, h, w) -> (B, 3, h f, w f)
+        f = self.cfg.compression
+        overlap = self.tile_overlap(tile, overlap, f) if tile else None
+        if tile and max(z.shape[2:]) * f > tile:
+            return self.tiled(self.decoder, z, tile // f, (tile - overlap) // f, overlap, tile - overlap)
         return self.decoder(z)
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+    @staticmethod
+    def tile_overlap(tile, overlap, f):
+        """The overlap to tile with (None: 64 pixels, or one latent cell if more), after one sentence (ValueError) for
+        a tile or an overlap that is not a multiple of f, or an overlap as large as the tile."""
+        overlap = max(64, f) if overlap is None else overlap
+        if tile <= 0 or tile % f:
+            raise ValueError(f"the tile size must be a positive multiple of {f} pixels, the compression of this "
+                             f"DC-AE, not {tile}")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"the tile overlap must be a multiple of {f} pixels smaller than the tile ({tile}), "
+                             f"not {overlap}")
+        return overlap
+
+    @staticmethod
+    def tiled(net, x, tile, stride, blend, keep):
+        """net over the tiles x[:, :, i:i + tile, j:j + tile], i and j multiples of `stride` (the last tiles are
+        smaller); each output tile is cross-faded over `blend` rows and columns into its upper and left neighbours,
+        cut to its first `keep` rows and columns, and stitched. diffusers' tiled_encode / tiled_decode, holding
+        one row of tiles at a time instead of all of them."""
+        rows, above = [], []
+        for i in range(0, x.shape[2], stride):
+            row = []
+            for j in range(0, x.shape[3], stride):
+                t = net(x[:, :, i:i + tile, j:j + tile])
+                if above:
+                    DCAE.blend(above[len(row)], t, blend, dim=2)
+                if row:
+                    DCAE.blend(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2)
+
+    @staticmethod
+    def blend(a, b, extent, dim):
+        """Cross-fades the first `extent` rows (dim 2) or columns (dim 3) of tile b from the last ones of tile a, in
+        place: b_y <- a_(y - extent) (1 - y / extent) + b_y y / extent (diffusers' blend_v / blend_h)."""
+        extent = min(a.shape[dim], b.shape[dim], extent)
+        for y in range(extent):
+            b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
 
 
 # Copied from dcae.py: SHAPE_COLORS
@@ -1876,17 +1937,18 @@ def check_size(height, width, f):
 
 
 # Copied from sana.py: generation_bytes
-def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1):
+def generation_bytes(cfg, vae_cfg, height, width, dtype, batch=1, tile=None):
     """Roughly the peak memory of one generation in bytes: ten tensors (measured on the CPU: 6-9) of the widest
     activation of its largest phase: a DiT step (2B rows under CFG, N tokens, Mix-FFN's 5D channels), the DC-AE
-    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv), or the
-    float32 output image at the size asked."""
+    decode (widths[i] channels at (H/2^i, W/2^i) pixels, 8x in an EfficientViT stage's GLUMBConv; pixels of one
+    tile when it decodes in tiles of side `tile`), or the float32 output image at the size asked."""
     f = vae_cfg.compression * cfg.patch_size
     gh, gw = generation_size(cfg, f, height, width)
     size = torch.finfo(dtype).bits // 8
     dit = 2 * batch * (gh // f) * (gw // f) * 5 * cfg.hidden_size * size
+    th, tw = (min(gh, tile), min(gw, tile)) if tile else (gh, gw)
     stages = zip(vae_cfg.widths, vae_cfg.decoder_blocks, vae_cfg.decoder_depths)
-    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (gh >> i) * (gw >> i)
+    decode = batch * size * max(c * (1 if kind == "ResBlock" else 8) * (th >> i) * (tw >> i)
                                 for i, (c, kind, depth) in enumerate(stages) if depth > 0)
     image = batch * 3 * height * width * 4
     return 10 * max(dit, decode, image)
@@ -1903,6 +1965,8 @@ class Sana:
     chi: str = CHI  # None: no complex human instruction (the tiny default)
     max_len: int = MAX_TEXT_LEN
     guidance_scale: float = 4.5  # the diffusers pipelines' default (the tiny default: 2.0)
+    vae_tile: int = None  # decode in tiles of this side in pixels (DCAE.decode; None: in one pass)
+    vae_tile_overlap: int = None  # their overlap in pixels (None: the DC-AE's default)
 
     @property
     def compression(self):  # pixels per latent cell side
@@ -1910,10 +1974,10 @@ class Sana:
 
     @torch.no_grad()
     def generate(self, prompts, height, width, steps=20, guidance_scale=None, generator=None, sampler="dpm",
-                 negative_prompt="", resolution_binning=True, model=None):
+                 negative_prompt="", resolution_binning=True, model=None, callback=None):
         """prompts: list of str -> uint8 images (B, height, width, 3). The initial noise comes from `generator`.
         model(x, t, y, mask) -> v is the network the sampler calls, by default the transformer; a ControlNet
-        steers it from outside (control_model, section 9)."""
+        steers it from outside (control_model, section 9). callback(i, x) after each step (the CLI's progress)."""
         if any(not p.strip() for p in prompts):
             raise ValueError("the prompt is empty")
         f, cfg = self.compression, self.transformer.cfg
@@ -1936,8 +2000,9 @@ class Sana:
         model = model or self.transformer
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         x = solve(guided_velocity(lambda x, t, y, m: model(x.to(dtype), t, y, m), cond, uncond, scale), x, sigmas,
-                  timesteps)
-        img = self.vae.decode((x / self.vae_scale).to(next(self.vae.parameters()).dtype)).float()
+                  timesteps, callback)
+        z = (x / self.vae_scale).to(next(self.vae.parameters()).dtype)
+        img = self.vae.decode(z, self.vae_tile, self.vae_tile_overlap).float()
         if img.shape[-2:] != out_hw:  # undo the binning: resize to cover, then center-crop
             r = max(out_hw[0] / img.shape[-2], out_hw[1] / img.shape[-1])
             img = F.interpolate(img, size=(int(img.shape[-2] * r), int(img.shape[-1] * r)), mode="bilinear")
@@ -2126,6 +2191,22 @@ def refuse_unused(args, flags, mode):
     given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] != defaults[f[2:].replace("-", "_")]]
     if given:
         raise ValueError(f"{given[0]} does nothing {mode}: leave it out")
+
+
+# Copied from dcae.py: TILE
+TILE = 512  # --tile's side alone, as diffusers' enable_tiling()
+# Copied from dcae.py: AUTO_TILE_SIDE
+AUTO_TILE_SIDE = 2048  # images of more pixels than AUTO_TILE_SIDE^2 are tiled unless --tile 0 (docs/dcae.md: memory)
+
+
+# Copied from dcae.py: cli_tile
+def cli_tile(tile, overlap, f, height, width):
+    """--tile / --tile-overlap for an image of height x width: the tile side to encode and decode with (None: in one
+    pass), as given (0: never), or TILE above AUTO_TILE_SIDE^2 pixels; one sentence for sizes that a DC-AE of
+    compression f cannot tile with."""
+    tile = tile if tile is not None else TILE if height * width > AUTO_TILE_SIDE**2 else 0
+    DCAE.tile_overlap(tile or TILE, overlap, f)
+    return tile or None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2443,6 +2524,109 @@ def merge_lora(layer, down, up, strength=1.0):
     return layer
 
 
+# A LoRA file as sana.py writes it (`--train --data`) or diffusers/peft save it: its keys are SanaTransformer2DModel's
+# module names, which the quantized model keeps (section 3 swaps W4A4Linears in under the same names).
+# Copied from sana.py: LORA_METADATA
+LORA_METADATA = "lora_adapter_metadata"  # the safetensors metadata key of peft's LoraConfig (diffusers' lora_base)
+
+
+# Copied from sana.py: LoRA
+class LoRA(nn.Module):
+    """A frozen nn.Linear or 1x1 nn.Conv2d, its weight and bias kept under their own key names, plus the update
+    y += (alpha / r) B(A(x)) (peft's lora.Linear / lora.Conv2d: A and B are layers of the base's kind, so their keys
+    and shapes are peft's). The branch runs in A's dtype (float32 beside a bfloat16 model), as peft's does."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.conv = isinstance(base, nn.Conv2d)
+        self.weight, self.bias = base.weight, base.bias
+        N, K = base.weight.shape[:2]
+        layer = (lambda i, o: nn.Conv2d(i, o, 1, bias=False)) if self.conv else (lambda i, o: nn.Linear(i, o, bias=False))
+        self.lora_A, self.lora_B = layer(K, rank), layer(rank, N)
+        nn.init.normal_(self.lora_A.weight, std=1 / rank)  # peft's init_lora_weights="gaussian", diffusers' choice
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x):  # (..., K) -> (..., N), or (B, K, h, w) -> (B, N, h, w)
+        y = F.conv2d(x, self.weight, self.bias) if self.conv else F.linear(x, self.weight, self.bias)
+        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
+
+
+# Copied from sana.py: adaptable
+def adaptable(m):
+    """LoRA here adapts nn.Linear and 1x1 nn.Conv2d layers (Mix-FFN's conv_inverted and conv_point)."""
+    return isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+
+
+# Copied from sana.py: read_lora
+def read_lora(path):
+    """A LoRA file, sana.py's or one saved by diffusers/peft -> {module name: (A (r, K), B (N, r), alpha / r)}, A and B
+    2-D (a convolution's (r, K, 1, 1) flattened). Keys may start with "transformer." (diffusers' save_lora_weights),
+    "base_model.model." (peft's save_pretrained) or neither (save_lora_adapter). alpha comes from peft's config in
+    the metadata (lora_alpha, alpha_pattern), else equals the rank (diffusers' rule for a file without one: scale 1).
+    One sentence for a file that is not such a LoRA."""
+    sd = read_weights(path)
+    if not path.endswith(".safetensors") or not sd:
+        raise ValueError(f"--lora {path} is not a LoRA .safetensors file (diffusers' save_lora_weights writes one)")
+    config = json.loads(read_metadata(path).get(LORA_METADATA) or "{}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"--lora {path} is a {'DoRA' if config.get('use_dora') else 'rsLoRA'}, which sana.py does "
+                         f"not implement (plain LoRA only)")
+    pairs = {}
+    for key, v in sd.items():
+        m = re.fullmatch(r"(?:transformer\.|base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ValueError(f"--lora {path}: {key} is not a LoRA key (<module>.lora_A.weight / .lora_B.weight)")
+        pairs.setdefault(m[1], {})[m[2]] = v.float().flatten(1)
+    layers = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
+            raise ValueError(f"--lora {path}: {name} needs a lora_A (r, K) and a lora_B (N, r) of the same rank r")
+        r = ab["A"].shape[0]
+        alpha = next((a for p, a in config.get("alpha_pattern", {}).items() if re.fullmatch(rf"(.*\.)?({p})", name)),
+                     config.get("lora_alpha", r))
+        layers[name] = (ab["A"], ab["B"], alpha / r)
+    return layers
+
+
+# Copied from sana.py: apply_lora
+def apply_lora(model, layers, scale=1.0, path="the LoRA"):
+    """Puts the LoRA layers of read_lora(path) on the model's, each update times `scale` (diffusers' lora scale,
+    attention_kwargs={"scale": s}); one sentence for a layer the model lacks or a shape that does not fit."""
+    own = dict(model.named_modules())
+    for name, (A, B, s) in layers.items():
+        m = own.get(name)
+        if m is None or not adaptable(m):
+            raise ValueError(f"--lora {path} adapts {name}, which this model does not have as a linear layer: a LoRA "
+                             f"for another model?")
+        N, K = m.weight.shape[:2]
+        if A.shape[1] != K or B.shape[0] != N:
+            raise ValueError(f"--lora {path}: {name} is ({N}, {K}) in this model, the LoRA's is ({B.shape[0]}, "
+                             f"{A.shape[1]}): a LoRA for another model?")
+        lora = LoRA(m, A.shape[0], 1.0)
+        lora.lora_A.weight.data = A.reshape(lora.lora_A.weight.shape).to(m.weight)
+        lora.lora_B.weight.data = B.reshape(lora.lora_B.weight.shape).to(m.weight)
+        lora.scale = s * scale
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lora.requires_grad_(False))
+    return model
+
+
+def apply_lora_quantized(model, path, scale=1.0):
+    """The LoRA of `path` on a quantized SANA: merged into the 16-bit branch of each W4A4Linear it adapts
+    (merge_lora, its up projection times alpha / r), and as sana.py's LoRA on the layers kept in 16 bits (the text's
+    K/V). Returns the model."""
+    layers = read_lora(path)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, W4A4Linear)}
+    for name, (A, B, s) in layers.items():
+        if name in quantized:
+            if A.shape[1] != quantized[name].in_features or B.shape[0] != quantized[name].out_features:
+                raise ValueError(f"--lora {path}: {name} does not fit this model: a LoRA for another model?")
+            merge_lora(quantized[name], A, s * B, scale)
+    return apply_lora(model, {n: v for n, v in layers.items() if n not in quantized}, scale, path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 10. Tiny default
 # ----------------------------------------------------------------------------------------------------------
@@ -2469,18 +2653,100 @@ def quantize_tiny(method="svdquant", cfg=TINY_QUANT, seed=0, log=print, pipe=Non
     return pipe
 
 
+# Copied from dcae.py: cpu_summary
+def cpu_summary(threads, world=1):
+    """One line: the ISA torch's kernels use here (ATEN_CPU_CAPABILITY can lower it), native bfloat16, the cores
+    and the threads a --train run uses."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{'native bfloat16 (AVX512-BF16/AMX)' if bf16 else 'no native bfloat16'}, {os.cpu_count()} cores; "
+            f"training on {threads} thread(s) x {world} process(es)")
+
+
+# Copied from dcae.py: format_time
+def format_time(seconds):  # 75.2 -> "1 min 15 s"
+    s = round(seconds)
+    return f"{s // 3600} h {s // 60 % 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+# Copied from dcae.py: TrainProgress
+class TrainProgress:
+    """The plan and the progress of a training run. `plan`: its phases as (name, steps, seconds a step took on
+    `reference`, the CPU the recipe was timed on); work without steps (encoding a dataset) is a phase of 1 step.
+    step(i, **metrics) after each step of the current phase (phase(name)) updates one line in place when the log
+    is print to a terminal, or logs a line every `every` steps (and the last) otherwise."""
+
+    def __init__(self, plan, reference, log=print, every=100):
+        self.plan, self.log, self.every = list(plan), log, every
+        self.live = log is print and sys.stdout.isatty()
+        self.t0, self.scale, self.phase_index, self.last_draw = time.time(), None, -1, 0.0
+        log("plan: " + ", then ".join(f"{name} ({n:,} steps)" if n > 1 else name for name, n, _ in plan) +
+            f"; about {format_time(sum(n * s for _, n, s in plan))} on {reference}")
+
+    def phase(self, name):
+        self.phase_index = [p[0] for p in self.plan].index(name)
+        self.name, self.steps, self.ref = self.plan[self.phase_index]
+        self.t_first = time.time()
+
+    def remaining(self, i, per_step):
+        """Seconds left after step i of this phase: its steps at the measured pace, the later phases' at the
+        reference's pace times this CPU's ratio to it (1 until measured)."""
+        later = sum(n * s for _, n, s in self.plan[self.phase_index + 1:])
+        return (self.steps - 1 - i) * per_step + later * (self.scale or 1.0)
+
+    def step(self, i, **metrics):
+        now = time.time()
+        if i == 0:
+            self.t_first = now  # the first step pays for warm-up: the pace counts from its end
+        per_step = (now - self.t_first) / i if i else self.ref * (self.scale or 1.0)
+        if self.scale is None and i == 10 and self.ref > 0:
+            self.scale = per_step / self.ref
+            self.draw(None)
+            self.log(f"this CPU: {per_step:.3g} s a step in {self.name}, {self.scale:.2f}x the reference's: the run "
+                     f"will take about {format_time(now - self.t0 + self.remaining(i, per_step))} in all "
+                     f"(--train-steps N shortens every phase to N steps)")
+        line = " | ".join([f"{self.name} step {i + 1:,}/{self.steps:,}" if self.steps > 1 else f"{self.name} done"] +
+                          [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()] +
+                          [f"{format_time(now - self.t0)} elapsed, ETA {format_time(self.remaining(i, per_step))}"])
+        last = i == self.steps - 1
+        if self.live and (last or now - self.last_draw > 0.25):
+            self.draw(line, end="\n" if last else "")
+        elif not self.live and (i % self.every == 0 or last):
+            self.log(line)
+
+    def draw(self, line, end=""):
+        """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""
+        if self.live and line is None and self.last_draw:
+            print()
+        elif self.live and line is not None:
+            print("\r" + line + "\x1b[K", end=end, flush=True)
+        self.last_draw = 0.0 if line is None or end else time.time()
+
+
+TINY_REFERENCE = "a 2-core Xeon with AMX"  # where TINY_SECONDS was measured
+# the calibration and quantization there: measured by scripts/time_tiny_recipes.py
+TINY_SECONDS = 21.9
+
+
 def train_tiny(seed=0, out=TINY_WEIGHTS, log=print, *, steps=None):
     """SVDQuant's "training" is a calibration: quantize the committed tiny SANA with TINY_QUANT and write it in
     nunchaku's format, deterministically from the seed. Its one iterative phase is the refinement of each low-rank
     branch (up to 100 alternations, early stop): `steps` runs exactly that many instead (no early stop). Under
     torchrun every rank computes the same and rank 0 writes. Returns the quantized pipeline."""
-    rank = int(os.environ.get("RANK", 0))
-    torch.set_num_threads(max(1, 2 // int(os.environ.get("WORLD_SIZE", 1))))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, 2 // world))
     log = log if rank == 0 else (lambda *a: None)
+    log(cpu_summary(max(1, 2 // world), world))
+    log("precision: float32 statistics and SVDs on every CPU; the weights written 4-bit, their branch and scales "
+        "float16")
+    progress = TrainProgress([("calibrate and quantize", 1, TINY_SECONDS)], TINY_REFERENCE, log)
     torch.manual_seed(seed)
     t0 = time.time()
     cfg = TINY_QUANT if steps is None else replace(TINY_QUANT, lowrank_iters=steps, early_stop=False)
+    progress.phase("calibrate and quantize")
     pipe = quantize_tiny("svdquant", cfg, seed, log)
+    progress.step(0)
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_nunchaku(pipe.transformer, out, dtype=torch.float16)  # the tiny SANA's own 16-bit type
@@ -2524,12 +2790,35 @@ def available_memory(device):
 
 
 # Copied from sana.py: check_memory
-def check_memory(cfg, vae_cfg, height, width, dtype, device):
-    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free."""
-    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype), available_memory(device)
+def check_memory(cfg, vae_cfg, height, width, dtype, device, tile=None):
+    """Refuse, before anything is loaded, a size whose generation needs more memory than the device has free (its
+    DC-AE decoding in tiles of side `tile`, if given)."""
+    need, free = generation_bytes(cfg, vae_cfg, height, width, dtype, tile=tile), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"a {width}x{height} image needs about {need / 1e9:,.1f} GB of memory and {free / 1e9:,.1f} "
                          f"GB is available on {device}: ask for a smaller --height/--width")
+
+
+# Copied from sana.py: StepProgress
+class StepProgress:
+    """A sampler's progress on the command line, on stderr (as tqdm's): called after step i (0-based) of `steps`, it
+    updates one line in place on a terminal (step, elapsed, ETA from the pace so far), and elsewhere prints a line
+    every 10 s and the last: a published model takes minutes an image on a CPU. Python callers pass no callback and
+    see nothing."""
+
+    def __init__(self, steps, label="sampling step"):
+        self.steps, self.label, self.live = steps, label, sys.stderr.isatty()
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, i, *_):
+        now, done = time.time(), i + 1
+        line = (f"{self.label} {done}/{self.steps} | {format_time(now - self.t0)} elapsed, ETA "
+                f"{format_time((now - self.t0) / done * max(0, self.steps - done))}")
+        if self.live:
+            print("\r" + line + "\x1b[K", end="\n" if done >= self.steps else "", file=sys.stderr, flush=True)
+        elif done >= self.steps or now - self.shown >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self.shown = now
 
 
 def build_parser():
@@ -2546,7 +2835,9 @@ def build_parser():
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the initial noise; --train)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: the first available of cuda, mps, cpu)")
-    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the device)")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: the best for the "
+                   "device); with --train, where the recipe has a choice: float32 or bfloat16 autocast (default: "
+                   "bfloat16 where the CPU computes it natively)")
     p.add_argument("--out", default="svdquant.png", help="the quantized model's image (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="retrain the tiny default model from --seed (runs under torchrun too)")
     p.add_argument("--train-out", default=None, help="where --train writes the weights (default: the committed "
@@ -2558,6 +2849,19 @@ def build_parser():
     p.add_argument("--save", help="write the quantized transformer here, in nunchaku's single-file format")
     p.add_argument("--base", help="with a nunchaku --ckpt: the 16-bit SANA diffusers folder that supplies the text "
                    "encoder, tokenizer and VAE (and the 16-bit image the PSNR compares with)")
+    p.add_argument("--tile", type=int, nargs="?", const=TILE, default=None, metavar="PIXELS",
+                   help=f"decode the latents in square tiles of this side, a multiple of the DC-AE's compression, "
+                   f"their overlap cross-faded as in diffusers' AutoencoderDC (memory of one tile: docs/dcae.md); "
+                   f"alone: {TILE}; 0: never (default: tiles of {TILE} for images of more than {AUTO_TILE_SIDE}x"
+                   f"{AUTO_TILE_SIDE} pixels)")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PIXELS", help="with tiles: the overlap of "
+                   "neighbouring tiles, a multiple of the DC-AE's compression (default: 64, or one latent cell if "
+                   "larger)")
+    p.add_argument("--lora", help="a LoRA .safetensors (sana.py's --train --data, or diffusers'/peft's for a "
+                   "SanaTransformer2DModel): merged into the quantized model's 16-bit branches, and put on the 16-bit "
+                   "model the PSNR compares with")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the weight of its update (default: "
+                   "%(default)s)")
     r = p.add_argument_group("research options")
     r.add_argument("--method", default="svdquant", choices=list(METHODS), help="the paper's ablation: naive W4A4, "
                    "smoothing only or SVDQuant, calibrated on the spot (SVDQuant on the tiny model at its recipe's "
@@ -2572,8 +2876,9 @@ def check_train_args(args):
     if not 0 <= args.seed < 2**63:  # torch takes 64-bit seeds; larger ones failed after the model had loaded
         raise ValueError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
     refuse_unused(args, ("--prompt", "--ckpt", "--model", "--steps", "--guidance", "--height", "--width", "--out",
-                         "--save", "--base", "--method", "--rank", "--precision"),
-                  "with --train, which writes --train-out")
+                         "--save", "--base", "--method", "--rank", "--precision", "--tile", "--tile-overlap", "--lora",
+                         "--lora-scale"), "with --train, which writes --train-out")
+    refuse_unused(args, ("--dtype",), "with --train, whose recipe trains in float32 on every CPU")
     if args.train_steps is not None and args.train_steps < 1:
         raise ValueError("--train-steps must be at least 1")
     args.train_out = check_out_path(train_out_path(args.train_out, TINY_WEIGHTS), (".safetensors",), "--train-out")
@@ -2593,6 +2898,15 @@ def check_args(args):
     if args.guidance is not None and not 0 <= args.guidance <= 100:  # 1 is off; beyond 100 only saturation, or NaN
         raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
     refuse_unused(args, ("--train-out", "--train-steps"), "without --train")
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number, not {args.lora_scale}")
+    if args.lora:
+        read_lora(args.lora)  # a file that is not a LoRA: one sentence before the model loads
+        if args.save:
+            raise ValueError("--save with --lora would write the LoRA merged into the file: save without it, and "
+                             "give --lora when sampling")
+    else:
+        refuse_unused(args, ("--lora-scale",), "without --lora")
     if args.rank is not None and args.rank < 0:
         raise ValueError(f"--rank must be 0 (no branch) or more, not {args.rank}")
     for name, value in (("--height", args.height), ("--width", args.width)):
@@ -2629,8 +2943,9 @@ def check_args(args):
     side = sana_cfg.sample_size * vae_cfg.compression  # the training resolution
     h, w = args.height or side, args.width or side
     check_size(h, w, vae_cfg.compression * sana_cfg.patch_size)
+    args.tile = cli_tile(args.tile, args.tile_overlap, vae_cfg.compression, h, w)  # None: decode in one pass
     device = resolve_device(args.device)
-    check_memory(sana_cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device)
+    check_memory(sana_cfg, vae_cfg, h, w, resolve_dtype(args.dtype, device), device, args.tile)
     check_out_path(args.out, IMAGE_EXTENSIONS)
     if args.save:
         check_out_path(args.save, (".safetensors",), "--save")
@@ -2666,10 +2981,16 @@ def main(argv=None):
         device, dtype = pick_device_dtype(args.device, args.dtype, tiny=not args.ckpt)
         t0 = time.time()
         pipe, transformer, what = models_for(args, device, dtype)
+        pipe.vae_tile, pipe.vae_tile_overlap = args.tile, args.tile_overlap  # --tile, as check_args resolved it
+        if args.lora:  # the quantized model's branches and the 16-bit model alike
+            apply_lora_quantized(transformer, args.lora, args.lora_scale)
+            apply_lora(pipe.transformer, read_lora(args.lora), args.lora_scale, args.lora)
         print(f"{what} ({time.time() - t0:.1f}s)")
         g = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-        image = generate(pipe, transformer, [args.prompt], h, w, args.steps, args.guidance, g())[0]
-        reference = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g())[0]  # the 16-bit model's
+        image = generate(pipe, transformer, [args.prompt], h, w, args.steps, args.guidance, g(),
+                         StepProgress(args.steps, "quantized model, step"))[0]
+        reference = pipe.generate([args.prompt], h, w, args.steps, args.guidance, g(),  # the 16-bit model's
+                                  callback=StepProgress(args.steps, "16-bit model, step"))[0]
         print(f"PSNR {psnr(image, reference):.2f} dB against the 16-bit model's image on the same seed")
         Image.fromarray(image.numpy()).save(args.out)
         if args.save:

@@ -189,6 +189,16 @@ def bad(tmp_path_factory):
     for file in ("config.json", "tokenizer.json"):
         (d / "llada_nan" / file).write_bytes((d / "llada" / file).read_bytes())
     with_nan(os.path.join(LLADA, "model.safetensors"), d / "llada_nan" / "model.safetensors")
+    # training folders for `sana.py --train --data`: one good scene with its caption, then one broken thing each
+    for name, files in [("data_ok", {"a.png": "scene.png", "a.txt": SANA_PROMPT}),
+                        ("data_no_caption", {"a.png": "scene.png", "a.txt": SANA_PROMPT, "b.png": "scene.png"}),
+                        ("data_bad_image", {"a.png": "text.png", "a.txt": SANA_PROMPT}),
+                        ("data_bad_caption", {"a.png": "scene.png", "a.txt": "a purple hexagon on a white background"}),
+                        ("data_bad_jsonl", {"a.png": "scene.png", "metadata.jsonl": '{"file_name": "a.png"}\n'})]:
+        f = path(name)
+        f.mkdir()
+        for file, content in files.items():
+            (f / file).write_bytes((d / content).read_bytes() if content.endswith(".png") else content.encode())
     paths["sana_transformer_only"] = os.path.join(FIX, "sana", "transformer_sana10")
     paths["svdquant_tiny"] = os.path.join(WEIGHTS, "svdquant_tiny.safetensors")
     paths["dcae_diffusers"] = DCAE_DIFFUSERS
@@ -247,6 +257,22 @@ CLI = [  # (file, argv, sentence, early)
     ("dcae", ["--gan"], "--gan does nothing without --train: leave it out", True),
     ("dcae", ["--train-steps", "3"], "--train-steps does nothing without --train", True),
     ("dcae", ["--train-out", "x.safetensors"], "--train-out does nothing without --train", True),
+    ("dcae", ["--train", "--dtype", "bfloat16"], "--dtype does nothing with --train, whose recipe trains in float32 "
+     "on every CPU", True),
+    ("fast_dllm", ["--train", "--dtype", "float32"], "--dtype does nothing with --train, whose recipe trains in "
+     "float32 on every CPU", True),
+    ("sana", ["--train", "--dtype", "float16"], "with --train, --dtype is float32 or bfloat16 (autocast over float32 "
+     "weights), not 'float16'", True),
+    ("hart", ["--train", "--dtype", "float16"], "with --train, --dtype is float32 or bfloat16", True),
+    ("dcar", ["--train", "--dtype", "banana"], "with --train, --dtype is float32 or bfloat16", True),
+    ("dcae", ["--tile", "60"], "the tile size must be a positive multiple of 8 pixels, the compression of this DC-AE, "
+     "not 60", False),
+    ("dcae", ["--tile", "64", "--tile-overlap", "64"], "the tile overlap must be a multiple of 8 pixels smaller than "
+     "the tile (64), not 64", False),
+    ("dcae", ["--tile", "64", "--tile-overlap", "12"], "the tile overlap must be a multiple of 8 pixels smaller than "
+     "the tile (64), not 12", False),
+    ("dcae", ["--tile", "-8"], "the tile size must be a positive multiple of 8 pixels", False),
+    ("dcae", ["--train", "--tile"], "--tile does nothing with --train", True),
     # dcar.py
     ("dcar", ["--device", "banana"], "unknown device 'banana'", True),
     ("dcar", ["--dtype", "float8"], "dtype 'float8' is not one of float32, bfloat16, float16", True),
@@ -297,7 +323,14 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--width", "-64"], "--width must be a positive number of pixels, not -64", True),
     ("sana", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64", True),
     ("sana", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 3,000.0 GB of memory", True),  # its DC-AE decoding in tiles (auto)
+    ("sana", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000", "--tile", "0"],
      "a 100000x100000 image needs about 6,400.0 GB of memory", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--tile", "60"], "the tile size must be a positive multiple of 8 pixels, the "
+     "compression of this DC-AE, not 60", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--tile", "64", "--tile-overlap", "64"], "the tile overlap must be a multiple "
+     "of 8 pixels smaller than the tile (64), not 64", True),
+    ("sana", ["--train", "--tile"], "--tile does nothing with --train", True),
     ("sana", ["--prompt", "a purple hexagon on a white background"], 'the tiny model does not know "purple", "hexagon"',
      True),
     ("sana", ["--prompt", "a red circle"], "the tiny model draws only prompts of the form \"a/two/three <colour> "
@@ -377,6 +410,39 @@ CLI = [  # (file, argv, sentence, early)
     ("sana", ["--prompt", SANA_PROMPT, "--guidance", "1e30"], "--guidance must be between 0 and 100 (published models "
                                                               "use about 4.5), not 1e+30", True),
     ("sana", ["--prompt", SANA_PROMPT, "--guidance", "-5"], "--guidance must be between 0 and 100", True),
+    ("sana", ["--train", "--data", "/no/such/folder"], "--data /no/such/folder is not a folder of images", True),
+    ("sana", ["--train", "--data", "{folder}"], "holds no images (.png, .jpg", True),
+    ("sana", ["--train", "--data", "{data_no_caption}"], "data_no_caption/b.png has no caption: put b.txt beside it, "
+     "or list it in metadata.jsonl (file_name, text)", True),
+    ("sana", ["--train", "--data", "{data_bad_image}"], "data_bad_image/a.png as an image", True),
+    ("sana", ["--train", "--data", "{data_bad_caption}"], 'data_bad_caption/a.png: the tiny model does not know '
+     '"purple", "hexagon"', True),
+    ("sana", ["--train", "--data", "{data_bad_jsonl}"], "metadata.jsonl, line 1: not a JSON object with file_name and "
+     "text", True),
+    ("sana", ["--train", "--data", "{data_ok}", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0", True),
+    ("sana", ["--train", "--data", "{data_ok}", "--lora-alpha", "nan"], "--lora-alpha must be a positive number", True),
+    ("sana", ["--train", "--data", "{data_ok}", "--lora-targets", "banana"], "'banana' names no layer of the "
+     "transformer", True),
+    ("sana", ["--train", "--data", "{data_ok}", "--lora-targets", "conv_depth"], "conv_depth is not a linear layer",
+     True),
+    ("sana", ["--train", "--data", "{data_ok}", "--full-finetune", "--lora-rank", "8"], "--lora-rank does nothing "
+     "with --train --data, which fine-tunes all the weights", True),
+    ("sana", ["--train", "--data", "{data_ok}", "--prompt", SANA_PROMPT], "--prompt does nothing with --train --data",
+     True),
+    ("sana", ["--train", "--data", "{data_ok}", "--train-out", "/proc/l.safetensors"], "cannot write to the folder "
+     "/proc", True),
+    ("sana", ["--train", "--lora-rank", "8"], "--lora-rank does nothing without --data DIR", True),
+    ("sana", ["--train-controlnet", "--data", "{data_ok}"], "--data does nothing with --train-controlnet", True),
+    ("sana", ["--train", "--lora", "{whole.safetensors}"], "--lora does nothing with --train", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--data", "{data_ok}"], "--data does nothing without --train", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--lora-scale", "0.5"], "--lora-scale does nothing without --lora", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--lora", "/no/such.safetensors"], "/no/such.safetensors not found", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--lora", "{whole.safetensors}"], "w is not a LoRA key", True),
+    ("sana", ["--prompt", SANA_PROMPT, "--lora", os.path.join(FIX, "sana", "lora_saved_by_peft", "lora.safetensors")],
+     "transformer_blocks.0.attn1.to_k is (192, 192) in this model, the LoRA's is (32, 32): a LoRA for another "
+     "model?", False),  # the fixture's LoRA is for a transformer of width 32
+    ("svdquant", ["--prompt", SANA_PROMPT, "--lora-scale", "0.5"], "--lora-scale does nothing without --lora", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--lora", "{whole.safetensors}"], "w is not a LoRA key", True),
     ("sana", ["--prompt", SANA_PROMPT, "--conditioning-scale", "0.5"], "--conditioning-scale does nothing without "
                                                                        "--control: leave it out", True),
     ("sana", ["--prompt", SANA_PROMPT, "--negative", "a purple hexagon"], 'the tiny model does not know "purple" of '
@@ -411,7 +477,14 @@ CLI = [  # (file, argv, sentence, early)
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--strength", "nan"], "--strength must be in (0, 1], not nan", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 3,000.0 GB of memory", True),  # its DC-AE decoding in tiles (auto)
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000", "--tile", "0"],
      "a 100000x100000 image needs about 6,400.0 GB of memory", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--tile", "60"], "the tile size must be a positive multiple of 8 pixels, the "
+     "compression of this DC-AE, not 60", True),
+    ("sana_sprint", ["--prompt", SANA_PROMPT, "--tile", "64", "--tile-overlap", "64"], "the tile overlap must be a multiple "
+     "of 8 pixels smaller than the tile (64), not 64", True),
+    ("sana_sprint", ["--train", "--tile"], "--tile does nothing with --train", True),
     ("sana_sprint", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
      True),
     ("sana_sprint", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),
@@ -447,7 +520,14 @@ CLI = [  # (file, argv, sentence, early)
     ("svdquant", ["--prompt", SANA_PROMPT, "--rank", "-1"], "--rank must be 0 (no branch) or more, not -1", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--height", "0"], "--height must be a positive number of pixels", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000"],
+     "a 100000x100000 image needs about 3,000.0 GB of memory", True),  # its DC-AE decoding in tiles (auto)
+    ("svdquant", ["--prompt", SANA_PROMPT, "--height", "100000", "--width", "100000", "--tile", "0"],
      "a 100000x100000 image needs about 6,400.0 GB of memory", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--tile", "60"], "the tile size must be a positive multiple of 8 pixels, the "
+     "compression of this DC-AE, not 60", True),
+    ("svdquant", ["--prompt", SANA_PROMPT, "--tile", "64", "--tile-overlap", "64"], "the tile overlap must be a multiple "
+     "of 8 pixels smaller than the tile (64), not 64", True),
+    ("svdquant", ["--train", "--tile"], "--tile does nothing with --train", True),
     ("svdquant", ["--prompt", SANA_PROMPT, "--height", "72"], "positive multiples of 16 for this model, got 72x64",
      True),
     ("svdquant", ["--prompt", "a purple hexagon on a white background"], 'does not know "purple", "hexagon"', True),

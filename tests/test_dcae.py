@@ -48,6 +48,33 @@ def test_parity_with_official_outputs(case):
         assert_close_rel(model.decode(io["z"]), io["dec_z"], "dec_z")
 
 
+@cases("dcae", "tiled.safetensors", "call.json")
+def test_tiling_matches_diffusers(case):
+    """Tiled encode and decode with the case's tile settings (call.json) against diffusers' AutoencoderDC with
+    enable_tiling(); the same calls untiled against its untiled outputs."""
+    model = load_case(case)
+    io = load_file(os.path.join(case, "tiled.safetensors"))
+    with open(os.path.join(case, "call.json")) as f:
+        call = json.load(f)
+    tile, overlap = call["tile"], call["overlap"]
+    # the case spans several tiles, and their seams show: matching `image` is matching the tiling
+    assert min(io["x"].shape[2:]) > tile and (io["image"] - io["image_untiled"]).abs().max() > 0.1
+    with torch.no_grad():
+        assert_close_rel(model.encode(io["x"], tile, overlap), io["latent"], "tiled latent")
+        assert_close_rel(model.decode(io["z"], tile, overlap), io["image"], "tiled image")
+        assert_close_rel(model.encode(io["x"]), io["latent_untiled"], "latent")
+        assert_close_rel(model.decode(io["z"]), io["image_untiled"], "image")
+
+
+def test_tile_sizes_are_checked():
+    model = dcae.DCAE(dcae.PRESETS["tiny-f8c4-shapes"])
+    z = torch.zeros(1, 4, 16, 16)
+    with pytest.raises(ValueError, match="tile size must be a positive multiple of 8 pixels.*not 60"):
+        model.decode(z, tile=60)
+    with pytest.raises(ValueError, match="tile overlap must be a multiple of 8 pixels smaller than the tile"):
+        model.decode(z, tile=64, overlap=64)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fixture_cases_cover_both_layouts(layout):
     assert cases("dcae", "io.safetensors", LAYOUTS[layout]).args[1], f"no parity case in the {layout} layout"
@@ -161,6 +188,21 @@ def test_cli_reconstructs_an_image(tmp_path, capsys):
 
 
 @committed(dcae.TINY_WEIGHTS)
+def test_cli_tiles_a_large_image(tmp_path, capsys):
+    """--tile on an image of 4 x 4 tiles: the seams cost the tiny model little (measured 33.74 dB tiled, 33.96 dB
+    in one pass; bar: within 1 dB)."""
+    x, _ = dcae.shapes_batch(1, seed=3, size=160)
+    dcae.save_image(x, str(tmp_path / "in.png"))
+    psnrs = []
+    for tiles in (["--tile", "64", "--tile-overlap", "16"], ["--tile", "0"]):
+        dcae.main(["--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "rec.png")] + tiles)
+        out = capsys.readouterr().out
+        assert ("in tiles of 64 overlapping by 16" in out) == (tiles[1] == "64")
+        psnrs.append(float(out.split("PSNR")[1].split()[0]))
+    assert psnrs[0] > psnrs[1] - 1.0
+
+
+@committed(dcae.TINY_WEIGHTS)
 def test_cli_synthetic_input_goes_beside_out(tmp_path, monkeypatch, capsys):
     """Without --image the synthetic input is written beside --out, never into the working folder."""
     monkeypatch.chdir(tmp_path)
@@ -184,8 +226,8 @@ def test_train_steps_replaces_every_phase_count(tmp_path):
     recipe = ((1, 1, 2, 32, 1e-3), (4, 5, 2, 32, 1e-3))
     lines = []
     dcae.train_tiny(seed=5, out=str(tmp_path / "w.safetensors"), log=lines.append, steps=2, recipe=recipe)
-    logged = [m for line in lines for m in re.findall(r"^phase (\d) \| step +(\d+)/(\d+)", line)]
-    assert logged == [("1", "0", "2"), ("1", "1", "2"), ("4", "0", "2"), ("4", "1", "2")]
+    logged = [m for line in lines for m in re.findall(r"^phase (\d) step (\d+)/(\d+)", line)]
+    assert logged == [("1", "1", "2"), ("1", "2", "2"), ("4", "1", "2"), ("4", "2", "2")]
 
 
 def test_phases_train_the_paper_parts():

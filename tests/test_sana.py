@@ -1105,3 +1105,111 @@ if __name__ == "__main__":  # the full scores of docs/sana.md: python tests/test
     print(f"({time.time() - t0:.0f}s)")
     print("fidelity when denoising encoded real scenes from noise level sigma0 (0 = the DC-AE alone):",
           ", ".join(f"{s0:.1f}: {f:.3f}" for s0, f in fidelity_from_noise_level().items()))
+
+
+# LoRA (section 9): interop with diffusers/peft both ways (fixtures by scripts/make_sana_lora_fixture.py), the data
+# folder, the fine-tune, the memory estimate.
+
+@cases("sana", "io.safetensors", "transformer", "lora.safetensors")
+def test_lora_parity(case):
+    """The case's LoRA (written by sana.py and loaded by diffusers, or saved by diffusers/peft) on its transformer:
+    sana.py's output is diffusers', at lora scale 1 and at call.json's scale, and the LoRA changes the output."""
+    io = load_file(os.path.join(case, "io.safetensors"))
+    scale = sana.read_json(os.path.join(case, "call.json"))["lora_scale"]
+    args = (io["hidden_states"], io["timestep"], io["encoder_hidden_states"], io["encoder_attention_mask"])
+    path = os.path.join(case, "lora.safetensors")
+    for key, s in (("output", 1.0), ("output_scaled", scale)):
+        model = sana.apply_lora(sana.load_transformer(case), sana.read_lora(path), s, path)
+        with torch.no_grad():
+            assert_close(key, model(*args), io[key], atol=2e-5, rtol=1e-5)
+    assert (io["output"] - io["output_base"]).abs().max() > 0.1
+
+
+def test_lora_file_is_what_save_lora_writes(tmp_path):
+    """sana.py's LoRA format has not drifted from the file diffusers loaded: the case's LoRA, put on the model and
+    saved again with call.json's settings, gives the same tensors and the same peft config."""
+    from safetensors import safe_open
+    case = os.path.join(FIX, "lora_written_by_sana")
+    call = sana.read_json(os.path.join(case, "call.json"))
+    path = os.path.join(case, "lora.safetensors")
+    model = sana.apply_lora(sana.load_transformer(case), sana.read_lora(path), 1.0, path)
+    sana.save_lora(model, str(tmp_path / "again.safetensors"), call["rank"], call["lora_alpha"], call["targets"])
+    old, new = load_file(path), load_file(str(tmp_path / "again.safetensors"))
+    assert sorted(old) == sorted(new) and all(torch.equal(old[k], new[k]) for k in old)
+    meta = [safe_open(p, "pt").metadata() for p in (path, str(tmp_path / "again.safetensors"))]
+    assert meta[0] == meta[1] and json.loads(meta[0][sana.LORA_METADATA])["transformer.r"] == call["rank"]
+
+
+def test_read_lora_alpha_rules(tmp_path):
+    """alpha / r from peft's config (lora_alpha, alpha_pattern), and alpha = r (scale 1) in a file without one."""
+    from safetensors.torch import save_file
+    sd = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8),
+          "transformer.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.ones(2, 8)}
+    sd.update({k.replace("lora_A", "lora_B"): torch.ones(8, 2) for k in list(sd)})
+    save_file(sd, str(tmp_path / "plain.safetensors"))
+    assert {s for _, _, s in sana.read_lora(str(tmp_path / "plain.safetensors")).values()} == {1.0}
+    config = {"transformer.lora_alpha": 4, "transformer.alpha_pattern": {"attn2.to_k": 1}}
+    save_file(sd, str(tmp_path / "meta.safetensors"), {sana.LORA_METADATA: json.dumps(config)})
+    scales = {k: s for k, (_, _, s) in sana.read_lora(str(tmp_path / "meta.safetensors")).items()}
+    assert scales == {"transformer_blocks.0.attn1.to_q": 2.0, "transformer_blocks.0.attn2.to_k": 0.5}
+
+
+def style_folder(tmp_path, n=8, jsonl=False):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(FIX), "..", "..", "scripts"))
+    import make_lora_style_data
+    folder = str(tmp_path / ("jsonl" if jsonl else "txt"))
+    return folder, make_lora_style_data.write_folder(folder, n=n, seed=0, jsonl=jsonl)
+
+
+def test_image_folder_conventions(tmp_path):
+    """A .txt beside each image and a metadata.jsonl give the same pairs; images come resized and centre-cropped."""
+    (a, caps), (b, _) = style_folder(tmp_path), style_folder(tmp_path, jsonl=True)
+    pa, pb = sana.read_image_folder(a), sana.read_image_folder(b)
+    assert [c for _, c in pa] == [c for _, c in pb] == caps
+    from PIL import Image
+    Image.new("RGB", (120, 60), (255, 0, 0)).save(tmp_path / "wide.png")
+    x = sana.load_training_image(str(tmp_path / "wide.png"), 64)
+    assert x.shape == (3, 64, 64) and torch.allclose(x[0], torch.ones(64, 64), atol=0.01)
+
+
+@committed(*TINY)
+def test_lora_finetune_learns_and_loads(tmp_path, capsys):
+    """`--train --data` on 8 outlined scenes: the LoRA lowers the loss on them (fixed noise and times), only the
+    LoRA trains, the file loads back with --lora, and it changes the image."""
+    folder, caps = style_folder(tmp_path)
+    out = str(tmp_path / "style.safetensors")
+    sana.main(["--train", "--data", folder, "--lora-rank", "8", "--train-steps", "40", "--train-out", out])
+    assert "step    40/40" in capsys.readouterr().out
+    pipe = sana.load_tiny()
+    x = torch.stack([sana.load_training_image(p, 64) for p, _ in sana.read_image_folder(folder)])
+    with torch.no_grad():
+        z = pipe.vae.encode(x) * pipe.vae_scale
+        y, mask = sana.encode_prompts(pipe.text_encoder, pipe.tokenizer, caps, pipe.max_len, None)
+        g = torch.Generator().manual_seed(0)
+        sigma, eps = torch.rand(4, len(z), generator=g) * 0.8 + 0.1, torch.randn(4, *z.shape, generator=g)
+
+        def loss(model):
+            return sum(torch.nn.functional.mse_loss(model((1 - s[:, None, None, None]) * z + s[:, None, None, None] * e,
+                                                          1000 * s, y, mask), e - z) for s, e in zip(sigma, eps))
+        before = loss(pipe.transformer)
+        image = pipe.generate([caps[0]], 64, 64, generator=torch.Generator().manual_seed(0))
+        sana.apply_lora(pipe.transformer, sana.read_lora(out), 1.0, out)
+        after = loss(pipe.transformer)
+        assert after < 0.97 * before, (before, after)
+        adapted = pipe.generate([caps[0]], 64, 64, generator=torch.Generator().manual_seed(0))
+    assert (image.float() - adapted.float()).abs().mean() > 1
+    assert all(".lora_" in k for k in load_file(out))
+    sana.main(["--prompt", caps[0], "--lora", out, "--lora-scale", "0.5", "--out", str(tmp_path / "a.png")])
+    assert os.path.isfile(tmp_path / "a.png")
+
+
+def test_lora_step_bytes():
+    """The memory estimate counts the frozen weights, 16 bytes per LoRA parameter and activations that grow with
+    the batch."""
+    cfg = sana.PRESETS["tiny"]
+    one, two = (sana.lora_step_bytes(cfg, 64, 64, torch.float32, rank=8, batch=b, text_len=10, f=8) for b in (1, 2))
+    model = sana.SanaTransformer(cfg)
+    assert one["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    assert one["lora"] == 16 * cfg.depth * 6 * 8 * 2 * cfg.hidden_size  # q, k, v of 2 attentions, (r, D) + (D, r)
+    assert 1.8 * one["activations"] < two["activations"] < 2.2 * one["activations"]
