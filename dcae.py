@@ -1068,6 +1068,8 @@ class TrainProgress:
             self.draw(line, end="\n" if last else "")
         elif not self.live and (i % self.every == 0 or last):
             self.log(line)
+            if self.log is print:  # a pipe or a file holds print's lines in its buffer: show them now
+                sys.stdout.flush()
 
     def draw(self, line, end=""):
         """Rewrites the terminal's progress line (None: ends it, for a line of its own to follow)."""

@@ -1180,7 +1180,7 @@ def test_lora_finetune_learns_and_loads(tmp_path, capsys):
     folder, caps = style_folder(tmp_path)
     out = str(tmp_path / "style.safetensors")
     sana.main(["--train", "--data", folder, "--lora-rank", "8", "--train-steps", "40", "--train-out", out])
-    assert "step    40/40" in capsys.readouterr().out
+    assert "fine-tune step 40/40" in capsys.readouterr().out
     pipe = sana.load_tiny()
     x = torch.stack([sana.load_training_image(p, 64) for p, _ in sana.read_image_folder(folder)])
     with torch.no_grad():
