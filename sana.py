@@ -84,6 +84,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
@@ -349,6 +350,7 @@ class SanaTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.norm_out = ModulatedNorm()
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+        self.gradient_checkpointing = False  # True: blocks keep only their inputs for backward, and rerun there
 
     def forward(self, x, t, y, mask=None, controls=None):
         """x: (B, C, H, W) noisy latent; t: (B,) = 1000 sigma; y: (B, L, caption_channels); mask: (B, L) 1 = keep.
@@ -368,7 +370,10 @@ class SanaTransformer(nn.Module):
             bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
         y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, y, bias, t6, (h, w))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, y, bias, t6, (h, w), use_reentrant=False)
+            else:
+                x = block(x, y, bias, t6, (h, w))
             if callable(controls):  # (i = 0) the original wiring: its ControlNet reads these tokens
                 first, *controls = controls(x)
                 x = x + first  # and the rest go in after blocks 1, 2, ... below
@@ -2359,10 +2364,10 @@ LORA_LR = 1e-4  # diffusers' default
 LORA_STEPS = 500  # a published model's default --train-steps: a DreamBooth-sized run
 # the tiny model's recipe (docs/sana.md, "LoRA" has what else was tried): alpha = rank (the update at scale 1), the
 # blocks' every linear layer and proj_out (each of the 16 tokens becomes a 2x2 latent patch there, so the look of an
-# object is drawn by the Mix-FFN and proj_out, not by the attentions alone); 1,600 steps of batch 16 at lr 1e-3
-# (warmup, cosine) and the base's training time shifts. Its run is minutes on 2 CPU cores.
+# object is drawn by the Mix-FFN and proj_out, not by the attentions alone); 4,000 steps of batch 16 at lr 1e-3
+# (warmup, cosine) and the base's training time shifts. Its run is about 4 minutes on 2 CPU cores.
 TINY_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted", "ff.conv_point", "proj_out")
-TINY_LORA_STEPS, TINY_LORA_LR, TINY_LORA_BATCH = 1600, 1e-3, 16
+TINY_LORA_STEPS, TINY_LORA_LR, TINY_LORA_BATCH = 4000, 1e-3, 16
 # on TINY_REFERENCE: caching 1,024 images, and a step (scripts/time_tiny_recipes.py's method, a 30-step run)
 TINY_LORA_SECONDS = {"cache": 1.5, "fine-tune": 0.0602}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -2539,14 +2544,15 @@ def load_training_image(path, side):
 
 
 def finetune(pipe, images, captions, steps, progress, *, lora=(4, 4.0, LORA_TARGETS), lr=LORA_LR, batch=4,
-             shift=None, cosine=False, bf16=False, seed=0):
+             shift=None, cosine=False, bf16=False, checkpointing=False, seed=0):
     """Fine-tunes pipe.transformer in place on images (n, 3, H, W) in [-1, 1] and their captions: with a LoRA of
     lora = (rank, alpha, targets) on it (the base frozen), or all of its weights when lora is None. The DC-AE
     latents and the text features are computed once (both frozen; the phase "cache" of `progress`, a TrainProgress);
     then `steps` steps (its phase "fine-tune") of section 4's loss on batches drawn from them (10% of captions
     dropped for CFG), AdamW (weight decay 1e-4), gradients clipped at 1, at a constant lr (diffusers') or, with
     `cosine`, fit's schedule (linear warmup, here over 50 steps, then cosine decay to 10%); bf16: in bfloat16
-    autocast. shift: the training time shift(s) (default: the model's sampling shift). Returns the losses."""
+    autocast; checkpointing: gradient checkpointing of the blocks (less memory, a second forward of each block).
+    shift: the training time shift(s) (default: the model's sampling shift). Returns the losses."""
     model = pipe.transformer
     device, dtype = model.proj_out.weight.device, model.proj_out.weight.dtype
     progress.phase("cache")
@@ -2558,6 +2564,7 @@ def finetune(pipe, images, captions, steps, progress, *, lora=(4, 4.0, LORA_TARG
     progress.step(0, images=len(z), latents=str(tuple(z.shape[1:])), text=str(tuple(y.shape[1:])))
     params = add_lora(model, lora[2], lora[0], lora[1]) if lora else list(model.requires_grad_(True).parameters())
     model.train()
+    model.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     g = torch.Generator(device).manual_seed(seed)
     net = lambda x, t, y, m: model(x.to(dtype), t, y.to(dtype), m)  # noqa: E731  latents and noise stay float32
@@ -2578,32 +2585,43 @@ def finetune(pipe, images, captions, steps, progress, *, lora=(4, 4.0, LORA_TARG
         losses.append(loss.item())
         progress.step(step, loss=sum(losses[-50:]) / len(losses[-50:]))
     model.eval().requires_grad_(False)
+    model.gradient_checkpointing = False
     return losses
 
 
 def lora_step_bytes(cfg, height, width, dtype=torch.bfloat16, rank=4, targets=LORA_TARGETS, batch=1,
-                    text_len=MAX_TEXT_LEN, f=32):
+                    text_len=MAX_TEXT_LEN, f=32, checkpointing=False):
     """Peak memory of one LoRA training step, in bytes, computed from the model built on the meta device: {"weights":
     the frozen transformer in `dtype`, "lora": the LoRA's float32 weights, gradients and AdamW's two moments, 16 bytes
     a parameter, "activations": the tensors autograd saves for the backward pass (a forward at batch `batch`, the
     latent of height x width pixels at compression f, text_len text tokens, none padding), counted by
-    saved_tensors_hooks}. The DC-AE and the text encoder are not in it (the cache is computed before training)."""
+    saved_tensors_hooks}. With `checkpointing` (SanaTransformer.gradient_checkpointing), the activations are those
+    saved outside the blocks, each block's input, and one block's own (rebuilt during the backward, one at a time).
+    The DC-AE and the text encoder are not in it (the cache is computed before training)."""
     with torch.device("meta"):
         model = SanaTransformer(cfg).to(dtype)
         params = add_lora(model, targets, rank, 4.0)
         frozen = {id(p) for p in model.parameters()}
         x = torch.zeros(batch, cfg.in_channels, height // f, width // f, dtype=dtype)
         y = torch.zeros(batch, text_len, cfg.caption_channels, dtype=dtype)
-        saved = {}
 
-        def pack(t):  # a view keeps its whole base alive; a tensor saved by several ops (x by q, k, v) counts once
-            base = t._base if t._base is not None else t
-            if id(base) not in frozen:  # the weights autograd keeps a hold of are the model's own, counted already
-                saved[id(base)] = base.numel() * base.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x, torch.zeros(batch), y)  # the graph (and so every id in `saved`) lives while out does
-        activations = sum(saved.values())
+        def saved_bytes():
+            saved = {}
+
+            def pack(t):  # a view keeps its whole base alive; a tensor saved by several ops (x by q, k, v) counts once
+                base = t._base if t._base is not None else t
+                if id(base) not in frozen:  # the weights autograd keeps a hold of are the model's own, counted already
+                    saved[id(base)] = base.numel() * base.element_size()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(x, torch.zeros(batch), y)  # the graph (and so every id in `saved`) lives while out does
+            return sum(saved.values()), out
+        activations, out = saved_bytes()
+        if checkpointing:  # the hooks above see no tensor a checkpointed block saves: only those outside the blocks
+            model.gradient_checkpointing = True
+            outside, _ = saved_bytes()
+            block_input = out.numel() // cfg.out_channels * cfg.hidden_size // cfg.patch_size**2 * out.element_size()
+            activations = outside + cfg.depth * block_input + (activations - outside) // cfg.depth
         del out
     return {"weights": sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
             "lora": 16 * sum(p.numel() for p in params), "activations": activations}
@@ -3133,6 +3151,9 @@ def build_parser():
     o.add_argument("--full-finetune", action="store_true", help="with --data: train all of the transformer's weights, "
                    "not a LoRA (writes the tiny weights file --tiny-weights reads, or with --ckpt the transformer's "
                    "weights in diffusers' layout; default --train-out ./sana_finetuned.safetensors)")
+    o.add_argument("--gradient-checkpointing", action="store_true", help="with --data: keep only each block's input "
+                   "for the backward pass and rerun the block there: a published model's LoRA step at 1024 px in "
+                   "bf16 needs about 3.4 GiB instead of 7.2 (docs/sana.md), for about 1.4x the time a step")
     o.add_argument("--lora", help="a LoRA .safetensors to sample with: sana.py's (--train --data) or one saved by "
                    "diffusers/peft for a SanaTransformer2DModel")
     o.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the weight of its update (diffusers' "
@@ -3180,7 +3201,8 @@ def cli_train(args):
         raise ValueError("--train and --train-controlnet train different models: give one")
     if args.data is not None and args.train:
         return cli_finetune(args)
-    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune"),
+    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune",
+                         "--gradient-checkpointing"),
                   "with --train-controlnet" if args.train_controlnet else "without --data DIR (fine-tuning on your "
                   "own images)")
     if args.train_steps is not None and args.train_steps < 1:
@@ -3267,7 +3289,7 @@ def cli_finetune(args):
     lora = None if args.full_finetune else (args.lora_rank, alpha, targets)
     torch.manual_seed(args.seed)
     finetune(pipe, images, [c for _, c in pairs], steps, TrainProgress(plan, reference), lora=lora, bf16=bf16,
-             seed=args.seed, **recipe)
+             checkpointing=args.gradient_checkpointing, seed=args.seed, **recipe)
     if lora:
         save_lora(pipe.transformer, out, *lora)
     elif args.ckpt:  # the transformer's diffusion_pytorch_model.safetensors, diffusers' keys
@@ -3292,7 +3314,8 @@ def check_args(args):
     if args.guidance is not None and not 0 <= args.guidance <= 100:  # 1 is off; beyond 100 only saturation, or NaN
         raise ValueError(f"--guidance must be between 0 and 100 (published models use about 4.5), not {args.guidance}")
     refuse_unused(args, ("--train-out", "--train-steps"), "without --train or --train-controlnet")
-    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune"),
+    refuse_unused(args, ("--data", "--lora-rank", "--lora-alpha", "--lora-targets", "--full-finetune",
+                         "--gradient-checkpointing"),
                   "without --train: it fine-tunes on your own images")
     if not math.isfinite(args.lora_scale):
         raise ValueError(f"--lora-scale must be a finite number, not {args.lora_scale}")

@@ -75,6 +75,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -789,6 +790,7 @@ class SanaTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.norm_out = ModulatedNorm()
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+        self.gradient_checkpointing = False  # True: blocks keep only their inputs for backward, and rerun there
 
     def forward(self, x, t, y, mask=None, controls=None):
         """x: (B, C, H, W) noisy latent; t: (B,) = 1000 sigma; y: (B, L, caption_channels); mask: (B, L) 1 = keep.
@@ -808,7 +810,10 @@ class SanaTransformer(nn.Module):
             bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
         y = self.caption_norm(self.caption_projection(y))  # (B, L, D)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, y, bias, t6, (h, w))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, y, bias, t6, (h, w), use_reentrant=False)
+            else:
+                x = block(x, y, bias, t6, (h, w))
             if callable(controls):  # (i = 0) the original wiring: its ControlNet reads these tokens
                 first, *controls = controls(x)
                 x = x + first  # and the rest go in after blocks 1, 2, ... below

@@ -2,6 +2,7 @@
 
     python scripts/make_readme_images.py
     python scripts/make_readme_images.py fast_dllm      # only assets/fast_dllm_tiny.png
+    python scripts/make_readme_images.py sana_lora      # only assets/sana_lora_tiny.png (trains a LoRA: minutes)
 
 assets/sana_tiny.png   the tiny SANA: one row per prompt (README order), four seeds per row, 20 Flow-DPM steps at
                        the tiny model's default guidance; each row's caption and how many of its four images the
@@ -18,20 +19,26 @@ assets/sana_controlnet_tiny.png  the tiny ControlNet on the tiny SANA: one row p
                        same noise and caption)
 assets/hart_tiny.png   the tiny HART: one row per prompt, four seeds per row, its default guidance, with what the
                        scorer reads, as for the tiny SANA
+assets/sana_lora_tiny.png  a LoRA of the tiny SANA on outlined shapes (trains
+                       it: writes scripts/make_lora_style_data.py's folder, runs `sana.py --train --data DIR
+                       --lora-rank 8` with the tiny recipe, minutes): one row per prompt, seed 0 and 1, columns: a
+                       training image's style for that caption, the tiny SANA, the tiny SANA + the LoRA (x2 seeds)
 assets/fast_dllm_tiny.png  the tiny LLaDA answering 'sort 8315' block by block: one row per forward, one column per
                        answer position (grey: MASK, orange: committed by this forward, '.': EOS); top, Fast-dLLM
                        (DualCache + threshold 0.9, 128 tokens in 4 blocks of 32); below, the baseline sampler on
                        32 tokens (one token per forward)
 """
 import os
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the root files; tests/shapes_score.py
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "scripts")]  # + shapes_score, style data
 import dcae  # noqa: E402
 import fast_dllm  # noqa: E402
 import dcar  # noqa: E402
@@ -40,6 +47,7 @@ import sana  # noqa: E402
 import sana_sprint  # noqa: E402
 import svdquant  # noqa: E402
 import shapes_score  # noqa: E402
+from make_lora_style_data import draw_outlined, write_folder  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "assets")
 PROMPTS = [  # the tiny model's grammar: "a/two/three <colour> <shape>[s] on a <colour> background"
@@ -155,6 +163,27 @@ def fast_dllm_tiny():
           f"{ASSETS}/fast_dllm_tiny.png")
 
 
+def sana_lora():
+    """assets/sana_lora_tiny.png: a LoRA trained by the CLI on the outlined style folder, before and after."""
+    import random
+    with tempfile.TemporaryDirectory() as tmp:
+        data, lora = os.path.join(tmp, "outlined"), os.path.join(tmp, "style.safetensors")
+        write_folder(data)
+        subprocess.run([sys.executable, os.path.join(ROOT, "sana.py"), "--train", "--data", data, "--lora-rank", "8",
+                        "--train-out", lora], check=True)
+        torch.set_num_threads(2)
+        base, styled = sana.load_tiny(), sana.load_tiny()
+        sana.apply_lora(styled.transformer, sana.read_lora(lora), 1.0, lora)
+    rows = []
+    for prompt in PROMPTS[:6]:
+        c = shapes_score.parse_caption(prompt)
+        example = draw_outlined(c["count"], c["color"], c["shape"], c["background"], size=64, rng=random.Random(0))
+        draw = lambda pipe, s: pipe.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy()  # noqa: E731
+        rows.append([np.asarray(example)] + [draw(base, s) for s in (0, 1)] + [draw(styled, s) for s in (0, 1)])
+    grid(rows).save(os.path.join(ASSETS, "sana_lora_tiny.png"))
+    print(f"wrote {ASSETS}/sana_lora_tiny.png")
+
+
 def main():
     torch.set_num_threads(1)
     os.makedirs(ASSETS, exist_ok=True)
@@ -224,5 +253,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["fast_dllm"]:
         torch.set_num_threads(1)
         fast_dllm_tiny()
+    elif sys.argv[1:] == ["sana_lora"]:
+        sana_lora()
     else:
         main()
+        sana_lora()
