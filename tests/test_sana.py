@@ -1236,3 +1236,24 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_saves_memory():
     cfg = sana.PRESETS["Sana_1600M_1024px"]
     plain, ckpt = (sana.lora_step_bytes(cfg, 1024, 1024, checkpointing=c)["activations"] for c in (False, True))
     assert ckpt < plain / 5, (plain, ckpt)
+
+
+def test_lora_finetune_of_a_published_pipeline_folder(tmp_path, capsys):
+    """--ckpt FOLDER --train --data DIR (diffusers' recipe, here with gradient checkpointing) writes a LoRA only for
+    the folder's transformer, which --ckpt FOLDER --lora reads back and which changes the model's output."""
+    folder = make_pipeline_folder(tmp_path)
+    data, caps = style_folder(tmp_path, n=4)
+    out = str(tmp_path / "mine.safetensors")
+    sana.main(["--ckpt", folder, "--train", "--data", data, "--train-steps", "3", "--gradient-checkpointing",
+               "--device", "cpu", "--dtype", "float32", "--train-out", out])
+    assert "fine-tune step 3/3" in capsys.readouterr().out
+    layers = sana.read_lora(out)
+    pipe = sana.load_pipeline(folder)
+    assert set(layers) == set(sana.lora_targets(pipe.transformer, sana.LORA_TARGETS))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    before = pipe.generate([caps[0]], 16, 16, 2, 4.5, g())
+    sana.apply_lora(pipe.transformer, layers, 1.0, out)
+    assert not torch.equal(before, pipe.generate([caps[0]], 16, 16, 2, 4.5, g()))
+    sana.main(["--ckpt", folder, "--prompt", caps[0], "--lora", out, "--steps", "2", "--device", "cpu",
+               "--out", str(tmp_path / "a.png")])
+    assert os.path.isfile(tmp_path / "a.png")
