@@ -2620,7 +2620,8 @@ def lora_step_bytes(cfg, height, width, dtype=torch.bfloat16, rank=4, targets=LO
         if checkpointing:  # the hooks above see no tensor a checkpointed block saves: only those outside the blocks
             model.gradient_checkpointing = True
             outside, _ = saved_bytes()
-            block_input = out.numel() // cfg.out_channels * cfg.hidden_size // cfg.patch_size**2 * out.element_size()
+            tokens = (height // f // cfg.patch_size) * (width // f // cfg.patch_size)
+            block_input = batch * tokens * cfg.hidden_size * x.element_size()  # (B, N, D)
             activations = outside + cfg.depth * block_input + (activations - outside) // cfg.depth
         del out
     return {"weights": sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad),

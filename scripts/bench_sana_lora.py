@@ -4,7 +4,7 @@
     python scripts/bench_sana_lora.py --lora style.safetensors   # scores a LoRA already trained
 
 1. The style folder: scripts/make_lora_style_data.py's 1,024 outlined scenes (a temporary folder).
-2. `python sana.py --train --data DIR --lora-rank 8 --train-out style.safetensors`, timed (the CLI's defaults).
+2. `python sana.py --train --data DIR --lora-rank 8 --train-out style.safetensors`, timed (the tiny recipe at rank 8).
 3. The tiny model with and without the LoRA on the README's 24 prompts x 4 seeds (20 steps): the style score
    (outline_score, the hollowness of the objects) and the prompt fidelity of the scenes with their holes filled
    (filled + tests/shapes_score.py), and, as the ceiling the tiny DC-AE allows, the same scores of the training
@@ -29,6 +29,7 @@ from make_lora_style_data import draw_outlined, filled, outline_score, write_fol
 
 
 def parts(prompt):
+    """'two red circles on a blue background' -> (2, 'red', 'circle', 'blue'): draw_outlined's scene."""
     c = shapes_score.parse_caption(prompt)
     return c["count"], c["color"], c["shape"], c["background"]
 

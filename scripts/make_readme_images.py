@@ -29,6 +29,7 @@ assets/fast_dllm_tiny.png  the tiny LLaDA answering 'sort 8315' block by block: 
                        32 tokens (one token per forward)
 """
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -165,7 +166,6 @@ def fast_dllm_tiny():
 
 def sana_lora():
     """assets/sana_lora_tiny.png: a LoRA trained by the CLI on the outlined style folder, before and after."""
-    import random
     with tempfile.TemporaryDirectory() as tmp:
         data, lora = os.path.join(tmp, "outlined"), os.path.join(tmp, "style.safetensors")
         write_folder(data)
@@ -174,12 +174,14 @@ def sana_lora():
         torch.set_num_threads(2)
         base, styled = sana.load_tiny(), sana.load_tiny()
         sana.apply_lora(styled.transformer, sana.read_lora(lora), 1.0, lora)
+
+    def draw(pipe, prompt, seed):
+        return pipe.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(seed))[0].numpy()
     rows = []
     for prompt in PROMPTS[:6]:
         c = shapes_score.parse_caption(prompt)
         example = draw_outlined(c["count"], c["color"], c["shape"], c["background"], size=64, rng=random.Random(0))
-        draw = lambda pipe, s: pipe.generate([prompt], 64, 64, 20, None, torch.Generator().manual_seed(s))[0].numpy()  # noqa: E731
-        rows.append([np.asarray(example)] + [draw(base, s) for s in (0, 1)] + [draw(styled, s) for s in (0, 1)])
+        rows.append([np.asarray(example)] + [draw(pipe, prompt, s) for pipe in (base, styled) for s in (0, 1)])
     grid(rows).save(os.path.join(ASSETS, "sana_lora_tiny.png"))
     print(f"wrote {ASSETS}/sana_lora_tiny.png")
 
